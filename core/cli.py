@@ -1,0 +1,216 @@
+"""`squeeze`: the command-line twin of the app, over the same engine.
+With --json, stdout carries exactly one JSON object or list; progress and logs go to stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SqueezeError
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    sys.stderr.write(f"squeeze: error: {msg}\n")
+    return code
+
+
+class _Progress:
+    """Progress on stderr: one updating line on a terminal, a line per stage otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.stage = None
+
+    def __call__(self, e: dict) -> None:
+        if self.quiet:
+            return
+        t = e["type"]
+        if t == "progress":
+            eta = f", ETA {e['eta_s']:.0f} s" if e.get("eta_s") is not None else ""
+            line = f"[{e['fraction'] * 100:5.1f}%] {e['stage']}{eta} {e.get('note') or ''}"
+            if self.tty:
+                sys.stderr.write("\r" + line[:100].ljust(100))
+            elif e["stage"] != self.stage:
+                sys.stderr.write(line + "\n")
+            self.stage = e["stage"]
+        elif t == "log" and e.get("level") != "debug":
+            sys.stderr.write(("\n" if self.tty else "") + e["text"] + "\n")
+        elif t == "finished" and self.tty:
+            sys.stderr.write("\n")
+
+
+def _eval_settings(a) -> dict:
+    from .evaluate import EvalSettings
+    d = EvalSettings().to_dict()
+    for k in ("text", "max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
+        v = getattr(a, k, None)
+        if v is not None:
+            d[k] = str(Path(v).expanduser().resolve()) if k == "text" else v
+    for k in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
+        if d[k] < 1:
+            raise SqueezeError(f"--{k.replace('_', '-')} must be at least 1")
+    return d
+
+
+def _recipe(a) -> dict:
+    from . import recipe as rc
+    return rc.load(a.recipe).to_dict() if a.recipe else {"steps": []}
+
+
+def _run(spec, quiet: bool):
+    from .jobs.client import run_inline
+    rec = run_inline(spec, _Progress(quiet))
+    if rec.outcome != "done":
+        kind, msg = rec.error or ("cancelled", "cancelled")
+        raise SqueezeError(msg)
+    return rec.result
+
+
+def cmd_models(a) -> int:
+    from .models import known_models
+    ms = [m.to_dict() for m in known_models()]
+    if a.json:
+        _print_json(ms)
+    else:
+        for m in ms:
+            size = f"{m['size_bytes'] / 1e6:.0f} MB" if m["size_bytes"] else "?"
+            params = f"{m['params'] / 1e6:.1f} M params" if m["params"] else ""
+            print(f"{m['id']:32} {m['source']:8} {params:16} {size}")
+    return 0
+
+
+def cmd_techniques(a) -> int:
+    from .techniques import all_techniques
+    ts = [t.describe() for t in all_techniques()]
+    if a.json:
+        _print_json(ts)
+    else:
+        for t in ts:
+            print(f"{t['name']} ({t['family']}): {t['summary']}")
+            for f in t["fields"]:
+                rng = f"choices {f['choices']}" if f["choices"] else (
+                    f"{f['min']}..{f['max']}" if f["min"] is not None else f["type"])
+                print(f"    {f['name']} = {f['default']!r:12} {rng} {f['unit']}  {f['help']}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .jobs.spec import JobSpec
+    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a))
+    r = _run(spec, a.quiet)
+    r["job_id"] = spec.job_id
+    if a.json:
+        _print_json(r)
+    else:
+        print(f"{r['label']}: ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, context {r['context']}), "
+              f"{r['size_bytes'] / 1e6:.1f} MB on disk ({r['theoretical_bytes'] / 1e6:.1f} MB theoretical), "
+              f"decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .jobs.spec import JobSpec
+    if a.format != "onnx":
+        raise SqueezeError(f"unknown export format {a.format!r}; only onnx is supported")
+    out = Path(a.out).expanduser().resolve()
+    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), kind="export",
+                   export={"out": str(out), "quantize": a.quantize, "opset": a.opset})
+    r = _run(spec, a.quiet)
+    r["job_id"] = spec.job_id
+    if a.json:
+        _print_json(r)
+    else:
+        print(f"exported to {r['path']}: {r['size_bytes'] / 1e6:.1f} MB, ppl onnx {r['ppl_onnx']:.3f} "
+              f"vs torch {r['ppl_torch']:.3f}, decode {r['decode_tokens_per_s_onnx']:.1f} tok/s "
+              f"(torch {r['decode_tokens_per_s_torch']:.1f})")
+    return 0 if r.get("ok", True) else 1
+
+
+def cmd_runs(a) -> int:
+    from .ledger import Ledger
+    rows = Ledger().rows(a.model)
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            res = r["result"] or {}
+            ppl = f"ppl {res['ppl']:.2f}" if "ppl" in res else (r["error"] or "")
+            print(f"{r['id']}  {r['status']:11} {r['model']:24} {r['label'][:50]:50} {ppl}")
+    return 0
+
+
+def cmd_recipe(a) -> int:
+    from . import recipe as rc
+    r = rc.load(a.file)
+    if a.json:
+        _print_json(r.to_dict())
+    else:
+        print(f"ok: {r.label()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="squeeze", description="Compress language models and measure the result.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"squeeze-studio {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, evals=True):
+        sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        if evals:
+            sp.add_argument("--recipe", help="recipe file (.yaml, .yml or .json)")
+            sp.add_argument("--text", help="evaluation text file (default: the shipped WikiText-2 slice)")
+            sp.add_argument("--max-tokens", type=int, help="tokens of the text to score")
+            sp.add_argument("--context", type=int, help="window length in tokens")
+            sp.add_argument("--prompt-tokens", type=int, help="decode benchmark: prompt length")
+            sp.add_argument("--new-tokens", type=int, help="decode benchmark: tokens generated")
+            sp.add_argument("--repeats", type=int, help="decode benchmark: timed repeats (median)")
+
+    sp = sub.add_parser("models", help="known models")
+    common(sp, evals=False)
+    sp.set_defaults(fn=cmd_models)
+    sp = sub.add_parser("techniques", help="techniques and their settings")
+    common(sp, evals=False)
+    sp.set_defaults(fn=cmd_techniques)
+    sp = sub.add_parser("eval", help="apply a recipe (optional) and measure")
+    sp.add_argument("model", help="bundled:smollm2-135m, a model folder, a .gguf file or a cached hub id")
+    common(sp)
+    sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("export", help="export to ONNX and verify the exported file")
+    sp.add_argument("model")
+    sp.add_argument("--format", default="onnx")
+    sp.add_argument("--quantize", choices=["int8"], default=None)
+    sp.add_argument("--opset", type=int, default=None)
+    sp.add_argument("--out", required=True, help="output folder (new or empty)")
+    common(sp)
+    sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("runs", help="the ledger's rows")
+    sp.add_argument("--model")
+    common(sp, evals=False)
+    sp.set_defaults(fn=cmd_runs)
+    sp = sub.add_parser("recipe", help="check a recipe file")
+    sp.add_argument("file")
+    common(sp, evals=False)
+    sp.set_defaults(fn=cmd_recipe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except SqueezeError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The event contract, one for every job:
+
+    started(job_id) -> progress(stage, fraction, eta_s)* and log(level, text)*
+    -> exactly one of result(payload) | error(kind, message) | cancelled() -> finished()
+
+Events are plain dicts {"type": ..., ...}; the worker process writes them as JSON lines.
+A worker that dies without `finished` is reported by its parent as error("crashed", ...).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+STAGES = ("load", "apply", "save", "evaluate", "export", "verify")
+
+
+class Emitter:
+    """Turns stage progress into overall fraction + ETA and calls `sink(event)`."""
+
+    def __init__(self, sink: Callable[[dict], None], job_id: str, weights: dict[str, float]):
+        self.sink = sink
+        self.job_id = job_id
+        total = sum(weights.values()) or 1.0
+        self.weights = {k: v / total for k, v in weights.items()}
+        self.t0 = time.monotonic()
+        self.stage = None
+        self._last = 0.0
+
+    def emit(self, type_: str, **kw) -> None:
+        self.sink({"type": type_, "job_id": self.job_id, **kw})
+
+    def started(self) -> None:
+        self.emit("started")
+
+    def progress(self, stage: str, stage_fraction: float, note: str = "") -> None:
+        done = 0.0
+        for s, w in self.weights.items():
+            if s == stage:
+                done += w * stage_fraction
+                break
+            done += w
+        now = time.monotonic()
+        if stage == self.stage and stage_fraction < 1.0 and now - self._last < 0.1:
+            return  # at most ~10 events a second
+        self.stage, self._last = stage, now
+        elapsed = now - self.t0
+        eta = elapsed * (1 - done) / done if done > 0.02 else None
+        self.emit("progress", stage=stage, fraction=round(done, 4), stage_fraction=round(stage_fraction, 4),
+                  eta_s=round(eta, 1) if eta is not None else None, note=note)
+
+    def log(self, text: str, level: str = "info") -> None:
+        self.emit("log", level=level, text=text)
+
+    def result(self, payload: dict) -> None:
+        self.emit("result", payload=payload)
+
+    def error(self, kind: str, message: str) -> None:
+        self.emit("error", kind=kind, message=message)
+
+    def cancelled(self) -> None:
+        self.emit("cancelled")
+
+    def finished(self) -> None:
+        self.emit("finished")

@@ -1,0 +1,164 @@
+"""One job, start to end: load -> apply each step -> save -> load back -> evaluate
+(-> export -> verify). Emits the event contract; never raises."""
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from .. import evaluate as ev
+from .. import models, paths
+from ..errors import Cancelled, SqueezeError
+from ..recipe import Recipe, from_data
+from ..techniques.base import StepContext
+from ..variant import count_params, load_variant, read_manifest, save_variant
+from .events import Emitter
+from .spec import JobSpec
+
+EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
+EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
+
+
+def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[], bool] = lambda: False) -> None:
+    em = Emitter(sink, spec.job_id, EVAL_WEIGHTS if spec.kind == "eval" else EXPORT_WEIGHTS)
+    em.started()
+    try:
+        if spec.kind == "eval":
+            payload = evaluate_job(spec, em, cancelled)
+        elif spec.kind == "export":
+            payload = export_job(spec, em, cancelled)
+        else:
+            raise SqueezeError(f"unknown job kind {spec.kind!r}")
+        em.result(payload)
+    except Cancelled:
+        em.cancelled()
+    except SqueezeError as e:
+        em.error(e.kind, str(e))
+    except MemoryError:
+        em.error("memory", "out of memory: close other programs, or use a smaller model or fewer tokens")
+    except Exception as e:  # a bug: say so plainly, keep the traceback in the log
+        em.log(traceback.format_exc(), level="debug")
+        em.error("internal", f"internal error: {type(e).__name__}: {e}")
+    finally:
+        em.finished()
+
+
+def _checker(cancelled):
+    def check():
+        if cancelled():
+            raise Cancelled()
+    return check
+
+
+def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Path | None, object, object, Path]:
+    """Loads the model and applies the recipe. Returns (variant_dir or None, model, tokenizer, base_dir);
+    with steps, the returned model is the saved variant loaded back (what is measured is the file)."""
+    em.progress("load", 0.0, spec.model)
+    model, tok, base_dir = models.load(spec.model)
+    em.progress("load", 1.0)
+    check()
+    if not recipe.steps:
+        return None, model, tok, base_dir
+    ctx = StepContext(cancelled=lambda: check() or False, log=em.log)
+    infos = []
+    for i, step in enumerate(recipe.steps):
+        n = len(recipe.steps)
+        ctx._progress = lambda f, note="", i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}")
+        em.log(f"applying {step.label()}")
+        t0 = time.perf_counter()
+        info = step.technique.apply(model, step.config, ctx) or {}
+        infos.append({"technique": step.name, "seconds": round(time.perf_counter() - t0, 2), **info})
+        check()
+    em.progress("save", 0.0)
+    out = paths.workspace_dir() / "variants" / spec.job_id
+    save_variant(model, tok, ctx.packed, ctx.runtime, out,
+                 {"base_model": spec.model, "recipe": recipe.to_dict(), "steps": infos})
+    del model, ctx
+    gc.collect()
+    model, tok = load_variant(out)  # measure what was saved, not what is in memory
+    em.progress("save", 1.0)
+    return out, model, tok, base_dir
+
+
+def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: str = "evaluate") -> dict:
+    text = settings.text_path()
+    ppl = ev.perplexity(model, tok, text, settings.max_tokens, settings.context,
+                        progress=lambda f: em.progress(stage, 0.8 * f, "perplexity"), check_cancel=check)
+    em.progress(stage, 0.8, "decode speed")
+    speed = ev.decode_speed(model, tok, text, settings.prompt_tokens, settings.new_tokens,
+                            settings.repeats, check_cancel=check)
+    em.progress(stage, 1.0)
+    return {**ppl, **speed}
+
+
+def evaluate_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
+    t0 = time.perf_counter()
+    check = _checker(cancelled)
+    recipe = from_data(spec.recipe)
+    settings = spec.eval_settings()
+    ev.read_text(settings.text_path())  # fail fast on a bad text, before loading anything
+    variant, model, tok, base_dir = build_variant(spec, recipe, em, check)
+    payload = {"model": spec.model, "recipe": recipe.to_dict(), "label": recipe.label(),
+               "variant_dir": str(variant) if variant else None}
+    if variant:
+        man = read_manifest(variant)
+        payload.update(size_bytes=models.size_on_disk(variant), theoretical_bytes=man["theoretical_bytes"],
+                       params=man["params"], nonzero_params=man["nonzero_params"], steps=man["steps"])
+    else:
+        params, nonzero = count_params(model)
+        payload.update(size_bytes=models.size_on_disk(base_dir), theoretical_bytes=nonzero * 4,
+                       params=params, nonzero_params=nonzero, steps=[])
+    if spec.evaluate:
+        payload.update(measure(model, tok, settings, em, check))
+    payload["peak_rss_bytes"] = ev.peak_rss_bytes()
+    payload["seconds"] = round(time.perf_counter() - t0, 2)
+    return payload
+
+
+def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
+    """Export the recipe's variant (rebuilt, or the parent run's saved one) to ONNX and verify it."""
+    from ..export.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    check = _checker(cancelled)
+    opts = dict(spec.export or {})
+    recipe = from_data(spec.recipe)
+    settings = spec.eval_settings()
+    ev.read_text(settings.text_path())
+    out = Path(opts.get("out") or paths.workspace_dir() / "exports" / spec.job_id).expanduser()
+    _check_writable(out)
+    src = opts.get("variant_dir")
+    if src and Path(src, "squeeze.json").is_file():
+        em.progress("load", 0.0, src)
+        model, tok = load_variant(Path(src))
+        em.progress("save", 1.0)
+    else:
+        _, model, tok, _ = build_variant(spec, recipe, em, check)
+    torch_numbers = measure(model, tok, settings, em, check)
+    res = export_onnx(model, tok, out, quantize=opts.get("quantize"), opset=opts.get("opset"),
+                      settings=settings, torch_numbers=torch_numbers,
+                      progress=lambda stage, f, note="": em.progress(stage, f, note),
+                      check_cancel=check, log=em.log)
+    res.update(model=spec.model, recipe=recipe.to_dict(), label=recipe.label(),
+               ppl_torch=torch_numbers["ppl"], decode_tokens_per_s_torch=torch_numbers["decode_tokens_per_s"],
+               prefill_tokens_per_s_torch=torch_numbers["prefill_tokens_per_s"],
+               peak_rss_bytes=ev.peak_rss_bytes(), seconds=round(time.perf_counter() - t0, 2))
+    return res
+
+
+def _check_writable(out: Path) -> None:
+    from ..errors import ExportError
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    import os
+    if probe.exists() and not probe.is_dir():
+        raise ExportError(f"cannot export to {out}: {probe} is a file; pick a folder")
+    if not os.access(probe, os.W_OK):
+        raise ExportError(f"cannot export to {out}: {probe} is not writable; pick another folder")
+    if out.exists() and any(out.iterdir()) and not (out / "model.onnx").exists():
+        raise ExportError(f"cannot export to {out}: the folder is not empty; pick an empty or new folder")

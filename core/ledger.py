@@ -1,0 +1,117 @@
+"""The ledger: every run, in SQLite (WAL), in the user data dir. Rows are never lost: each
+change is one short transaction; schema changes are migrations by version number."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+from . import paths
+
+MIGRATIONS = [
+    # 1: the runs table
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        parent_id TEXT,
+        kind TEXT NOT NULL,            -- eval | export
+        model TEXT NOT NULL,
+        recipe TEXT NOT NULL,          -- JSON {"steps": [...]}
+        label TEXT NOT NULL,
+        eval_key TEXT,
+        settings TEXT NOT NULL,        -- JSON: eval (and export) settings
+        status TEXT NOT NULL,          -- running | done | failed | cancelled | interrupted
+        error TEXT,
+        result TEXT,                   -- JSON payload of the result event
+        pid INTEGER,
+        created REAL NOT NULL,
+        finished REAL
+    );
+    CREATE INDEX runs_model ON runs(model, eval_key);
+    """,
+]
+
+STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
+
+
+class Ledger:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else paths.ledger_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                with db:
+                    db.executescript(sql)
+                    db.execute(f"PRAGMA user_version={i}")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _exec(self, sql: str, args=()) -> None:
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(sql, args)
+            db.execute("COMMIT")
+
+    def start(self, spec, pid: int | None = None) -> None:
+        from .recipe import from_data
+        settings = {"eval": spec.eval, "export": spec.export}
+        self._exec(
+            "INSERT INTO runs (id, parent_id, kind, model, recipe, label, eval_key, settings, status, pid, created)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (spec.job_id, spec.parent_id, spec.kind, spec.model, json.dumps(spec.recipe),
+             from_data(spec.recipe).label(), spec.eval_key(), json.dumps(settings), "running", pid, time.time()))
+
+    def set_pid(self, run_id: str, pid: int) -> None:
+        self._exec("UPDATE runs SET pid=? WHERE id=?", (pid, run_id))
+
+    def finish(self, run_id: str, status: str, result: dict | None = None, error: str | None = None) -> None:
+        assert status in STATUSES
+        self._exec("UPDATE runs SET status=?, result=COALESCE(?, result), error=?, finished=? WHERE id=?",
+                   (status, json.dumps(result) if result is not None else None, error, time.time(), run_id))
+
+    def rows(self, model: str | None = None) -> list[dict]:
+        q = "SELECT * FROM runs" + (" WHERE model=?" if model else "") + " ORDER BY created"
+        with closing(self._connect()) as db:
+            return [_row(r) for r in db.execute(q, (model,) if model else ())]
+
+    def get(self, run_id: str) -> dict | None:
+        with closing(self._connect()) as db:
+            r = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return _row(r) if r else None
+
+    def baseline(self, model: str, eval_key: str) -> dict | None:
+        """The latest finished no-recipe eval of this model under these settings."""
+        with closing(self._connect()) as db:
+            r = db.execute("SELECT * FROM runs WHERE model=? AND eval_key=? AND kind='eval' AND status='done'"
+                           " AND recipe=? ORDER BY created DESC LIMIT 1",
+                           (model, eval_key, json.dumps({"steps": []}))).fetchone()
+        return _row(r) if r else None
+
+    def mark_interrupted(self) -> int:
+        """Runs left 'running' by a process that is gone (app closed or crashed mid-job)."""
+        import psutil
+        n = 0
+        for r in self.rows():
+            if r["status"] == "running" and not (r["pid"] and psutil.pid_exists(r["pid"])):
+                self.finish(r["id"], "interrupted", error="the app stopped while this job ran")
+                n += 1
+        return n
+
+    def delete(self, run_id: str) -> None:
+        self._exec("DELETE FROM runs WHERE id=?", (run_id,))
+
+
+def _row(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    for k in ("recipe", "settings", "result"):
+        d[k] = json.loads(d[k]) if d.get(k) else None
+    return d

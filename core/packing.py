@@ -1,0 +1,161 @@
+"""Packed storage of low-bit weights: codes packed into bytes plus fp16 scales (and zeros).
+
+A QTensor is what a quantizer leaves behind for one weight matrix (out, in). It is what gets
+written to disk (so the saving is real) and what is dequantized when the variant is loaded back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: uint8 values < 2**bits, any shape -> 1-D uint8, ceil(n * bits / 8) bytes."""
+    c = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return c.clone()
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        pad = (-c.numel()) % per
+        if pad:
+            c = torch.cat([c, c.new_zeros(pad)])
+        c = c.view(-1, per).to(torch.int32)
+        out = torch.zeros(c.shape[0], dtype=torch.int32)
+        for i in range(per):
+            out |= c[:, i] << (bits * i)
+        return out.to(torch.uint8)
+    # 3, 5, 6, 7 bits: a little-endian bit stream
+    a = c.numpy()
+    bitmat = ((a[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(bitmat.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first n codes as uint8."""
+    p = packed.reshape(-1)
+    if bits == 8:
+        return p[:n].clone()
+    if bits in (1, 2, 4):
+        per = 8 // bits
+        p32 = p.to(torch.int32)
+        mask = (1 << bits) - 1
+        parts = [(p32 >> (bits * i)) & mask for i in range(per)]
+        return torch.stack(parts, dim=1).reshape(-1)[:n].to(torch.uint8)
+    flat = np.unpackbits(p.numpy(), count=n * bits, bitorder="little").reshape(n, bits)
+    vals = (flat.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint16)
+    return torch.from_numpy(vals.astype(np.uint8))
+
+
+@dataclass
+class QTensor:
+    """A (out, in) weight on a `bits`-bit grid, groups of `group_size` along `in`."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int          # along the input dim; == in_features for per-channel
+    symmetric: bool
+    codes: torch.Tensor      # packed uint8, 1-D
+    scales: torch.Tensor     # (out, G) fp16
+    zeros: torch.Tensor | None  # packed uint8 (out*G codes) or None when symmetric
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.shape[1] / self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.shape
+        gs, G = self.group_size, self.n_groups
+        q = unpack_bits(self.codes, self.bits, out * inp).view(out, inp).to(torch.float32)
+        q = torch.nn.functional.pad(q, (0, G * gs - inp)).view(out, G, gs)
+        s = self.scales.to(torch.float32).unsqueeze(-1)
+        if self.symmetric:
+            w = (q - 2 ** (self.bits - 1)) * s
+        else:
+            z = unpack_bits(self.zeros, self.bits, out * G).view(out, G, 1).to(torch.float32)
+            w = (q - z) * s
+        return w.reshape(out, G * gs)[:, :inp].contiguous()
+
+    def theoretical_bytes(self, nonzero: int | None = None) -> float:
+        """bits x values / 8 + fp16 scale (and zero) per group; values = non-zeros if given."""
+        n = self.shape[0] * self.shape[1] if nonzero is None else nonzero
+        groups = self.shape[0] * self.n_groups
+        return n * self.bits / 8 + groups * (16 + (0 if self.symmetric else self.bits)) / 8
+
+    # -- on disk: three tensors under the weight's name, plus a small meta dict
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        t = {f"{name}.qcodes": self.codes, f"{name}.qscales": self.scales}
+        if self.zeros is not None:
+            t[f"{name}.qzeros"] = self.zeros
+        return t
+
+    def meta(self) -> dict:
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric}
+
+    @classmethod
+    def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "QTensor":
+        return cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
+                   tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+             scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None) -> QTensor:
+    """Round-to-nearest onto a grouped grid. w: (out, in). group_size <= 0 means per-channel.
+
+    A group size that does not divide `in` gets a partial last group (masked, never padded into
+    the statistics). Scales are rounded to fp16 *before* the codes are computed, so what is
+    stored is exactly what was evaluated. `scales`/`zeros` (out, G) may be given (e.g. by GPTQ).
+    """
+    w = w.detach().to(torch.float32)
+    out, inp = w.shape
+    gs = inp if group_size <= 0 else min(group_size, inp)
+    G = math.ceil(inp / gs)
+    pad = G * gs - inp
+    wg = torch.nn.functional.pad(w, (0, pad)).view(out, G, gs)
+    valid = torch.ones(inp + pad, dtype=torch.bool)
+    valid[inp:] = False
+    valid = valid.view(1, G, gs)
+    if scales is None:
+        scales, zeros = grid_params(wg, valid, bits, symmetric)
+    s = scales.unsqueeze(-1)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        q = torch.clamp(torch.round(wg / s), -half, half - 1) + half
+        zq = None
+    else:
+        q = torch.clamp(torch.round(wg / s) + zeros.unsqueeze(-1), 0, 2 ** bits - 1)
+        zq = pack_bits(zeros.to(torch.uint8), bits)
+    q = q.view(out, G * gs)[:, :inp].to(torch.uint8)
+    return QTensor((out, inp), bits, gs, symmetric, pack_bits(q, bits), scales.to(torch.float16), zq)
+
+
+def grid_params(wg: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: bool):
+    """Per-group fp16-exact scales (and integer zeros). wg: (out, G, gs), valid: (1, G, gs)."""
+    if symmetric:
+        amax = torch.where(valid, wg.abs(), torch.zeros(())).amax(-1)
+        scales = amax / (2 ** (bits - 1) - 1) if bits > 1 else amax
+        zeros = None
+    else:
+        wmax = torch.where(valid, wg, torch.full((), -torch.inf)).amax(-1).clamp(min=0)
+        wmin = torch.where(valid, wg, torch.full((), torch.inf)).amin(-1).clamp(max=0)
+        scales = (wmax - wmin) / (2 ** bits - 1)
+    scales = _fp16_exact(scales)
+    if not symmetric:
+        zeros = torch.clamp(torch.round(-wmin / scales), 0, 2 ** bits - 1)
+    return scales, zeros
+
+
+def _fp16_exact(s: torch.Tensor) -> torch.Tensor:
+    s = s.clamp(min=2.0 ** -14).to(torch.float16).to(torch.float32)  # smallest normal fp16
+    return s
+
+
+def int8_codes(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric per-channel 8-bit QTensor as signed int8 codes (out, in) and scales (out,)."""
+    assert qt.bits == 8 and qt.symmetric and qt.n_groups == 1
+    out, inp = qt.shape
+    q = (unpack_bits(qt.codes, 8, out * inp).view(out, inp).to(torch.int16) - 128).to(torch.int8)
+    return q, qt.scales.to(torch.float32).view(out)

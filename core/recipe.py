@@ -1,0 +1,153 @@
+"""A recipe: an ordered list of technique steps. Loads from / saves to YAML or JSON.
+
+    steps:
+      - technique: rtn
+        bits: 4
+        group_size: 64
+
+Every problem is a RecipeError naming the step and field, never another exception.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .techniques import get
+from .techniques.base import Technique
+
+
+@dataclass(frozen=True)
+class Step:
+    technique: Technique
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.technique.name
+
+    def to_dict(self) -> dict:
+        return {"technique": self.name, **dataclasses.asdict(self.config)}
+
+    def label(self) -> str:
+        parts = [self.name]
+        for f in self.technique.fields():
+            v = getattr(self.config, f["name"])
+            if isinstance(v, bool):
+                if v:
+                    parts.append(f["name"])
+            else:
+                shown = (f["labels"] or {}).get(str(v), v)
+                parts.append(f"{f['name']}={shown}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"steps": [s.to_dict() for s in self.steps]}
+
+    def label(self) -> str:
+        return " → ".join(s.label() for s in self.steps) or "baseline"
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        path.write_text(text, encoding="utf-8")
+
+    @property
+    def packs(self) -> bool:
+        return any(s.technique.packs for s in self.steps)
+
+
+def from_data(data: Any) -> Recipe:
+    """From parsed YAML/JSON: {"steps": [...]} or a bare list of steps (or null: no steps)."""
+    if data is None:
+        return Recipe()
+    if isinstance(data, dict):
+        extra = [k for k in data if k not in ("steps", "name", "description")]
+        if extra:
+            raise RecipeError(f"unknown top-level key {extra[0]!r}; a recipe has 'steps'", field=str(extra[0]))
+        data = data.get("steps") or []
+    if not isinstance(data, list):
+        raise RecipeError("a recipe is a mapping with a 'steps' list", field="steps")
+    steps = []
+    for i, raw in enumerate(data):
+        if not isinstance(raw, dict):
+            raise RecipeError(f"each step is a mapping with a 'technique' key, got {_short(raw)}",
+                              field="technique", step=i)
+        if "technique" not in raw:
+            raise RecipeError("missing 'technique'", field="technique", step=i)
+        values = {k: v for k, v in raw.items() if k != "technique"}
+        tech = get(raw["technique"], step=i)
+        steps.append(Step(tech, tech.make(values, step=i)))
+    check_order(steps)
+    return Recipe(tuple(steps))
+
+
+def check_order(steps: list[Step]) -> None:
+    """Composition rules, checked before a job starts."""
+    packed_by = None
+    for i, s in enumerate(steps):
+        if packed_by is not None and s.technique.needs_float:
+            raise RecipeError(
+                f"{s.name} cannot follow {packed_by}: {packed_by} leaves packed low-bit weights and "
+                f"{s.name} needs float weights. Put {s.name} before {packed_by}.",
+                field="technique", step=i)
+        if s.technique.packs:
+            if packed_by is not None:
+                raise RecipeError(f"{s.name} cannot follow {packed_by}: the weights are already packed; "
+                                  f"keep one quantization step", field="technique", step=i)
+            packed_by = s.name
+
+
+def loads(text: str, fmt: str = "yaml") -> Recipe:
+    try:
+        if fmt == "json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except RecipeError:
+        raise
+    except Exception as e:  # YAMLError, ValueError (bad dates), RecursionError ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"not valid {fmt.upper()}: {first}") from None
+    return from_data(data)
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise RecipeError(f"recipe file must end in .yaml, .yml or .json: {path.name}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+    return loads(text, "json" if suffix == ".json" else "yaml")
+
+
+def of(*steps: tuple[str, dict] | str) -> Recipe:
+    """Recipe from (name, values) pairs, for code and tests: of(("rtn", {"bits": 4}))."""
+    data = [{"technique": s} if isinstance(s, str) else {"technique": s[0], **s[1]} for s in steps]
+    return from_data(data)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) < 40 else r[:37] + "..."

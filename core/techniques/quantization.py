@@ -1,0 +1,80 @@
+"""Weight quantization: round-to-nearest and dynamic-range int8."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..packing import int8_codes, quantize
+from .base import StepContext, knob, target_linears
+from .registry import technique
+
+GROUP_CHOICES = (32, 64, 128, 0)
+GROUP_LABELS = {0: "per-channel"}
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest weight quantization of the Linear layers, stored packed."""
+
+    bits: int = knob(4, min=2, max=8, step=1, unit="bits",
+                     help="Bits per weight: 8 is near-lossless, 4 is the usual trade, 2-3 break small models.")
+    group_size: int = knob(64, choices=GROUP_CHOICES, labels=GROUP_LABELS, unit="weights",
+                           help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
+    symmetric: bool = knob(True, help="Symmetric grid around zero (no zero-point); asymmetric fits skewed rows better.")
+    lm_head: bool = knob(False, help="Also quantize the LM head (tied to the embedding: a fifth of SmolLM2's weights).")
+
+
+def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmetric: bool,
+                     include_lm_head: bool) -> dict:
+    layers = target_linears(model, include_lm_head)
+    err = 0.0
+    for i, (name, lin) in enumerate(layers):
+        ctx.check_cancel()
+        w = lin.weight.data
+        qt = quantize(w, bits, group_size, symmetric)
+        deq = qt.dequantize()
+        err += float(((deq - w) ** 2).sum())
+        lin.weight.data.copy_(deq)  # the in-memory model now computes what the packed one will
+        ctx.packed[f"{name}.weight"] = qt
+        ctx.progress((i + 1) / len(layers), name)
+    return {"layers": len(layers), "bits": bits, "group_size": group_size,
+            "symmetric": symmetric, "sq_error": err}
+
+
+@technique(RTN, name="rtn", family="quantization", packs=True)
+def rtn(model, cfg: RTN, ctx: StepContext) -> dict:
+    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head)
+
+
+@dataclass(frozen=True)
+class DynamicInt8:
+    """Dynamic-range int8: int8 weights per channel, activations quantized on the fly at run time."""
+
+    lm_head: bool = knob(False, help="Also run the LM head in int8 (it is tied to the embedding).")
+
+
+@technique(DynamicInt8, name="dynamic_int8", family="quantization", packs=True)
+def dynamic_int8(model, cfg: DynamicInt8, ctx: StepContext) -> dict:
+    info = quantize_linears(model, ctx, 8, 0, True, cfg.lm_head)
+    ctx.runtime.append("dynamic_int8")
+    return info
+
+
+def to_dynamic_int8(model, packed: dict) -> None:
+    """Swap the packed int8 Linear layers for torch's dynamic-quantized Linear (fbgemm/x86 kernels),
+    using the stored int8 codes and scales as they are (no re-quantization)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DQLinear
+
+    for wname, qt in packed.items():
+        if qt.bits != 8 or not qt.symmetric or qt.n_groups != 1:
+            continue
+        mname = wname.removesuffix(".weight")
+        parent, _, leaf = mname.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        lin = getattr(owner, leaf)
+        q, scales = int8_codes(qt)
+        qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+        dq = DQLinear(lin.in_features, lin.out_features, bias_=lin.bias is not None, dtype=torch.qint8)
+        dq.set_weight_bias(qw, lin.bias.data if lin.bias is not None else None)
+        setattr(owner, leaf, dq)

@@ -1,0 +1,123 @@
+"""A variant on disk: model.safetensors (dense tensors + packed low-bit ones), config,
+tokenizer, and squeeze.json (base model, recipe, packed-tensor layout, runtime transforms).
+Loading it back dequantizes the packed weights: the numbers measured are those of the saved file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .packing import QTensor
+
+MANIFEST = "squeeze.json"
+
+
+def _unique_params(model) -> dict[str, torch.Tensor]:
+    """name -> tensor, tied tensors once (the first name wins, as in save_pretrained)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def count_params(model) -> tuple[int, int]:
+    """(parameters, non-zero parameters), tied weights counted once."""
+    total = nz = 0
+    seen = set()
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        nz += int(torch.count_nonzero(p))
+    return total, nz
+
+
+def save_variant(model, tokenizer, packed: dict[str, QTensor], runtime: list[str], out: Path,
+                 meta: dict) -> dict:
+    """Writes the variant atomically (a .tmp folder renamed at the end). Returns its facts."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = _unique_params(model)
+    # drop the dense copies of packed weights, and anything tied to them (embedding <-> lm_head)
+    packed_ptrs = {params[n].untyped_storage().data_ptr() for n in packed if n in params}
+    packed_ptrs |= {dict(model.state_dict())[n].untyped_storage().data_ptr() for n in packed}
+    tensors: dict[str, torch.Tensor] = {}
+    theoretical = 0.0
+    for k, v in params.items():
+        if k in packed or v.untyped_storage().data_ptr() in packed_ptrs:
+            continue
+        t = v.detach().contiguous()
+        tensors[k] = t
+        theoretical += int(torch.count_nonzero(t)) * t.element_size()
+    layout = {}
+    for name, qt in packed.items():
+        tensors.update(qt.tensors(name))
+        w = qt.dequantize()
+        theoretical += qt.theoretical_bytes(int(torch.count_nonzero(w)))
+        layout[name] = qt.meta()
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    total, nonzero = count_params(model)
+    manifest = {**meta, "packed": layout, "runtime": list(runtime), "params": total,
+                "nonzero_params": nonzero, "theoretical_bytes": int(theoretical), "dtype": "F32"}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return manifest
+
+
+def read_manifest(d: Path) -> dict:
+    try:
+        return json.loads((Path(d) / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{d} has an unreadable {MANIFEST}: {e}") from None
+
+
+def load_variant(d: Path):
+    """(model, tokenizer) with packed weights dequantized and runtime transforms applied."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    d = Path(d)
+    man = read_manifest(d)
+    try:
+        config = AutoConfig.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        raw = load_file(str(d / "model.safetensors"))
+    except Exception as e:
+        raise ModelError(f"cannot read the variant in {d}: {str(e).splitlines()[0]}") from None
+    packed = {name: QTensor.from_tensors(name, meta, raw) for name, meta in man["packed"].items()}
+    state = {k: v for k, v in raw.items() if not k.endswith((".qcodes", ".qscales", ".qzeros"))}
+    for name, qt in packed.items():
+        state[name] = qt.dequantize()
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        model.get_input_embeddings().weight = model.get_output_embeddings().weight
+    missing = [k for k in missing if k not in ("lm_head.weight", "model.embed_tokens.weight")]
+    if missing or unexpected:
+        raise ModelError(f"the variant in {d} does not match its config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    if "dynamic_int8" in man.get("runtime", []):
+        from .techniques.quantization import to_dynamic_int8
+        to_dynamic_int8(model, packed)
+    return model, tok
