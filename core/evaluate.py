@@ -108,7 +108,8 @@ def perplexity(model, tokenizer, text_file: Path, max_tokens: int, context: int,
             scored += target.numel()
             if progress:
                 progress((i + 1) / len(windows))
-    return {"ppl": math.exp(nll / scored), "tokens_scored": scored, "windows": len(windows),
+    mean = nll / scored
+    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens_scored": scored, "windows": len(windows),
             "context": context, "bos": bos is not None}
 
 

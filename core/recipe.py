@@ -101,15 +101,15 @@ def check_order(steps: list[Step]) -> None:
     """Composition rules, checked before a job starts."""
     packed_by = None
     for i, s in enumerate(steps):
+        if packed_by is not None and s.technique.packs:
+            raise RecipeError(f"technique {s.name} cannot follow {packed_by}: the weights are already packed "
+                              f"by {packed_by}; keep one quantization step, last", field="technique", step=i)
         if packed_by is not None and s.technique.needs_float:
             raise RecipeError(
-                f"{s.name} cannot follow {packed_by}: {packed_by} leaves packed low-bit weights and "
-                f"{s.name} needs float weights. Put {s.name} before {packed_by}.",
+                f"technique {s.name} cannot follow {packed_by}: {packed_by} leaves packed low-bit weights "
+                f"and {s.name} needs float weights. Put {s.name} before {packed_by}.",
                 field="technique", step=i)
         if s.technique.packs:
-            if packed_by is not None:
-                raise RecipeError(f"{s.name} cannot follow {packed_by}: the weights are already packed; "
-                                  f"keep one quantization step", field="technique", step=i)
             packed_by = s.name
 
 

@@ -108,11 +108,19 @@ def load_variant(d: Path):
         state[name] = qt.dequantize()
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:  # one stored tensor (dense or packed) feeds both the embedding and the LM head
+        emb = model.get_input_embeddings().weight
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is emb]
+        head = [n for n, p in model.named_parameters(remove_duplicate=False)
+                if p is model.get_output_embeddings().weight]
+        shared = next((state[n] for n in names + head if n in state), None)
+        if shared is not None:
+            for n in names + head:
+                state[n] = shared
     missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
-        model.get_input_embeddings().weight = model.get_output_embeddings().weight
-    missing = [k for k in missing if k not in ("lm_head.weight", "model.embed_tokens.weight")]
+    if tied:
+        model.tie_weights()
     if missing or unexpected:
         raise ModelError(f"the variant in {d} does not match its config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

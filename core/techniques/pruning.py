@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import StepContext, knob, target_linears
 from .registry import technique
 
@@ -21,6 +19,8 @@ class MagnitudePrune:
 
 @technique(MagnitudePrune, name="magnitude_prune", family="pruning")
 def magnitude_prune(model, cfg: MagnitudePrune, ctx: StepContext) -> dict:
+    import torch
+
     layers = target_linears(model)
     if cfg.sparsity <= 0:
         return {"layers": len(layers), "sparsity": 0.0}

@@ -1,11 +1,10 @@
-"""Weight quantization: round-to-nearest and dynamic-range int8."""
+"""Weight quantization: round-to-nearest and dynamic-range int8.
+(torch is imported inside the functions: the GUI reads these configs without loading torch.)"""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-import torch
-
-from ..packing import int8_codes, quantize
 from .base import StepContext, knob, target_linears
 from .registry import technique
 
@@ -27,6 +26,8 @@ class RTN:
 
 def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmetric: bool,
                      include_lm_head: bool) -> dict:
+    from ..packing import quantize
+
     layers = target_linears(model, include_lm_head)
     err = 0.0
     for i, (name, lin) in enumerate(layers):
@@ -64,7 +65,10 @@ def dynamic_int8(model, cfg: DynamicInt8, ctx: StepContext) -> dict:
 def to_dynamic_int8(model, packed: dict) -> None:
     """Swap the packed int8 Linear layers for torch's dynamic-quantized Linear (fbgemm/x86 kernels),
     using the stored int8 codes and scales as they are (no re-quantization)."""
+    import torch
     from torch.ao.nn.quantized.dynamic import Linear as DQLinear
+
+    from ..packing import int8_codes
 
     for wname, qt in packed.items():
         if qt.bits != 8 or not qt.symmetric or qt.n_groups != 1:
@@ -74,7 +78,11 @@ def to_dynamic_int8(model, packed: dict) -> None:
         owner = model.get_submodule(parent) if parent else model
         lin = getattr(owner, leaf)
         q, scales = int8_codes(qt)
-        qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
-        dq = DQLinear(lin.in_features, lin.out_features, bias_=lin.bias is not None, dtype=torch.qint8)
-        dq.set_weight_bias(qw, lin.bias.data if lin.bias is not None else None)
+        with warnings.catch_warnings():
+            # torch deprecates its quantized tensors in favour of torchao, which is not in our stack;
+            # the fbgemm/x86 kernels behind them are what dynamic int8 runs on.
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0)
+            dq = DQLinear(lin.in_features, lin.out_features, bias_=lin.bias is not None, dtype=torch.qint8)
+            dq.set_weight_bias(qw, lin.bias.data if lin.bias is not None else None)
         setattr(owner, leaf, dq)

@@ -1,0 +1,169 @@
+"""Ledger rows -> results-table rows: each run next to the baseline of the same model and eval
+settings (Δ% perplexity, × smaller, × faster decode), the trade-off points and their Pareto
+front. Plain Python, no Qt: the GUI's table and plot and any CLI report share it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+MB = 1_000_000
+EMPTY_RECIPE = {"steps": []}
+
+
+def is_baseline(run: dict) -> bool:
+    return run.get("kind") == "eval" and not (run.get("recipe") or EMPTY_RECIPE).get("steps")
+
+
+def baselines(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(model, eval_key) -> the latest finished no-recipe eval (the rule of Ledger.baseline)."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in sorted(runs, key=lambda r: r.get("created") or 0):
+        if is_baseline(r) and r.get("status") == "done" and r.get("result"):
+            out[(r["model"], r.get("eval_key"))] = r
+    return out
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def table_rows(runs: list[dict]) -> list[dict]:
+    """One flat row per eval run (exports are shown with their parent run, not here)."""
+    base = baselines(runs)
+    out = []
+    for r in runs:
+        if r.get("kind") != "eval":
+            continue
+        res = r.get("result") or {}
+        b = base.get((r["model"], r.get("eval_key")))
+        bres = (b or {}).get("result") or {}
+        ppl, bppl = res.get("ppl"), bres.get("ppl")
+        settings = (r.get("settings") or {}).get("eval") or {}
+        out.append({
+            "id": r["id"],
+            "model": r["model"],
+            "status": r["status"],
+            "label": r.get("label") or "baseline",
+            "error": r.get("error"),
+            "recipe": r.get("recipe") or EMPTY_RECIPE,
+            "eval": settings,
+            "eval_key": r.get("eval_key"),
+            "baseline": is_baseline(r),
+            "variant_dir": res.get("variant_dir"),
+            "ppl": ppl,
+            "delta_ppl_pct": (ppl / bppl - 1) * 100 if ppl is not None and bppl else None,
+            "size_bytes": res.get("size_bytes"),
+            "x_smaller": _ratio(bres.get("size_bytes"), res.get("size_bytes")),
+            "theoretical_bytes": res.get("theoretical_bytes"),
+            "params": res.get("params"),
+            "nonzero_params": res.get("nonzero_params"),
+            "prefill_tokens_per_s": res.get("prefill_tokens_per_s"),
+            "decode_tokens_per_s": res.get("decode_tokens_per_s"),
+            "x_faster": _ratio(res.get("decode_tokens_per_s"), bres.get("decode_tokens_per_s")),
+            "peak_rss_bytes": res.get("peak_rss_bytes"),
+            "seconds": res.get("seconds"),
+            "created": r.get("created"),
+        })
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt_mb(b) -> str:
+    return "" if b is None else f"{b / MB:,.1f}" if b >= 10 * MB else f"{b / MB:,.2f}"
+
+
+def fmt_x(x) -> str:
+    return "" if x is None else f"{x:.2f}×"
+
+
+def fmt_pct(p) -> str:
+    return "" if p is None else f"{p:+.1f} %"
+
+
+def fmt_count(n) -> str:
+    if n is None:
+        return ""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.{1 if abs(n) < 100 * div else 0}f} {unit}"
+    return str(n)
+
+
+def fmt_rate(r) -> str:
+    return "" if r is None else f"{r:,.0f}" if r >= 100 else f"{r:.1f}"
+
+
+def fmt_ppl(p) -> str:
+    return "" if p is None else f"{p:,.1f}" if p >= 100 else f"{p:.3f}"
+
+
+def fmt_eval(s: dict) -> str:
+    """Short eval settings, e.g. "eval.txt 4096 tok × 512"."""
+    if not s:
+        return ""
+    name = (s.get("text") or "shipped").replace("\\", "/").rsplit("/", 1)[-1]
+    return f"{name} {s.get('max_tokens')} tok × {s.get('context')}"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    fmt: Callable[[object], str]
+    tip: str
+    numeric: bool = True
+
+
+COLUMNS = [
+    Column("status", "status", str, "done, running, failed, cancelled or interrupted", False),
+    Column("label", "recipe", str, "the recipe's steps", False),
+    Column("ppl", "ppl", fmt_ppl, "perplexity on the eval text (lower is better)"),
+    Column("delta_ppl_pct", "Δ ppl", fmt_pct, "perplexity change vs the baseline (same model and eval settings)"),
+    Column("size_bytes", "size MB", fmt_mb, "size on disk of the saved variant"),
+    Column("x_smaller", "× smaller", fmt_x, "baseline size / this size"),
+    Column("theoretical_bytes", "theory MB", fmt_mb, "bits × non-zero params / 8 + scale overhead"),
+    Column("nonzero_params", "non-zero", fmt_count, "parameters that are not zero"),
+    Column("prefill_tokens_per_s", "prefill tok/s", fmt_rate, "prompt tokens per second"),
+    Column("decode_tokens_per_s", "decode tok/s", fmt_rate, "generated tokens per second (greedy, KV cache)"),
+    Column("x_faster", "× faster", fmt_x, "decode speed / baseline decode speed"),
+    Column("peak_rss_bytes", "peak RAM MB", fmt_mb, "peak resident memory of the worker"),
+    Column("eval", "eval", fmt_eval, "eval text, tokens × context", False),
+    Column("error", "note", lambda e: e or "", "why a run failed, was cancelled or interrupted", False),
+]
+
+
+def cell(row: dict, col: Column) -> str:
+    return col.fmt(row.get(col.key))
+
+
+# ---------------------------------------------------------------- trade-off
+
+AXES = {
+    # x axis -> (row key, scale to shown unit, lower x is better)
+    "size": ("size_bytes", 1 / MB, True),
+    "decode": ("decode_tokens_per_s", 1.0, False),
+}
+
+
+def pareto_front(points: list[tuple[object, float, float]], x_lower_better: bool = True) -> list:
+    """Ids of the points no other point beats on both x and y (y = perplexity, lower is better),
+    ordered by ascending x."""
+    order = sorted(points, key=lambda p: (p[1] if x_lower_better else -p[1], p[2]))
+    front, best_y = [], float("inf")
+    for pid, x, y in order:
+        if y < best_y:
+            front.append((pid, x))
+            best_y = y
+    return [pid for pid, _ in sorted(front, key=lambda p: p[1])]
+
+
+def trade_off(rows: list[dict], axis: str = "size", eval_key: str | None = None) -> tuple[list[dict], list]:
+    """Points {id, x, y, baseline, label} of the finished runs (of `eval_key` if given) and the
+    ids of the Pareto front."""
+    key, scale, lower = AXES[axis]
+    pts = [{"id": r["id"], "x": r[key] * scale, "y": r["ppl"], "baseline": r["baseline"], "label": r["label"]}
+           for r in rows
+           if r["status"] == "done" and r.get("ppl") is not None and r.get(key) is not None
+           and (eval_key is None or r["eval_key"] == eval_key)]
+    return pts, pareto_front([(p["id"], p["x"], p["y"]) for p in pts], lower)

@@ -1,0 +1,143 @@
+"""Recipes: round-trips, clear errors, and a property test that throws thousands of generated
+recipes at the loader: each loads, or raises the project's RecipeError naming the field."""
+import json
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core import recipe as rc
+from core.errors import RecipeError
+from core.techniques import all_techniques
+
+NAMES = [t.name for t in all_techniques()]
+FIELDS = sorted({f["name"] for t in all_techniques() for f in t.fields()})
+
+
+def test_every_technique_default_round_trips_through_yaml_and_json():
+    for t in all_techniques():
+        r = rc.of(t.name)
+        assert rc.loads(r.to_yaml(), "yaml") == r
+        assert rc.loads(r.to_json(), "json") == r
+
+
+def test_every_field_has_complete_slider_metadata():
+    for t in all_techniques():
+        assert t.summary
+        for f in t.fields():
+            assert f["help"] and f["type"] in ("int", "float", "bool", "str"), (t.name, f)
+            if f["type"] in ("int", "float") and not f["choices"]:
+                assert None not in (f["min"], f["max"], f["step"]), (t.name, f)
+                assert f["min"] <= f["default"] <= f["max"]
+            if f["choices"]:
+                assert f["default"] in f["choices"]
+
+
+def test_documented_yaml_example_loads(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("steps:\n  - technique: rtn\n    bits: 4\n    group_size: 64\n")
+    r = rc.load(p)
+    assert r.steps[0].config.bits == 4 and r.steps[0].config.group_size == 64
+    q = tmp_path / "r.json"
+    r.save(q)
+    assert rc.load(q) == r and json.loads(q.read_text())["steps"][0]["technique"] == "rtn"
+
+
+@pytest.mark.parametrize("text, field, words", [
+    ("steps: [{technique: rtm}]", "technique", "did you mean 'rtn'"),
+    ("steps: [{technique: rtn, bits: 12}]", "bits", "from 2 to 8"),
+    ("steps: [{technique: rtn, bits: four}]", "bits", "must be an integer"),
+    ("steps: [{technique: rtn, group_size: 48}]", "group_size", "per-channel"),
+    ("steps: [{technique: magnitude_prune, sparsity: 0.99}]", "sparsity", "0.95"),
+    ("steps: [{technique: rtn, bitz: 4}]", "bitz", "did you mean 'bits'"),
+    ("steps: [{technique: rtn}, {technique: magnitude_prune}]", "technique", "before rtn"),
+])
+def test_bad_recipes_name_the_field_and_the_allowed_values(text, field, words):
+    with pytest.raises(RecipeError) as e:
+        rc.loads(text)
+    assert e.value.field == field and words in str(e.value)
+
+
+def test_missing_and_misnamed_files(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        rc.load(tmp_path / "nope.yaml")
+    (tmp_path / "r.txt").write_text("steps: []")
+    with pytest.raises(RecipeError, match=r"\.yaml, \.yml or \.json"):
+        rc.load(tmp_path / "r.txt")
+
+
+# -- property tests -----------------------------------------------------------------------
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                    st.dictionaries(st.text(max_size=6), c, max_size=3)),
+                      max_leaves=6)
+names = st.one_of(st.sampled_from(NAMES), st.text(max_size=12), st.sampled_from(["rtm", "RTN", "prune", ""]))
+keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=10))
+field_values = st.one_of(scalars, values, st.integers(0, 300), st.floats(0, 1), st.sampled_from(
+    ["per-channel", "global", "per-layer", 64, 128, 0.5, True]))
+steps = st.one_of(
+    st.fixed_dictionaries({"technique": names}, optional={}).flatmap(
+        lambda base: st.dictionaries(keys, field_values, max_size=4).map(lambda d: {**d, **base})),
+    values)
+recipes = st.one_of(
+    st.fixed_dictionaries({"steps": st.lists(steps, max_size=4)}),
+    st.lists(steps, max_size=3),
+    values,
+    st.dictionaries(st.text(max_size=8), values, max_size=3))
+
+
+def _check_loads_or_names_field(load):
+    try:
+        r = load()
+    except RecipeError as e:
+        if e.field is not None:
+            assert e.field in str(e) or repr(e.field) in str(e), (e.field, str(e))
+        return None
+    assert isinstance(r, rc.Recipe)
+    assert rc.loads(r.to_yaml()) == r and rc.loads(r.to_json(), "json") == r
+    return r
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recipes)
+def test_generated_recipes_load_or_fail_with_a_named_field(data):
+    _check_loads_or_names_field(lambda: rc.from_data(data))
+    try:
+        text = yaml.safe_dump(data)
+    except yaml.YAMLError:
+        return
+    _check_loads_or_names_field(lambda: rc.loads(text, "yaml"))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=80), st.sampled_from(["yaml", "json"]))
+def test_malformed_text_is_a_recipe_error(text, fmt):
+    _check_loads_or_names_field(lambda: rc.loads(text, fmt))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.data()), max_size=3))
+def test_valid_recipes_round_trip(pairs):
+    data = []
+    for name, d in pairs:
+        t = next(t for t in all_techniques() if t.name == name)
+        step = {"technique": name}
+        for f in t.fields():
+            if f["choices"]:
+                step[f["name"]] = d.draw(st.sampled_from(f["choices"]))
+            elif f["type"] == "bool":
+                step[f["name"]] = d.draw(st.booleans())
+            elif f["type"] == "int":
+                step[f["name"]] = d.draw(st.integers(f["min"], f["max"]))
+            elif f["type"] == "float":
+                step[f["name"]] = d.draw(st.floats(f["min"], f["max"]))
+        data.append(step)
+    try:
+        r = rc.from_data(data)
+    except RecipeError as e:  # only composition rules may refuse a well-typed recipe
+        assert "cannot follow" in str(e)
+        return
+    assert rc.loads(r.to_yaml()) == r and rc.loads(r.to_json(), "json") == r
