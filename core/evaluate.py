@@ -36,7 +36,10 @@ class EvalSettings:
 
     def key(self) -> str:
         """Identifies the measurement conditions: same key, comparable numbers."""
-        h = text_digest(self.text_path())
+        try:
+            h = text_digest(self.text_path())
+        except DataError:
+            h = "unreadable"  # the job then fails with the reason; the key only has to exist
         return (f"{h}:{self.max_tokens}:{self.context}:"
                 f"{self.prompt_tokens}:{self.new_tokens}:{self.repeats}")
 

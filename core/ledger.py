@@ -62,13 +62,18 @@ class Ledger:
             db.execute("COMMIT")
 
     def start(self, spec, pid: int | None = None) -> None:
+        from .errors import RecipeError
         from .recipe import from_data
+        try:
+            label = from_data(spec.recipe).label()
+        except RecipeError:
+            label = "(invalid recipe)"  # the job itself fails with the message
         settings = {"eval": spec.eval, "export": spec.export}
         self._exec(
             "INSERT INTO runs (id, parent_id, kind, model, recipe, label, eval_key, settings, status, pid, created)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (spec.job_id, spec.parent_id, spec.kind, spec.model, json.dumps(spec.recipe),
-             from_data(spec.recipe).label(), spec.eval_key(), json.dumps(settings), "running", pid, time.time()))
+             label, spec.eval_key(), json.dumps(settings), "running", pid, time.time()))
 
     def set_pid(self, run_id: str, pid: int) -> None:
         self._exec("UPDATE runs SET pid=? WHERE id=?", (pid, run_id))

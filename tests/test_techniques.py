@@ -115,11 +115,18 @@ def test_prune_then_quantize_composes(tiny_model, tiny_eval, home):
 def test_dynamic_int8_runs_int8_kernels_and_stays_close(tiny_model, tiny_eval, home):
     from torch.ao.nn.quantized.dynamic import Linear as DQLinear
     base = run(tiny_model, tiny_eval)
-    d = run(tiny_model, tiny_eval, ("dynamic_int8", {}))
+    d = run(tiny_model, tiny_eval, ("dynamic_int8", {"float_down_proj": False}))
     model, _ = load_variant(d["variant_dir"])
     assert isinstance(model.model.layers[0].self_attn.q_proj, DQLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, DQLinear)
     assert d["ppl"] == pytest.approx(base["ppl"], rel=0.02)
     assert d["size_bytes"] < 0.5 * base["size_bytes"]
+    # the default keeps the down projections (massive activations) in float
+    d2 = run(tiny_model, tiny_eval, ("dynamic_int8", {}))
+    model, _ = load_variant(d2["variant_dir"])
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].mlp.up_proj, DQLinear)
+    assert d["size_bytes"] < d2["size_bytes"] < base["size_bytes"]
 
 
 def test_registry_refuses_duplicates_and_suggests_names():

@@ -107,6 +107,11 @@ class WorkerJob:
                 finished = True
             self._emit(e)
         code = self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # stdin may be broken if the worker died
+                pass
         if not finished:
             jid = self.spec.job_id
             if self._cancel_at is not None and self.recorder.outcome is None:
@@ -119,10 +124,11 @@ class WorkerJob:
         self._done.set()
 
     def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            line = line.rstrip()
-            if line:
-                self.on_event({"type": "log", "job_id": self.spec.job_id, "level": "debug", "text": line})
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                line = line.rstrip()
+                if line:
+                    self.on_event({"type": "log", "job_id": self.spec.job_id, "level": "debug", "text": line})
 
     def cancel(self) -> None:
         """Ask nicely, then kill: the job stops within CANCEL_GRACE_S (+ process exit)."""

@@ -25,10 +25,10 @@ class RTN:
 
 
 def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmetric: bool,
-                     include_lm_head: bool) -> dict:
+                     include_lm_head: bool, skip: tuple[str, ...] = ()) -> dict:
     from ..packing import quantize
 
-    layers = target_linears(model, include_lm_head)
+    layers = [(n, m) for n, m in target_linears(model, include_lm_head) if not n.endswith(skip)]
     err = 0.0
     for i, (name, lin) in enumerate(layers):
         ctx.check_cancel()
@@ -52,12 +52,16 @@ def rtn(model, cfg: RTN, ctx: StepContext) -> dict:
 class DynamicInt8:
     """Dynamic-range int8: int8 weights per channel, activations quantized on the fly at run time."""
 
+    float_down_proj: bool = knob(
+        True, help="Keep the FFN down projections in float: their inputs carry the massive activations "
+                   "of small models, which one int8 scale per tensor cannot hold (SmolLM2: ppl x3 without).")
     lm_head: bool = knob(False, help="Also run the LM head in int8 (it is tied to the embedding).")
 
 
 @technique(DynamicInt8, name="dynamic_int8", family="quantization", packs=True)
 def dynamic_int8(model, cfg: DynamicInt8, ctx: StepContext) -> dict:
-    info = quantize_linears(model, ctx, 8, 0, True, cfg.lm_head)
+    skip = ("down_proj",) if cfg.float_down_proj else ()
+    info = quantize_linears(model, ctx, 8, 0, True, cfg.lm_head, skip)
     ctx.runtime.append("dynamic_int8")
     return info
 

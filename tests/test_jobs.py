@@ -1,0 +1,97 @@
+"""The worker contract, seen from the parent: events in order, cancel within 2 s, a killed
+worker marks its run failed and every earlier ledger row stays."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from core.jobs.client import WorkerJob, run_inline
+from core.jobs.spec import JobSpec
+from core.ledger import Ledger
+
+
+def _collect(spec):
+    events, lock = [], threading.Lock()
+
+    def on(e):
+        with lock:
+            events.append(e)
+    return events, WorkerJob(spec, on).start()
+
+
+def long_eval(tiny_eval):
+    # the tiny model decodes ~1,000 tok/s: this keeps a worker busy for tens of seconds
+    return {**tiny_eval, "new_tokens": 400, "repeats": 60}
+
+
+def test_a_worker_job_reports_the_contract_in_order(tiny_model, tiny_eval, home):
+    events, job = _collect(JobSpec(model=tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 4}]},
+                                   eval=tiny_eval))
+    assert job.wait(120)
+    types = [e["type"] for e in events if e["type"] != "log"]
+    assert types[0] == "started" and types[-1] == "finished" and types[-2] == "result"
+    stages = [e["stage"] for e in events if e["type"] == "progress"]
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == ["load", "apply", "save", "evaluate"]
+    fr = [e["fraction"] for e in events if e["type"] == "progress"]
+    assert fr == sorted(fr) and fr[-1] == 1.0
+    row = Ledger().get(job.spec.job_id)
+    assert row["status"] == "done" and row["result"]["ppl"] > 1
+
+
+def test_cancel_stops_a_running_job_within_2_seconds(tiny_model, tiny_eval, home):
+    events, job = _collect(JobSpec(model=tiny_model, eval=long_eval(tiny_eval)))
+    deadline = time.monotonic() + 60
+    while not any(e["type"] == "progress" and e["stage"] == "evaluate" for e in list(events)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    job.cancel()
+    assert job.wait(5)
+    assert time.monotonic() - t0 < 2.0
+    assert [e["type"] for e in events][-2:] == ["cancelled", "finished"]
+    assert Ledger().get(job.spec.job_id)["status"] == "cancelled"
+
+
+def test_kill_9_marks_the_run_failed_and_keeps_earlier_rows(tiny_model, tiny_eval, home):
+    first = run_inline(JobSpec(model=tiny_model, eval=tiny_eval))
+    assert first.outcome == "done"
+    events, job = _collect(JobSpec(model=tiny_model, eval=long_eval(tiny_eval)))
+    deadline = time.monotonic() + 60
+    while not any(e["type"] == "progress" for e in list(events)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    assert job.wait(10)
+    err = [e for e in events if e["type"] == "error"]
+    assert err and err[0]["kind"] == "crashed" and events[-1]["type"] == "finished"
+    rows = {r["id"]: r for r in Ledger().rows()}
+    assert rows[job.spec.job_id]["status"] == "failed"
+    assert rows[first.spec.job_id]["status"] == "done" and rows[first.spec.job_id]["result"]["ppl"] > 1
+
+
+def test_a_job_left_running_by_a_dead_app_is_marked_interrupted(tiny_model, tiny_eval, home):
+    led = Ledger()
+    spec = JobSpec(model=tiny_model, eval=tiny_eval)
+    led.start(spec, pid=2 ** 22 + 12345)  # no such process
+    assert led.mark_interrupted() == 1
+    assert led.get(spec.job_id)["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"model": "/no/such/model"}, "does not exist"),
+    ({"recipe": {"steps": [{"technique": "rtm"}]}}, "did you mean 'rtn'"),
+    ({"eval": {"text": "/no/such/text.txt"}}, "text file not found"),
+])
+def test_bad_input_fails_the_job_with_one_clear_message_and_writes_nothing(tiny_model, tiny_eval, home, bad, words):
+    spec = JobSpec(model=tiny_model, eval=tiny_eval)
+    for k, v in bad.items():
+        setattr(spec, k, {**getattr(spec, k), **v} if k == "eval" else v)
+    events, job = _collect(spec)
+    assert job.wait(60)
+    err = [e for e in events if e["type"] == "error"]
+    assert len(err) == 1 and words in err[0]["message"] and "Traceback" not in err[0]["message"]
+    assert "\n" not in err[0]["message"]
+    assert not list((home / "workspace").glob("variants/*"))
+    assert Ledger().get(spec.job_id)["status"] == "failed"
