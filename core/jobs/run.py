@@ -61,10 +61,11 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     check()
     if not recipe.steps:
         return None, model, tok, base_dir
-    ctx = StepContext(cancelled=lambda: check() or False, log=em.log)
+    ctx = StepContext(cancelled=lambda: check() or False, log=em.log, tokenizer=tok)
     infos = []
     for i, step in enumerate(recipe.steps):
         n = len(recipe.steps)
+        ctx.state_key = state_key(spec.model, base_dir, recipe.to_dict()["steps"][:i])
         ctx._progress = lambda f, note="", i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}")
         em.log(f"applying {step.label()}")
         t0 = time.perf_counter()
@@ -80,6 +81,16 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     model, tok = load_variant(out)  # measure what was saved, not what is in memory
     em.progress("save", 1.0)
     return out, model, tok, base_dir
+
+
+def state_key(model_id: str, base_dir: Path, steps_before: list[dict]) -> str:
+    """Names the model as a step receives it: same key, same weights (for calibration caches)."""
+    import hashlib
+    import json
+    weights = models.weight_files(base_dir)
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
+    raw = json.dumps([model_id, str(base_dir), stamp, steps_before], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: str = "evaluate") -> dict:

@@ -155,13 +155,19 @@ class StepContext:
     packed:   weight name -> QTensor, filled by quantizers; saved packed, loaded back dequantized
     runtime:  transforms re-applied when the saved variant is loaded (e.g. "dynamic_int8")
     progress: progress(fraction, note) within this step
+    tokenizer: the model's tokenizer (calibration text is tokenized with it)
+    state_key: identifies the model as this step receives it (base model + the steps before);
+               calibration statistics are cached under it
     """
 
     def __init__(self, progress: Callable[[float, str], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None,
+                 tokenizer=None, state_key: str = ""):
         self.packed: dict = {}
         self.runtime: list[str] = []
+        self.tokenizer = tokenizer
+        self.state_key = state_key
         self._progress = progress or (lambda f, note="": None)
         self._cancelled = cancelled or (lambda: False)
         self.log = log or (lambda text: None)
