@@ -163,8 +163,9 @@ def _converted(gguf: Path, key: str, convert: bool) -> Path:
     if not convert:
         return out
     from filelock import FileLock
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    locks = out.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / (key + ".lock"))):
         if (out / "model.safetensors").is_file():
             return out
         tmp = out.with_name(out.name + ".tmp")
