@@ -13,40 +13,29 @@ def _home() -> Path | None:
     return Path(h).expanduser() if h else None
 
 
-def data_dir() -> Path:
-    """Ledger, settings, logs."""
+def _dir(sub: str, platform_default) -> Path:
     h = _home()
-    if h:
-        p = h / "data"
-    else:
-        import platformdirs
-        p = Path(platformdirs.user_data_dir(APP, appauthor=False))
+    p = h / sub if h else Path(platform_default())
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def data_dir() -> Path:
+    """Ledger, settings, logs."""
+    import platformdirs
+    return _dir("data", lambda: platformdirs.user_data_dir(APP, appauthor=False))
 
 
 def cache_dir() -> Path:
     """Converted models, calibration statistics: can be deleted at any time."""
-    h = _home()
-    if h:
-        p = h / "cache"
-    else:
-        import platformdirs
-        p = Path(platformdirs.user_cache_dir(APP, appauthor=False))
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    import platformdirs
+    return _dir("cache", lambda: platformdirs.user_cache_dir(APP, appauthor=False))
 
 
 def workspace_dir() -> Path:
     """Saved variants and exports."""
-    h = _home()
-    if h:
-        p = h / "workspace"
-    else:
-        import platformdirs
-        p = Path(platformdirs.user_documents_dir()) / "Squeeze Studio"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    import platformdirs
+    return _dir("workspace", lambda: Path(platformdirs.user_documents_dir()) / "Squeeze Studio")
 
 
 def ledger_path() -> Path:
