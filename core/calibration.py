@@ -1,0 +1,226 @@
+"""Calibration: text -> token samples -> per-layer input statistics of every decoder Linear,
+computed one decoder layer at a time and cached on disk.
+
+The statistics are those of the model as the step receives it, run in float (not of a model
+being quantized layer by layer): they do not depend on any slider of the technique that uses
+them, so a sweep of group sizes or sparsities reuses one calibration. They are keyed by
+(state_key, text digest, samples, seq len) under cache_dir()/calib/.
+
+Per Linear input (Linears fed the same tensor, e.g. q/k/v, share one entry):
+    h      (in, in)  sum over tokens of x x^T   (the GPTQ/SparseGPT Hessian is 2 h / n)
+    n      tokens summed
+    x0     (samples, in)  the inputs at position 0 (BOS: the attention sink; its massive
+           activations dominate h, so techniques may re-weight it: h - (1 - w) x0^T x0)
+    absmean (in,)  mean |x| over tokens (AWQ)
+    absmax  (in,)  max |x| over positions > 0; position 0 is in x0 (SmoothQuant)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import evaluate as ev
+from . import paths
+from .errors import DataError
+
+VERSION = 1  # bump when what is cached changes
+
+
+def text_path(calib_text: str) -> Path:
+    return Path(calib_text).expanduser() if calib_text else paths.default_calib_text()
+
+
+def samples(tokenizer, text: Path, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len) token ids: random windows of the text, each after BOS (as evaluation windows are)."""
+    raw = ev.read_text(text)
+    ids = tokenizer(raw, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if ev.adds_bos(tokenizer) else None
+    body = seq_len - (bos is not None)
+    if len(ids) < body + 1:
+        raise DataError(f"the calibration text {text.name} has {len(ids)} tokens, fewer than one sample of "
+                        f"{seq_len}: use a longer text or a shorter sequence length")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        i = rng.randrange(0, len(ids) - body + 1)
+        rows.append(([bos] if bos is not None else []) + ids[i:i + body])
+    return torch.tensor(rows)
+
+
+@dataclass
+class Stat:
+    h: torch.Tensor        # (in, in) sum of x x^T
+    n: int
+    x0: torch.Tensor       # (samples, in) position-0 inputs
+    absmean: torch.Tensor  # (in,)
+    absmax: torch.Tensor   # (in,) over positions > 0
+
+    def hessian(self, bos_weight: float = 1.0) -> torch.Tensor:
+        """Mean x x^T with the position-0 tokens counted bos_weight times (1 = as they are)."""
+        h = self.h
+        if bos_weight != 1.0:
+            h = h - (1.0 - bos_weight) * (self.x0.T @ self.x0)
+        return h / self.n
+
+    def col_norm(self) -> torch.Tensor:
+        """(in,) root mean square of each input channel (Wanda's ||X_j||, up to a constant)."""
+        return (self.h.diagonal().clamp(min=0) / self.n).sqrt()
+
+
+class Stats:
+    """The cached statistics of one calibration: stats.layer(i) -> {linear name: Stat}."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder = folder
+        self.meta = meta
+        self.n_layers = meta["layers"]
+
+    def layer(self, i: int) -> dict[str, Stat]:
+        raw = torch.load(self.folder / f"layer{i:03d}.pt", weights_only=True)
+        out = {name: Stat(**d) for name, d in raw["stats"].items()}
+        for alias, name in raw["alias"].items():  # k_proj -> q_proj's entry etc.
+            out[alias] = out[name]
+        return out
+
+
+def decoder_layers(model):
+    """The decoder's layer list (Llama-style models: model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise DataError(f"{type(model).__name__} has no decoder layer list; calibrated techniques need "
+                        "a Llama-style model")
+    return layers
+
+
+def cache_key(state_key: str, text: Path, n: int, seq_len: int) -> str:
+    raw = json.dumps([VERSION, state_key, ev.text_digest(text), n, seq_len])
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def calibrate(model, ctx, n_samples: int, seq_len: int, calib_text: str = "", share: float = 0.5) -> Stats:
+    """Statistics for every decoder layer, from the cache or computed (progress 0 -> share of the step).
+
+    One decoder layer at a time: the calibration hidden states (samples x seq x hidden) go
+    through layer i while hooks gather its Linear inputs, then become the inputs of layer i + 1;
+    peak memory is the model plus those hidden states. Written to a .tmp folder renamed when
+    complete, so a cancel or a crash leaves nothing behind.
+    """
+    text = text_path(calib_text)
+    key = cache_key(ctx.state_key or _weights_digest(model), text, n_samples, seq_len)
+    folder = paths.cache_dir() / "calib" / key
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        ctx.log(f"calibration statistics from the cache ({key})")
+        ctx.progress(share, "calibration (cached)")
+        return Stats(folder, json.loads(meta_file.read_text()))
+    if ctx.tokenizer is None:
+        raise DataError("calibration needs the model's tokenizer")
+    ids = samples(ctx.tokenizer, text, n_samples, seq_len)
+    tmp = folder.with_name(key + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _compute(model, ids, tmp, ctx, share)
+        meta.update(text=str(text), samples=n_samples, seq_len=seq_len, state_key=ctx.state_key)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Stats(folder, meta)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def _compute(model, ids: torch.Tensor, out: Path, ctx, share: float, batch: int = 8) -> dict:
+    layers = decoder_layers(model)
+    # 1. the inputs of layer 0 (and the kwargs every layer gets: position embeddings, mask)
+    hidden, kwargs = [], []
+
+    def catch(_mod, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values")})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for b in range(0, len(ids), batch):
+            try:
+                model(ids[b:b + batch], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    # 2. layer by layer: gather the Linear inputs, then move the hidden states on
+    for i, layer in enumerate(layers):
+        ctx.check_cancel()
+        stats, alias, seen = {}, {}, {}
+        linears = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+        def hook(name):
+            def fn(_mod, args):
+                x = args[0]
+                first = seen.get(x.data_ptr())
+                if first is not None and first != name:  # same tensor as an earlier Linear: share
+                    alias[name] = first
+                    return
+                seen[x.data_ptr()] = name
+                _accumulate(stats, name, x)
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears]
+        try:
+            for b in range(len(hidden)):
+                seen.clear()
+                y = layer(hidden[b], **kwargs[b])
+                hidden[b] = y[0] if isinstance(y, tuple) else y
+                ctx.check_cancel()
+        finally:
+            for h in handles:
+                h.remove()
+        final = {}
+        for name, s in stats.items():
+            final[name] = {"h": s["h"], "n": s["n"], "x0": torch.cat(s["x0"]),
+                           "absmean": s["abssum"] / s["n"], "absmax": s["absmax"]}
+        torch.save({"stats": final, "alias": {a: f for a, f in alias.items() if f in final}},
+                   out / f"layer{i:03d}.pt")
+        ctx.progress(share * (i + 1) / len(layers), f"calibration: layer {i + 1}/{len(layers)}")
+    return {"layers": len(layers), "version": VERSION}
+
+
+def _accumulate(stats: dict, name: str, x: torch.Tensor) -> None:
+    x = x.float()
+    x0 = x[:, 0, :]                      # (b, in): position 0 of each sample
+    flat = x.reshape(-1, x.shape[-1])    # (b * seq, in)
+    s = stats.get(name)
+    if s is None:
+        d = x.shape[-1]
+        s = stats[name] = {"h": torch.zeros(d, d), "n": 0, "x0": [], "abssum": torch.zeros(d),
+                           "absmax": torch.zeros(d)}
+    s["h"].addmm_(flat.T, flat)
+    s["n"] += flat.shape[0]
+    s["x0"].append(x0.clone())
+    s["abssum"] += flat.abs().sum(0)
+    if x.shape[1] > 1:
+        s["absmax"] = torch.maximum(s["absmax"], x[:, 1:].abs().amax((0, 1)))
+
+
+def _weights_digest(model) -> str:
+    """A state key for callers without one (tests, scripts): a digest of a few weights."""
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        flat = p.detach().float().reshape(-1)
+        h.update(flat[::max(1, flat.numel() // 4096)].numpy().tobytes())
+        h.update(flat.abs().sum().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,125 @@
+"""Calibrated techniques on the tiny Llama: they honour their sliders, store what they claim,
+beat their uncalibrated twins on the calibration data, cache their statistics and cancel cleanly."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import calibration, models, paths
+from core import recipe as rc
+from core.errors import Cancelled, RecipeError
+from core.jobs.client import run_inline
+from core.jobs.spec import JobSpec
+from core.techniques import registry
+from core.techniques.base import StepContext, target_linears
+from core.variant import load_variant
+
+FAST = {"samples": 8, "seq_len": 128}  # calibration in well under a second on the tiny model
+
+
+def run(model, eval_settings, *steps, evaluate=False):
+    r = run_inline(JobSpec(model=model, recipe=rc.of(*steps).to_dict(), eval=eval_settings, evaluate=evaluate))
+    assert r.outcome == "done", r.error
+    return r.result
+
+
+def apply(model_id, name, values, ctx=None):
+    model, tok, _ = models.load(model_id)
+    tech = registry.get(name)
+    ctx = ctx or StepContext(tokenizer=tok, state_key=f"test:{model_id}")
+    if ctx.tokenizer is None:
+        ctx.tokenizer = tok
+    info = tech.apply(model, tech.make(values), ctx)
+    return model, ctx, info
+
+
+def decoder_weights(model):
+    return {n: m.weight for n, m in target_linears(model)}
+
+
+@pytest.mark.parametrize("bits,group", [(3, 64), (4, 0), (2, 32)])
+def test_gptq_honours_bits_and_groups_and_packs_them(tiny_model, tiny_eval, home, bits, group):
+    r = run(tiny_model, tiny_eval, ("gptq", {"bits": bits, "group_size": group, **FAST}))
+    model, _ = load_variant(r["variant_dir"])
+    from safetensors import safe_open
+    with safe_open(f"{r['variant_dir']}/model.safetensors", "pt") as f:
+        codes = f.get_tensor("model.layers.0.mlp.down_proj.weight.qcodes")
+        scales = f.get_tensor("model.layers.0.mlp.down_proj.weight.qscales")
+    assert codes.numel() == math.ceil(96 * 160 * bits / 8)  # packed at `bits` per weight
+    gs = 160 if group == 0 else group
+    assert scales.shape == (96, math.ceil(160 / gs))  # 160 = 2 x 64 + a partial group of 32
+    w = model.model.layers[0].mlp.down_proj.weight
+    for g0 in range(0, 160, gs):
+        for row in w[:, g0:g0 + gs]:
+            assert len(torch.unique(row)) <= 2 ** bits
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
+    assert man["packed"]["model.layers.1.self_attn.k_proj.weight"]["bits"] == bits
+
+
+def test_gptq_cuts_each_layers_output_error_below_rtn(tiny_model, home):
+    from core.techniques.gptq import layer_error
+    fp = models.load(tiny_model)[0]
+    g, ctx, _ = apply(tiny_model, "gptq", {"bits": 3, "group_size": 64, **FAST})
+    r, _, _ = apply(tiny_model, "rtn", {"bits": 3, "group_size": 64})
+    stats = calibration.calibrate(fp, ctx, FAST["samples"], FAST["seq_len"])  # the cache: same key
+    W0, Wg, Wr = decoder_weights(fp), decoder_weights(g), decoder_weights(r)
+    for i in range(2):
+        st = stats.layer(i)
+        for short, s in st.items():
+            name = f"model.layers.{i}.{short}"
+            H = s.hessian()
+            assert layer_error(W0[name], Wg[name], H) < 0.8 * layer_error(W0[name], Wr[name], H), name
+
+
+def test_calibration_is_cached_per_model_text_samples_and_length(tiny_model, home):
+    logs = []
+    ctx = StepContext(log=logs.append)
+    apply(tiny_model, "gptq", {"bits": 4, **FAST}, ctx)
+    assert not any("cache" in line for line in logs)
+    apply(tiny_model, "gptq", {"bits": 3, "group_size": 32, **FAST}, StepContext(log=logs.append, state_key=ctx.state_key))
+    assert any("from the cache" in line for line in logs)
+    folders = list((paths.cache_dir() / "calib").iterdir())
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+    apply(tiny_model, "gptq", {"bits": 4, "samples": 8, "seq_len": 256}, StepContext(state_key=ctx.state_key))
+    assert len(list((paths.cache_dir() / "calib").iterdir())) == 2
+
+
+def test_cancel_mid_calibration_raises_and_leaves_nothing(tiny_model, home):
+    notes = []
+    ctx = StepContext(progress=lambda f, n: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
+    with pytest.raises(Cancelled):
+        apply(tiny_model, "gptq", {"bits": 4, **FAST}, ctx)
+    assert any("calibration" in n for n in notes)
+    calib = paths.cache_dir() / "calib"
+    assert not calib.exists() or not any(calib.iterdir())
+    assert not ctx.packed
+
+
+def test_cancelled_job_saves_no_variant(tiny_model, tiny_eval, home):
+    events = []
+    r = run_inline(JobSpec(model=tiny_model, recipe=rc.of(("gptq", FAST)).to_dict(), eval=tiny_eval),
+                   on_event=events.append,
+                   cancelled=lambda: any("calibration: layer 1/" in str(e) for e in events))
+    assert r.outcome == "cancelled"
+    variants = paths.workspace_dir() / "variants"
+    assert not variants.exists() or not any(variants.iterdir())
+    calib = paths.cache_dir() / "calib"
+    assert not calib.exists() or not any(calib.iterdir())
+
+
+@pytest.mark.parametrize("steps,hint", [
+    ([("gptq", {}), ("rtn", {})], "keep one quantization step"),
+    ([("gptq", {}), ("magnitude_prune", {})], "Put magnitude_prune before gptq"),
+])
+def test_invalid_compositions_are_refused_with_the_order_that_works(steps, hint):
+    with pytest.raises(RecipeError, match=hint):
+        rc.of(*steps)
+
+
+def test_every_calibrated_technique_lists_full_slider_metadata():
+    names = {t.name for t in registry.all_techniques()}
+    assert {"gptq"} <= names
+    for f in registry.get("gptq").fields():
+        assert f["help"] and (f["choices"] or f["type"] in ("bool", "str") or f["min"] is not None)
