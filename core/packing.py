@@ -97,6 +97,8 @@ class QTensor:
 
     @classmethod
     def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "QTensor":
+        if cls is QTensor and meta.get("kind") in KINDS:  # the storage kinds added below
+            return KINDS[meta["kind"]].from_tensors(name, meta, tensors)
         return cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
                    tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
 
@@ -159,3 +161,135 @@ def int8_codes(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
     out, inp = qt.shape
     q = (unpack_bits(qt.codes, 8, out * inp).view(out, inp).to(torch.int16) - 128).to(torch.int8)
     return q, qt.scales.to(torch.float32).view(out)
+
+
+# -- Added storage kinds. They reuse the .qcodes/.qscales tensor names (what the variant loader
+# drops from the dense state) and say their kind in meta; QTensor.from_tensors dispatches on it.
+
+class NMTensor:
+    """A pruned (out, in) weight stored compactly: in every run of `m` input weights only the
+    `keep` largest are stored (values in the weight's dtype) with their positions (log2 m bits
+    each). Packs the live weight when saved, so later steps that only add zeros stay correct; a
+    weight that no longer fits the pattern is stored with every value kept (honest, no saving)."""
+
+    kind = "nm"
+    bits = 32          # value bits: no int8 runtime applies
+    symmetric = False
+    n_groups = 1
+
+    def __init__(self, weight: torch.Tensor | None, keep: int, m: int,
+                 values: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+                 shape: tuple[int, int] | None = None):
+        self.weight, self.keep, self.m = weight, keep, m
+        self.shape = tuple(shape or weight.shape)
+        self.values, self.idx = values, idx
+
+    def _pack(self):
+        if self.values is not None:
+            return
+        w = self.weight.detach()
+        out, inp = w.shape
+        if inp % self.m or int((w.reshape(out, -1, self.m) != 0).sum(-1).max()) > self.keep:
+            self.keep = self.m = 1  # the pattern does not hold (any more): every value kept
+        g = w.reshape(out, -1, self.m)                                       # (out, in/m, m)
+        pos = g.abs().topk(self.keep, dim=-1).indices.sort(-1).values        # (out, in/m, keep)
+        self.values = g.gather(-1, pos).reshape(out, -1).contiguous()        # (out, in*keep/m)
+        self.idx = pack_bits(pos.to(torch.uint8), self._ibits()) if self.m > 1 else torch.zeros(0, dtype=torch.uint8)
+
+    def _ibits(self) -> int:
+        return math.ceil(math.log2(self.m))
+
+    def dequantize(self) -> torch.Tensor:
+        self._pack()
+        out, inp = self.shape
+        if self.m == 1:
+            return self.values.reshape(out, inp).clone()
+        pos = unpack_bits(self.idx, self._ibits(), out * inp // self.m * self.keep).view(out, -1, self.keep).long()
+        w = torch.zeros(out, inp // self.m, self.m, dtype=self.values.dtype)
+        w.scatter_(-1, pos, self.values.view(out, -1, self.keep))
+        return w.reshape(out, inp)
+
+    def theoretical_bytes(self, nonzero: int | None = None) -> float:
+        """The ideal: the non-zero values at their bits, no index cost."""
+        self._pack()
+        n = self.shape[0] * self.shape[1] if nonzero is None else nonzero
+        return n * self.values.element_size()
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        self._pack()
+        return {f"{name}.qcodes": self.idx, f"{name}.qscales": self.values}
+
+    def meta(self) -> dict:
+        self._pack()
+        return {"kind": self.kind, "shape": list(self.shape), "keep": self.keep, "m": self.m}
+
+    @classmethod
+    def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "NMTensor":
+        return cls(None, meta["keep"], meta["m"], tensors[f"{name}.qscales"], tensors[f"{name}.qcodes"],
+                   tuple(meta["shape"]))
+
+
+class CodebookTensor:
+    """Weight sharing: each output row (or each group of `group_size` inputs of a row) has a
+    codebook of 2**bits fp16 values; every weight is stored as a `bits`-bit index into it."""
+
+    kind = "codebook"
+    symmetric = False
+
+    def __init__(self, shape, bits: int, group_size: int, codes: torch.Tensor, codebook: torch.Tensor):
+        self.shape, self.bits, self.group_size = tuple(shape), bits, group_size
+        self.codes, self.codebook = codes, codebook  # packed uint8; (out, G, 2**bits) fp16
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.shape[1] / self.group_size)
+
+    @classmethod
+    def from_indices(cls, idx: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int):
+        """idx: (out, in) entry numbers; codebook: (out, G, K) values (rounded to fp16 here)."""
+        return cls(tuple(idx.shape), bits, group_size, pack_bits(idx.to(torch.uint8), bits),
+                   codebook.to(torch.float16))
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.shape
+        gs, G = self.group_size, self.n_groups
+        idx = unpack_bits(self.codes, self.bits, out * inp).view(out, inp).long()
+        grp = (torch.arange(inp) // gs).expand(out, inp)                      # (out, in)
+        cb = self.codebook.to(torch.float32)                                  # (out, G, K)
+        return cb[torch.arange(out)[:, None], grp, idx]
+
+    def theoretical_bytes(self, nonzero: int | None = None) -> float:
+        n = self.shape[0] * self.shape[1] if nonzero is None else nonzero
+        return n * self.bits / 8 + self.codebook.numel() * 2
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.qcodes": self.codes, f"{name}.qscales": self.codebook}
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "CodebookTensor":
+        return cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], tensors[f"{name}.qcodes"],
+                   tensors[f"{name}.qscales"])
+
+
+class ActQTensor(QTensor):
+    """An int8 weight whose input is also quantized to int8 at run time with a static,
+    calibrated per-tensor scale (W8A8; see techniques/smoothquant.py)."""
+
+    kind = "w8a8"
+    act_scale: float = 1.0
+
+    def meta(self) -> dict:
+        return {**super().meta(), "kind": self.kind, "act_scale": self.act_scale}
+
+    @classmethod
+    def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "ActQTensor":
+        qt = cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
+                 tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
+        qt.act_scale = float(meta["act_scale"])
+        return qt
+
+
+KINDS = {c.kind: c for c in (NMTensor, CodebookTensor, ActQTensor)}

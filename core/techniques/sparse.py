@@ -1,0 +1,161 @@
+"""Calibrated pruning: Wanda (|W| x input norm) and SparseGPT (second-order, with weight
+update), unstructured or N:M. N:M weights are stored compactly (kept values + positions)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import StepContext, knob
+from .gptq import _inverse_cholesky, for_each_layer, layer_error, samples_knob, seq_len_knob, text_knob
+from .registry import technique
+
+PATTERNS = ("unstructured", "2:4", "4:8")
+PATTERN_HELP = ("Unstructured: any weights; N:M: N of every M consecutive weights of a row are zero "
+                "(50 %; the sparsity slider is then ignored), stored as values + small positions.")
+
+
+def nm(pattern: str) -> tuple[int, int] | None:
+    """'2:4' -> (2 zeros, 4) per run; None for unstructured."""
+    if pattern == "unstructured":
+        return None
+    n, m = pattern.split(":")
+    return int(n), int(m)
+
+
+@dataclass(frozen=True)
+class Wanda:
+    """Wanda: prune the weights with the smallest |W| x input-activation norm, per output row."""
+
+    sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
+                           help="Fraction of each Linear weight set to zero (unstructured pattern).")
+    pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
+    samples: int = samples_knob(32)
+    seq_len: int = seq_len_knob()
+    calib_text: str = text_knob()
+
+
+@dataclass(frozen=True)
+class SparseGPT:
+    """SparseGPT: second-order pruning that updates the remaining weights to keep each layer's output."""
+
+    sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
+                           help="Fraction of each Linear weight set to zero (unstructured pattern).")
+    pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
+    damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
+                          help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
+    samples: int = samples_knob()
+    seq_len: int = seq_len_knob()
+    calib_text: str = text_knob()
+
+
+def wanda_mask(W, norm, sparsity: float, pattern):
+    """(out, in) bool, True = prune. Scores |W_ij| * ||X_j||, compared within a row (or an N:M run)."""
+    import torch
+    score = W.abs() * norm[None, :]
+    out, inp = W.shape
+    if pattern is not None:
+        n, m = pattern
+        g = score.reshape(out, inp // m, m)
+        idx = g.topk(n, dim=-1, largest=False).indices
+        return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).reshape(out, inp)
+    k = int(inp * sparsity)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def sparsegpt_solve(W, H, sparsity: float, pattern, damping: float, block: int = 128):
+    """SparseGPT on one weight. W: (out, in), H: (in, in) -> pruned and updated W (out, in)."""
+    import torch
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    out, n = W.shape
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damping * H.diagonal().mean())
+    Hinv = _inverse_cholesky(H)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1, E1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1)
+        Hb = Hinv[i1:i2, i1:i2]
+        d = Hb.diagonal()
+        if pattern is None:  # the block's weights with the least saliency w^2 / [H^-1]_jj^2
+            sal = W1 ** 2 / d[None, :] ** 2
+            k = int(sal.numel() * sparsity)
+            mask = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                mask.view(-1)[sal.view(-1).topk(k, largest=False).indices] = True
+        else:
+            mask = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:
+                nz, m = pattern
+                sal = W1[:, i:i + m] ** 2 / d[i:i + m][None, :] ** 2
+                mask.scatter_(1, i + sal.topk(nz, dim=1, largest=False).indices, True)
+            w = W1[:, i]
+            q = torch.where(mask[:, i], torch.zeros_like(w), w)
+            err = (w - q) / Hb[i, i]
+            W1[:, i:] -= err[:, None] * Hb[i, i:][None, :]
+            W1[:, i] = q
+            E1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+def _check_pattern(model, pattern):
+    if pattern is None:
+        return
+    from .base import target_linears
+    from ..errors import RecipeError
+    bad = [n for n, m in target_linears(model) if m.in_features % pattern[1]]
+    if bad:
+        raise RecipeError(f"the {pattern[0]}:{pattern[1]} pattern needs input sizes divisible by {pattern[1]}; "
+                          f"{bad[0]} has {dict(target_linears(model))[bad[0]].in_features}", field="pattern")
+
+
+def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
+    from ..calibration import calibrate
+    from ..packing import NMTensor
+    pattern = nm(cfg.pattern)
+    _check_pattern(model, pattern)
+    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
+    zeros = total = 0
+    err = 0.0
+
+    def per_layer(i, lin):
+        nonlocal zeros, total, err
+        for name, (m, st) in lin.items():
+            ctx.check_cancel()
+            W = m.weight.data
+            new = solve_one(W, st)
+            err += layer_error(W, new, st.hessian())
+            W.copy_(new)
+            zeros += int((new == 0).sum())
+            total += new.numel()
+            if pattern is not None:  # compact storage: kept values + their positions
+                ctx.packed[f"{name}.weight"] = NMTensor(m.weight, pattern[1] - pattern[0], pattern[1])
+
+    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    return {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
+
+
+@technique(Wanda, name="wanda", family="pruning")
+def wanda(model, cfg: Wanda, ctx: StepContext) -> dict:
+    pattern = nm(cfg.pattern)
+
+    def one(W, st):
+        return W * ~wanda_mask(W, st.col_norm(), cfg.sparsity, pattern)
+
+    return _prune(model, ctx, cfg, one)
+
+
+@technique(SparseGPT, name="sparsegpt", family="pruning")
+def sparsegpt(model, cfg: SparseGPT, ctx: StepContext) -> dict:
+    pattern = nm(cfg.pattern)
+
+    def one(W, st):
+        return sparsegpt_solve(W, st.hessian(), cfg.sparsity, pattern, cfg.damping)
+
+    return _prune(model, ctx, cfg, one)
