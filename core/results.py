@@ -86,7 +86,7 @@ def fmt_count(n) -> str:
         return ""
     for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
-            return f"{n / div:.{1 if abs(n) < 100 * div else 0}f} {unit}"
+            return f"{n / div:.1f} {unit}"
     return str(n)
 
 

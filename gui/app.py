@@ -1,0 +1,108 @@
+"""`squeeze-studio`: the desktop app. `--screenshot FILE.png` renders the main window and exits
+(for tests and docs)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from core.errors import SqueezeError
+
+APP_NAME = "Squeeze Studio"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+    try:
+        return v("squeeze-studio")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def icon():
+    from PySide6.QtGui import QIcon
+
+    from core import paths
+    return QIcon(str(paths.resources_dir() / "icons" / "squeeze-studio.svg"))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="squeeze-studio", description="Compress language models with sliders, "
+                                "measure the trade-offs, export to ONNX.")
+    p.add_argument("--model", metavar="ID", help="model to open: bundled:smollm2-135m (default: the last "
+                   "one used, else the bundled model), a model folder, a .gguf file or a cached hub id")
+    p.add_argument("--screenshot", metavar="FILE.png", help="render the main window to FILE.png and exit "
+                   "(default model: the bundled one; starts no job)")
+    p.add_argument("--version", action="version", version=f"squeeze-studio {version()}")
+    return p.parse_args(argv)
+
+
+def check_png(out: str):
+    from pathlib import Path
+    out_path = Path(out).expanduser()
+    if out_path.suffix.lower() != ".png":
+        raise ValueError(f"the screenshot must be a .png file, got {out_path.name}")
+    if not out_path.parent.is_dir():
+        raise ValueError(f"cannot write {out_path}: the folder {out_path.parent} does not exist")
+    return out_path
+
+
+def quiet_qt() -> None:
+    """Keeps stderr to what matters: the offscreen platform warns about window hints it ignores."""
+    from PySide6.QtCore import qInstallMessageHandler
+
+    def handler(mode, context, message):
+        if "propagateSizeHints" not in message:
+            sys.stderr.write(message + "\n")
+
+    qInstallMessageHandler(handler)
+
+
+def screenshot(window, app, out_path) -> None:
+    # wait (briefly) for the model facts, read on a thread
+    deadline = time.monotonic() + 10
+    while window.model_panel.info is None and not window.model_panel.note.isVisible() \
+            and time.monotonic() < deadline:
+        app.processEvents()
+        time.sleep(0.02)
+    if window.model_panel.info is None:  # the model could not be read: say why, write nothing
+        raise ValueError(window.model_panel.note.text() or f"cannot read the model {window.model}")
+    for _ in range(5):
+        app.processEvents()
+    if not window.grab().save(str(out_path), "PNG"):
+        raise ValueError(f"cannot write {out_path}")
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        shot = check_png(args.screenshot) if args.screenshot else None
+        from PySide6.QtWidgets import QApplication
+
+        from core.models import DEFAULT_MODEL
+
+        from .main_window import MainWindow
+        quiet_qt()
+        app = QApplication.instance() or QApplication([sys.argv[0]])
+        app.setApplicationName(APP_NAME)
+        app.setOrganizationName("squeeze-studio")
+        app.setApplicationVersion(version())
+        app.setWindowIcon(icon())
+        if shot:
+            window = MainWindow(model=args.model or DEFAULT_MODEL, auto_baseline=False)
+            window.resize(1440, 900)
+            window.show()
+            screenshot(window, app, shot)
+            window.close()
+            return 0
+        window = MainWindow(model=args.model)
+        window.show()
+        return app.exec()
+    except (SqueezeError, ValueError, OSError) as e:
+        print(f"squeeze-studio: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

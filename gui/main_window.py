@@ -1,0 +1,456 @@
+"""The main window: model, techniques, eval settings and the run bar on the left; results
+table, trade-off plot and ONNX export on the right; the worker's log in a dock.
+
+Thin by design: it builds JobSpecs from the widgets, hands them to the worker process and
+listens. Nothing here imports torch; every number comes from the ledger."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
+                               QProgressBar, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
+
+from core import models, paths
+from core import recipe as recipes
+from core.errors import SqueezeError
+from core.jobs.spec import JobSpec
+from core.ledger import Ledger
+from core.results import table_rows
+
+from .widgets.eval_panel import EvalPanel
+from .widgets.export_panel import ExportPanel
+from .widgets.model_panel import ModelPanel
+from .widgets.results_table import ResultsTable
+from .widgets.technique_panel import TechniquePanel
+from .widgets.tradeoff_plot import TradeoffPlot
+from .worker_client import WorkerClient
+
+ERROR_STYLE, INFO_STYLE = "color: #c62828;", "color: palette(text);"
+
+
+class Store:
+    """Window settings as JSON values in an INI file beside the ledger (so SQUEEZE_HOME, which
+    tests use, isolates it too); JSON because INI loses types (a one-item list comes back a str)."""
+
+    def __init__(self):
+        self.q = QSettings(str(paths.data_dir() / "studio.ini"), QSettings.IniFormat)
+
+    def get(self, key: str, default=None):
+        try:
+            return json.loads(self.q.value(key, ""))
+        except (TypeError, ValueError):
+            return default
+
+    def set(self, key: str, value) -> None:
+        self.q.setValue(key, json.dumps(value))
+
+
+def fmt_eta(eta) -> str:
+    if eta is None:
+        return ""
+    eta = int(round(eta))
+    return f" — ETA {eta // 60} min {eta % 60:02d} s" if eta >= 60 else f" — ETA {eta} s"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, model: str | None = None, eval_settings: dict | None = None,
+                 auto_baseline: bool = True, ledger: Ledger | None = None):
+        super().__init__()
+        self.setWindowTitle("Squeeze Studio")
+        self.ledger = ledger or Ledger()
+        self.ledger.mark_interrupted()  # runs left 'running' by an app that is gone
+        self.store = Store()
+        self.auto_baseline = auto_baseline
+        self.model = ""
+        self.model_ok = False
+        self.eval_key: str | None = None
+        self.runs: list[dict] = []
+        self.queue: list[JobSpec] = []
+        self.current: JobSpec | None = None
+
+        self.client = WorkerClient(self)
+        self.client.progress.connect(self._on_progress)
+        self.client.log.connect(self._on_log)
+        self.client.result.connect(self._on_result)
+        self.client.error.connect(lambda e: self.say(e.get("message", "the job failed"), error=True))
+        self.client.cancelled.connect(lambda e: self.say("Cancelled."))
+        self.client.finished.connect(self._on_finished)
+
+        # eval edits settle for a moment before a new baseline may start
+        self._eval_timer = QTimer(self, singleShot=True, interval=600)
+        self._eval_timer.timeout.connect(self._eval_changed)
+        self._build()
+
+        self.eval_panel.set_settings(eval_settings or self.store.get("eval", {}))
+        self.model_panel.add_models(list(models.BUNDLED) + self.store.get("recent", [])
+                                    + sorted({r["model"] for r in self.ledger.rows()}))
+        self._update_eval_key()
+        self.set_model(model or self.store.get("model") or models.DEFAULT_MODEL)
+        self.resize(1440, 900)
+        geo = self.store.q.value("geometry")
+        if geo is not None:
+            self.restoreGeometry(geo)
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        self.model_panel = ModelPanel()
+        self.model_panel.chosen.connect(self.set_model)
+        self.model_panel.facts.connect(self._on_facts)
+        self.techniques = TechniquePanel()
+        self.techniques.changed.connect(self._recipe_changed)
+        self.eval_panel = EvalPanel()
+        self.eval_panel.changed.connect(self._eval_timer.start)
+
+        recipe_box = QWidget()
+        rl = QVBoxLayout(recipe_box)
+        rl.setContentsMargins(0, 0, 0, 0)
+        self.recipe_label = QLabel()
+        self.recipe_label.setWordWrap(True)
+        rl.addWidget(self.recipe_label)
+        rb = QHBoxLayout()
+        self.open_recipe_button = QPushButton("Open recipe…")
+        self.open_recipe_button.clicked.connect(self.open_recipe)
+        self.save_recipe_button = QPushButton("Save recipe…")
+        self.save_recipe_button.clicked.connect(self.save_recipe)
+        rb.addWidget(self.open_recipe_button)
+        rb.addWidget(self.save_recipe_button)
+        rb.addStretch(1)
+        rl.addLayout(rb)
+
+        left_inner = QWidget()
+        ll = QVBoxLayout(left_inner)
+        ll.addWidget(self.model_panel)
+        ll.addWidget(QLabel("<b>Techniques</b> — tick to include; applied top to bottom"))
+        ll.addWidget(self.techniques)
+        ll.addWidget(recipe_box)
+        ll.addWidget(self.eval_panel)
+        ll.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidget(left_inner)
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setMinimumWidth(400)
+
+        # run bar: always visible under the scrolling settings
+        self.run_button = QPushButton("Run")
+        self.run_button.setDefault(True)
+        self.run_button.setToolTip("Apply the ticked techniques, save the variant, measure it")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(False)
+        self.stage_label = QLabel("idle")
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        run_bar = QWidget()
+        rbl = QVBoxLayout(run_bar)
+        rbl.setContentsMargins(8, 4, 8, 8)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 1)
+        rbl.addLayout(buttons)
+        rbl.addWidget(self.stage_label)
+        rbl.addWidget(self.message)
+
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        lv.setContentsMargins(0, 0, 0, 0)
+        lv.addWidget(scroll, 1)
+        lv.addWidget(run_bar)
+
+        self.table = ResultsTable()
+        self.table.selected.connect(self._row_selected)
+        self.plot = TradeoffPlot()
+        self.plot.point_clicked.connect(self._point_clicked)
+        self.export_panel = ExportPanel()
+        self.export_panel.export.connect(lambda out, q: self.export_selected(out or None, q))
+        bottom = QSplitter(Qt.Horizontal)
+        bottom.addWidget(self.plot)
+        bottom.addWidget(self.export_panel)
+        bottom.setStretchFactor(0, 1)
+        bottom.setStretchFactor(1, 0)
+        bottom.setSizes([680, 330])
+        right = QSplitter(Qt.Vertical)
+        table_box = QWidget()
+        tl = QVBoxLayout(table_box)
+        tl.setContentsMargins(0, 0, 0, 0)
+        self.results_title = QLabel("<b>Results</b>")
+        tl.addWidget(self.results_title)
+        tl.addWidget(self.table)
+        right.addWidget(table_box)
+        right.addWidget(bottom)
+        right.setStretchFactor(0, 2)
+        right.setStretchFactor(1, 3)
+
+        main = QSplitter(Qt.Horizontal)
+        main.addWidget(left)
+        main.addWidget(right)
+        main.setStretchFactor(1, 1)
+        main.setSizes([430, 1010])
+        self.setCentralWidget(main)
+
+        self.logs = QPlainTextEdit()
+        self.logs.setReadOnly(True)
+        self.logs.setMaximumBlockCount(5000)
+        self.logs.setPlaceholderText("The worker's log appears here.")
+        self.log_dock = QDockWidget("Worker log", self)
+        self.log_dock.setObjectName("logs")
+        self.log_dock.setWidget(self.logs)
+        self.addDockWidget(Qt.BottomDockWidgetArea, self.log_dock)
+        self.resizeDocks([self.log_dock], [80], Qt.Vertical)
+
+        m = self.menuBar().addMenu("&File")
+        for text, slot, key in (("Open model &folder…", self.model_panel.pick_folder, None),
+                                ("Open .&gguf…", self.model_panel.pick_gguf, None),
+                                ("&Open recipe…", self.open_recipe, QKeySequence.Open),
+                                ("&Save recipe…", self.save_recipe, QKeySequence.Save),
+                                ("&Quit", self.close, QKeySequence.Quit)):
+            a = QAction(text, self)
+            a.triggered.connect(slot)
+            if key is not None:
+                a.setShortcut(key)
+            m.addAction(a)
+        self.menuBar().addMenu("&View").addAction(self.log_dock.toggleViewAction())
+        self._recipe_changed()
+
+    # ------------------------------------------------------------------ messages
+
+    def say(self, text: str, error: bool = False) -> None:
+        """One line in the run bar (errors in red): expected errors never open a dialog."""
+        self.message.setText(text.strip().splitlines()[0] if text.strip() else "")
+        self.message.setToolTip(text)
+        self.message.setStyleSheet(ERROR_STYLE if error else INFO_STYLE)
+
+    # ------------------------------------------------------------------ model and settings
+
+    def set_model(self, model_id: str) -> None:
+        if not model_id:
+            return
+        self.model, self.model_ok = model_id, False
+        self.model_panel.show_model(model_id)
+        self.results_title.setText(f"<b>Results</b> — {self.model_panel.combo.currentText()}")
+        self.table.clearSelection()
+        self.refresh()
+
+    def _on_facts(self, model_id: str, info) -> None:
+        self.model_ok = not isinstance(info, str)
+        if not self.model_ok:
+            self.say(info, error=True)
+            return
+        recent = [m for m in self.store.get("recent", []) if m != model_id]
+        if model_id not in models.BUNDLED:
+            self.store.set("recent", [model_id] + recent[:9])
+        self.store.set("model", model_id)
+        self.ensure_baseline()
+
+    def _update_eval_key(self) -> bool:
+        try:
+            self.eval_key = self.eval_panel.settings().key()
+            return True
+        except SqueezeError as e:
+            self.eval_key = None
+            self.say(str(e), error=True)
+            return False
+
+    def _eval_changed(self) -> None:
+        if self._update_eval_key():
+            self.store.set("eval", self.eval_panel.settings().to_dict())
+            self.say("")
+        self.refresh()
+        self.ensure_baseline()
+
+    def _recipe_changed(self) -> None:
+        try:
+            r = self.recipe()
+            self.recipe_label.setText(f"Recipe: <b>{html.escape(r.label())}</b>" if r.steps
+                                      else "Recipe: none ticked — the baseline is measured automatically")
+            self.recipe_label.setStyleSheet(INFO_STYLE)
+        except SqueezeError as e:
+            self.recipe_label.setText(str(e))
+            self.recipe_label.setStyleSheet(ERROR_STYLE)
+
+    def recipe(self):
+        """The panel's recipe (raises RecipeError)."""
+        return recipes.from_data(self.techniques.recipe_data())
+
+    def open_recipe(self, path: str | None = None) -> None:
+        if not path:
+            path, _ = QFileDialog.getOpenFileName(self, "Open recipe", "", "Recipes (*.yaml *.yml *.json)")
+            if not path:
+                return
+        try:
+            notes = self.techniques.set_recipe(recipes.load(path))
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
+
+    def save_recipe(self, path: str | None = None) -> None:
+        try:
+            r = self.recipe()
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Save recipe", "recipe.yaml", "Recipes (*.yaml *.yml *.json)")
+            if not path:
+                return
+        try:
+            r.save(path)
+        except OSError as e:
+            self.say(f"cannot save {path}: {e.strerror or e}", error=True)
+            return
+        self.say(f"Saved {Path(path).name}.")
+
+    # ------------------------------------------------------------------ jobs
+
+    def ensure_baseline(self) -> None:
+        """Queues the baseline of (model, eval settings) unless the ledger has it: it is measured
+        once and cached there."""
+        if not (self.auto_baseline and self.model_ok and self.eval_key):
+            return
+        if self.ledger.baseline(self.model, self.eval_key):
+            return
+        if any(self._is_baseline_of_now(s) for s in [self.current, *self.queue] if s):
+            return
+        self.queue.insert(0, JobSpec(self.model, eval=self.eval_panel.settings().to_dict()))
+        self.say("Measuring the baseline of this model once…")
+        self._next()
+
+    def _is_baseline_of_now(self, spec: JobSpec) -> bool:
+        return (spec.kind == "eval" and not spec.recipe.get("steps") and spec.model == self.model
+                and spec.eval_key() == self.eval_key)
+
+    def run(self) -> None:
+        if self.client.running:
+            return
+        try:
+            r = self.recipe()
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        if not r.steps:
+            self.say("Tick a technique first: the baseline is measured on its own.", error=True)
+            return
+        if not self._update_eval_key():
+            return
+        self.queue.append(JobSpec(self.model, recipe=r.to_dict(), eval=self.eval_panel.settings().to_dict()))
+        self.ensure_baseline()  # when missing, it runs first
+        self._next()
+
+    def export_selected(self, out: str | None = None, quantize: str | None = None) -> JobSpec | None:
+        row = self.table.selected_row()
+        if not row or row["status"] != "done":
+            self.say("Select a finished run to export.", error=True)
+            return None
+        if self.client.running:
+            self.say("Wait for the running job to finish.", error=True)
+            return None
+        out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}")
+        spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export",
+                       export={"out": out, "quantize": quantize, "opset": None, "variant_dir": row["variant_dir"]},
+                       parent_id=row["id"])
+        self.queue.append(spec)
+        self._next()
+        return spec
+
+    def _next(self) -> None:
+        if self.client.running or not self.queue:
+            return
+        spec = self.queue.pop(0)
+        try:
+            self.client.start(spec, self.ledger)
+        except (OSError, SqueezeError) as e:
+            self.say(f"cannot start the worker: {e}", error=True)
+            self.queue.clear()
+            return
+        self.current = spec
+        what = "Export" if spec.kind == "export" else ("Baseline" if not spec.recipe.get("steps") else "Run")
+        self._log(f"— {what}: {spec.model} · {recipes.from_data(spec.recipe).label()} (job {spec.job_id})")
+        self.progress.setValue(0)
+        self.stage_label.setText("starting the worker…")
+        self._busy(True)
+        self.refresh()
+
+    def cancel(self) -> None:
+        self.queue.clear()
+        if self.client.running:
+            self.client.cancel()
+            self.stage_label.setText("cancelling…")
+            self.cancel_button.setEnabled(False)
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        self.export_panel.button.setEnabled(self.export_panel.can_export and not busy)
+
+    def _on_progress(self, e: dict) -> None:
+        self.progress.setValue(int(e.get("fraction", 0) * 1000))
+        note = e.get("note") or ""
+        text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{fmt_eta(e.get('eta_s'))}"
+        self.stage_label.setText(text + (f"  ·  {note}" if note and len(note) < 60 else ""))
+
+    def _on_log(self, e: dict) -> None:
+        self._log(e.get("text", ""))
+
+    def _log(self, text: str) -> None:
+        self.logs.appendPlainText(text.rstrip())
+
+    def _on_result(self, e: dict) -> None:
+        p = e.get("payload") or {}
+        if self.current and self.current.kind == "export":
+            self.say("Export verified." if p.get("ok", True) else f"Export failed verification: {p.get('failure')}",
+                     error=not p.get("ok", True))
+        else:
+            self.say(f"Done: {p.get('label', '')} — perplexity {p.get('ppl', float('nan')):.3f}")
+
+    def _on_finished(self, e: dict) -> None:
+        done, self.current = self.current, None
+        self.progress.setValue(0)
+        self.stage_label.setText("idle")
+        self._busy(False)
+        self.refresh()
+        if done is not None:
+            self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
+        if self.model_panel.info is not None and self.model_panel.info.params is None:
+            self.model_panel.refresh_facts()  # the first job converted the model
+        self._next()
+
+    # ------------------------------------------------------------------ results
+
+    def refresh(self) -> None:
+        """Reloads the current model's runs from the ledger."""
+        self.runs = self.ledger.rows(self.model) if self.model else []
+        rows = table_rows(self.runs)
+        self.table.set_rows(rows, self.eval_key)
+        self.plot.set_rows(rows, self.eval_key)
+        self._row_selected(self.table.selected_id())
+
+    def _row_selected(self, run_id: str) -> None:
+        self.plot.select(run_id)
+        exports = [r for r in self.runs if r["kind"] == "export" and r["parent_id"] == run_id]
+        self.export_panel.show_run(self.table.selected_row(), exports[-1] if exports else None,
+                                   self.client.running)
+
+    def _point_clicked(self, run_id: str) -> None:
+        self.table.select_id(run_id)
+
+    # ------------------------------------------------------------------ closing
+
+    def closeEvent(self, ev) -> None:
+        self.store.q.setValue("geometry", self.saveGeometry())
+        self.queue.clear()
+        if self.client.running and self.client.job is not None:
+            self.client.cancel()
+            self.client.job.wait(3)
+        super().closeEvent(ev)

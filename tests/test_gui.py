@@ -1,0 +1,306 @@
+"""The window, clicked through as a user (pytest-qt, headless), on the tiny random Llama with
+fast eval settings and a fresh SQUEEZE_HOME. Jobs run in the real worker process."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import QPointF, Qt
+
+from core.ledger import Ledger
+from gui.main_window import MainWindow
+
+JOB_MS = 90_000  # a tiny job takes ~3 s; generous for a loaded CI machine
+
+
+@pytest.fixture
+def open_window(qtbot, home, tiny_model, tiny_eval):
+    """open_window(**kw) -> a shown MainWindow on the tiny model; closed (job killed) afterwards."""
+    made = []
+
+    def make(**kw):
+        kw.setdefault("model", tiny_model)
+        kw.setdefault("eval_settings", tiny_eval)
+        w = MainWindow(**kw)
+        qtbot.addWidget(w)
+        w.show()
+        qtbot.waitExposed(w)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.client.running:
+            w.queue.clear()
+            w.client.kill()
+            qtbot.waitUntil(lambda: not w.client.running, timeout=10_000)
+
+
+def wait_idle(qtbot, w, timeout=JOB_MS):
+    qtbot.waitUntil(lambda: not w.client.running and not w.queue, timeout=timeout)
+
+
+def rows_by_label(w) -> dict:
+    return {r["label"]: r for r in w.table.results.rows}
+
+
+def wait_baseline(qtbot, w):
+    qtbot.waitUntil(lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows),
+                    timeout=JOB_MS)
+    wait_idle(qtbot, w)
+
+
+def click_point(qtbot, w, run_id):
+    """A real mouse click on the plot point of `run_id`."""
+    qtbot.wait(100)  # let the plot settle its auto-range, as a user would see it
+    p = w.plot.point_of(run_id)
+    assert p is not None, f"no plot point for {run_id}"
+    y = math.log10(p["y"]) if w.plot.log_y else p["y"]
+    view = w.plot.view
+    scene_pos = view.getPlotItem().vb.mapViewToScene(QPointF(p["x"], y))
+    qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=view.mapFromScene(scene_pos))
+
+
+def test_baseline_then_run_a_recipe_then_plot_and_table_agree(qtbot, open_window, tiny_model):
+    w = open_window()
+    # facts of the model, read off the GUI thread
+    qtbot.waitUntil(lambda: w.model_panel.fact_labels["layers"].text() == "2", timeout=10_000)
+    assert w.model_panel.fact_labels["params"].text().endswith("k")
+    # the baseline is measured on its own, once
+    wait_baseline(qtbot, w)
+    base = rows_by_label(w)["baseline"]
+    assert base["ppl"] > 1 and base["delta_ppl_pct"] == pytest.approx(0.0)
+    assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+
+    # tick rtn, move its bits slider with the keyboard, pick per-channel groups
+    rtn = w.techniques.groups["rtn"]
+    rtn.setChecked(True)
+    bits = rtn.editors["bits"]
+    bits.slider.setFocus()
+    for _ in range(4):
+        qtbot.keyClick(bits.slider, Qt.Key_Right)
+    assert bits.value() == 8 and bits.value_label.text() == "8 bits"
+    groups = rtn.editors["group_size"].combo
+    groups.setCurrentIndex(groups.findText("per-channel"))
+    assert "rtn bits=8 group_size=per-channel" in w.recipe_label.text()
+    assert bits.slider.toolTip().startswith("Bits per weight")
+
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert not w.run_button.isEnabled() and w.cancel_button.isEnabled()  # one job at a time
+    qtbot.waitUntil(lambda: w.progress.value() > 0 or not w.client.running, timeout=JOB_MS)
+    wait_idle(qtbot, w)
+    assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+    row = rows_by_label(w)["rtn bits=8 group_size=per-channel symmetric"]
+    assert row["status"] == "done" and row["ppl"] > 1
+    assert row["delta_ppl_pct"] is not None and row["x_smaller"] > 1.5
+    assert "Done" in w.message.text()
+    assert "applying rtn" in w.logs.toPlainText()
+
+    # one point per measured run; the baseline is marked; a Pareto front is drawn
+    assert {p["id"] for p in w.plot.points} == {base["id"], row["id"]}
+    assert [p["baseline"] for p in w.plot.points if p["id"] == base["id"]] == [True]
+    assert w.plot.front and len(w.plot.front_line.getData()[0]) == len(w.plot.front)
+
+    # clicking a point selects its row; selecting a row rings its point
+    w.table.select_id(row["id"])
+    assert w.plot.selected == row["id"]
+    click_point(qtbot, w, base["id"])
+    qtbot.waitUntil(lambda: w.table.selected_id() == base["id"], timeout=5_000)
+    assert w.plot.selected == base["id"]
+    w.plot.set_axis("decode")  # the other view of the same runs
+    assert {p["id"] for p in w.plot.points} == {base["id"], row["id"]}
+    click_point(qtbot, w, row["id"])
+    qtbot.waitUntil(lambda: w.table.selected_id() == row["id"], timeout=5_000)
+
+    # close and reopen: the runs come back from the ledger, no second baseline
+    w.close()
+    w2 = open_window()
+    assert {r["id"] for r in w2.table.results.rows} == {base["id"], row["id"]}
+    assert not w2.client.running
+
+
+def test_plot_switches_to_log_scale_for_broken_variants(qtbot):
+    from core.results import table_rows
+    from gui.widgets.results_table import ResultsTable
+    from gui.widgets.tradeoff_plot import TradeoffPlot
+
+    def run(id, steps, ppl, size, status="done"):
+        return {"id": id, "kind": "eval", "model": "m", "eval_key": "k", "status": status, "label": id,
+                "recipe": {"steps": steps}, "created": len(id), "error": None if status == "done" else "x",
+                "result": {"ppl": ppl, "size_bytes": size, "decode_tokens_per_s": 10.0} if ppl else None}
+
+    rows = table_rows([run("base", [], 20.0, 4e8), run("q2", [{"technique": "rtn"}], 9000.0, 6e7),
+                       run("q4", [{"technique": "rtn"}], 23.0, 1e8), run("gone", [{"technique": "rtn"}], None, None,
+                                                                         "interrupted")])
+    plot, table = TradeoffPlot(), ResultsTable()
+    qtbot.addWidget(plot)
+    qtbot.addWidget(table)
+    plot.set_rows(rows, "k")
+    table.set_rows(rows, "k")
+    assert plot.log_y and set(plot.front) == {"base", "q4", "q2"}
+    plot.select("q2")
+    assert plot.ring_text.pos().y() == pytest.approx(math.log10(9000.0))
+    assert table.results.rowCount() == 4
+    i = table.results.row_of("gone")
+    assert table.results.index(i, 0).data() == "interrupted"
+    table.select_id("q4")
+    assert table.selected_row()["label"] == "q4"
+    table.set_rows(rows[:3], "other-key")  # other eval settings: shown grey, selection kept
+    assert table.selected_id() == "q4"
+
+
+def test_invalid_recipe_shows_its_message_and_runs_nothing(qtbot, open_window):
+    w = open_window(auto_baseline=False)
+    w.techniques.groups["rtn"].setChecked(True)
+    w.techniques.groups["dynamic_int8"].setChecked(True)  # two packing quantizers
+    assert "cannot follow" in w.recipe_label.text()
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert "cannot follow" in w.message.text() and not w.client.running
+    w.techniques.groups["rtn"].setChecked(False)
+    w.techniques.groups["dynamic_int8"].setChecked(False)
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert "Tick a technique" in w.message.text() and not w.client.running
+
+
+def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path):
+    w = open_window(auto_baseline=False)
+    prune = w.techniques.groups["magnitude_prune"]
+    prune.setChecked(True)
+    prune.editors["sparsity"].slider.setValue(prune.editors["sparsity"].slider.value() + 3)  # 0.5 -> 0.65
+    assert prune.editors["sparsity"].value_label.text() == "65 %"
+    w.techniques.groups["rtn"].setChecked(True)
+    f = tmp_path / "r.yaml"
+    w.save_recipe(str(f))
+    assert "magnitude_prune" in f.read_text() and "0.65" in f.read_text()
+    for g in w.techniques.groups.values():
+        g.setChecked(False)
+    w.open_recipe(str(f))
+    assert w.recipe().to_dict() == {"steps": [
+        {"technique": "magnitude_prune", "sparsity": 0.65, "scope": "per-layer"},
+        {"technique": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "lm_head": False}]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - technique: rnt\n")
+    w.open_recipe(str(bad))
+    assert "did you mean 'rtn'" in w.message.text()
+
+
+def test_a_model_that_is_not_a_model_gets_a_message_and_no_job(qtbot, open_window, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    w = open_window(model=str(tmp_path / "not-a-model"))
+    qtbot.waitUntil(lambda: "config.json" in w.message.text(), timeout=10_000)
+    assert not w.client.running and not w.queue
+    assert w.message.styleSheet().startswith("color: #c62828")
+
+
+def test_cancel_stops_a_long_job_within_two_seconds(qtbot, open_window, tiny_eval):
+    # a baseline that runs for a minute: the decode benchmark repeated many times
+    long_eval = dict(tiny_eval, new_tokens=64, repeats=2000)
+    w = open_window(eval_settings=long_eval)
+    qtbot.waitUntil(lambda: w.client.running, timeout=10_000)
+    qtbot.waitUntil(lambda: w.stage_label.text().startswith("evaluate"), timeout=JOB_MS)
+    assert "ETA" in w.stage_label.text()
+    job_id = w.current.job_id
+    t0 = time.monotonic()
+    qtbot.mouseClick(w.cancel_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not w.client.running, timeout=5_000)
+    assert time.monotonic() - t0 < 2.0
+    assert Ledger().get(job_id)["status"] == "cancelled"
+    assert rows_by_label(w)["baseline"]["status"] == "cancelled"
+    assert w.run_button.isEnabled() and w.message.text() == "Cancelled."
+
+
+def test_killing_the_worker_marks_the_run_failed_and_the_app_goes_on(qtbot, open_window):
+    w = open_window()
+    wait_baseline(qtbot, w)
+    base_id = rows_by_label(w)["baseline"]["id"]
+    prune = w.techniques.groups["magnitude_prune"]
+    prune.setChecked(True)
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: w.progress.value() > 0 or w.stage_label.text().startswith("load"), timeout=JOB_MS)
+    killed = w.current.job_id
+    os.kill(w.client.pid, signal.SIGKILL)
+    wait_idle(qtbot, w)
+    rows = {r["id"]: r for r in w.table.results.rows}
+    assert rows[killed]["status"] == "failed" and "died" in rows[killed]["error"]
+    assert rows[base_id]["status"] == "done"  # earlier rows kept
+    assert "died" in w.message.text() and w.run_button.isEnabled()
+    assert killed not in {p["id"] for p in w.plot.points}
+
+    # the window still works: the same recipe runs to the end
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    done = [r for r in w.table.results.rows if r["label"].startswith("magnitude_prune") and r["status"] == "done"]
+    assert len(done) == 1 and done[0]["nonzero_params"] < rows[base_id]["nonzero_params"]
+    assert Ledger().get(killed)["status"] == "failed"
+
+
+def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_window, tmp_path):
+    w = open_window()
+    wait_baseline(qtbot, w)
+    base = rows_by_label(w)["baseline"]
+    w.table.select_id(base["id"])
+    assert w.export_panel.button.isEnabled()
+    out = tmp_path / "onnx"
+    w.export_panel.out.setText(str(out))
+    w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData(None))
+    qtbot.mouseClick(w.export_panel.button, Qt.LeftButton)
+    assert not w.export_panel.button.isEnabled() and not w.run_button.isEnabled()
+    wait_idle(qtbot, w, timeout=300_000)
+    exports = [r for r in Ledger().rows() if r["kind"] == "export"]
+    assert len(exports) == 1 and exports[0]["parent_id"] == base["id"]
+    assert exports[0]["status"] == "done", exports[0]["error"]
+    res = exports[0]["result"]
+    assert Path(res["path"]).is_file() and res["ppl_onnx"] > 1 and res["ppl_torch"] == pytest.approx(base["ppl"])
+    assert w.table.selected_id() == base["id"]  # the exported run stays selected
+    shown = w.export_panel.numbers.text()
+    assert "onnxruntime" in shown or "verification failed" in shown
+    assert "perplexity" in shown and "decode tok/s" in shown and "file MB" in shown
+    assert all(r["id"] != exports[0]["id"] for r in w.table.results.rows)  # exports are not table rows
+
+
+def _studio(*args, env_home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", SQUEEZE_HOME=str(env_home))
+    return subprocess.run([sys.executable, "-m", "gui.app", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_screenshot_command_writes_a_png(home, tmp_path):
+    shot = tmp_path / "shot.png"
+    r = _studio("--screenshot", str(shot), env_home=home)
+    assert r.returncode == 0, r.stderr
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PySide6.QtGui import QImage
+    img = QImage(str(shot))
+    assert img.width() >= 1200 and img.height() >= 800
+
+
+def test_the_gui_process_never_imports_torch(home):
+    # the window stays responsive because model work happens in the worker process only
+    code = ("import sys; from PySide6.QtWidgets import QApplication; app = QApplication([]);"
+            "from gui.main_window import MainWindow; w = MainWindow(auto_baseline=False); w.show(); app.processEvents();"
+            "import time; time.sleep(1); app.processEvents();"
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules));"
+            "w.close()")
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", SQUEEZE_HOME=str(home))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_screenshot_errors_exit_non_zero_with_one_line(home, tmp_path):
+    r = _studio("--screenshot", str(tmp_path / "no-such-dir" / "shot.png"), env_home=home)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+    r = _studio("--model", str(tmp_path / "missing"), "--screenshot", str(tmp_path / "x.png"), env_home=home)
+    assert r.returncode != 0 and not (tmp_path / "x.png").exists()
+    assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+    r = _studio("--version", env_home=home)
+    assert r.returncode == 0 and r.stdout.startswith("squeeze-studio ")
