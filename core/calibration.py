@@ -29,7 +29,7 @@ from . import evaluate as ev
 from . import paths
 from .errors import DataError
 
-VERSION = 1  # bump when what is cached changes
+VERSION = 2  # bump when what is cached changes
 
 
 def text_path(calib_text: str) -> Path:
@@ -171,11 +171,11 @@ def _compute(model, ids: torch.Tensor, out: Path, ctx, share: float, batch: int 
         def hook(name):
             def fn(_mod, args):
                 x = args[0]
-                first = seen.get(x.data_ptr())
-                if first is not None and first != name:  # same tensor as an earlier Linear: share
-                    alias[name] = first
-                    return
-                seen[x.data_ptr()] = name
+                for first, y in seen.items():  # the very tensor an earlier Linear got: share its entry
+                    if y is x:
+                        alias[name] = first
+                        return
+                seen[name] = x  # held until the batch ends, so identity is meaningful
                 _accumulate(stats, name, x)
             return fn
 

@@ -128,4 +128,7 @@ def load_variant(d: Path):
     if "dynamic_int8" in man.get("runtime", []):
         from .techniques.quantization import to_dynamic_int8
         to_dynamic_int8(model, packed)
+    if "w8a8" in man.get("runtime", []):
+        from .techniques.smoothquant import to_w8a8
+        to_w8a8(model, packed)
     return model, tok

@@ -120,8 +120,8 @@ def test_invalid_compositions_are_refused_with_the_order_that_works(steps, hint)
 
 def test_every_calibrated_technique_lists_full_slider_metadata():
     names = {t.name for t in registry.all_techniques()}
-    assert {"gptq", "wanda", "sparsegpt"} <= names
-    for f in [f for t in ("gptq", "wanda", "sparsegpt") for f in registry.get(t).fields()]:
+    assert {"gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt"} <= names
+    for f in [f for t in ("gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt") for f in registry.get(t).fields()]:
         assert f["help"] and (f["choices"] or f["type"] in ("bool", "str") or f["min"] is not None)
 
 
@@ -193,3 +193,60 @@ def test_quantize_then_prune_is_refused_with_the_working_order():
         rc.of(("gptq", {}), ("sparsegpt", {}))
     with pytest.raises(RecipeError, match="Put wanda before rtn"):
         rc.of(("rtn", {}), ("wanda", {}))
+
+
+@pytest.mark.parametrize("entries,group", [(16, 0), (4, 128)])
+def test_weight_sharing_uses_at_most_its_codebook_and_packs_the_indices(tiny_model, tiny_eval, home, entries, group):
+    base = run(tiny_model, tiny_eval)
+    r = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": entries, "group_size": group, **FAST}))
+    model, _ = load_variant(r["variant_dir"])
+    gs = 10 ** 9 if group == 0 else group
+    for wname, w in decoder_weights(model).items():
+        for g0 in range(0, w.shape[1], min(gs, w.shape[1])):
+            for row in w[:, g0:g0 + gs]:
+                assert len(torch.unique(row)) <= entries, wname
+    from safetensors import safe_open
+    bits = int(math.log2(entries))
+    with safe_open(f"{r['variant_dir']}/model.safetensors", "pt") as f:
+        codes = f.get_tensor("model.layers.0.mlp.down_proj.weight.qcodes")
+        book = f.get_tensor("model.layers.0.mlp.down_proj.weight.qscales")
+    assert codes.numel() == math.ceil(96 * 160 * bits / 8)
+    assert book.shape == (96, math.ceil(160 / min(gs, 160)), entries) and book.dtype == torch.float16
+    lb = linear_bytes(model)
+    assert r["size_bytes"] < base["size_bytes"] - lb * (1 - bits / 32 - 0.2)
+
+
+def test_awq_never_does_worse_than_rtn_on_the_calibration_outputs(tiny_model, home):
+    _, _, a = apply(tiny_model, "awq", {"bits": 3, "group_size": 64, "grid": 5, **FAST})
+    from core.techniques.gptq import layer_error
+    fp = models.load(tiny_model)[0]
+    r, ctx, _ = apply(tiny_model, "rtn", {"bits": 3, "group_size": 64})
+    ctx.state_key = f"test:{tiny_model}"
+    stats = calibration.calibrate(fp, ctx, FAST["samples"], FAST["seq_len"])
+    W0, Wr = decoder_weights(fp), decoder_weights(r)
+    rtn_err = sum(layer_error(W0[f"model.layers.{i}.{n}"], Wr[f"model.layers.{i}.{n}"], s.hessian())
+                  for i in range(2) for n, s in stats.layer(i).items())
+    assert a["output_error"] < rtn_err
+
+
+def test_awq_scaling_keeps_the_float_function(tiny_model, tiny_eval, home):
+    base = run(tiny_model, tiny_eval, evaluate=True)
+    a8 = run(tiny_model, tiny_eval, ("awq", {"bits": 8, "grid": 4, **FAST}), evaluate=True)
+    assert a8["ppl"] == pytest.approx(base["ppl"], rel=0.01)
+
+
+def test_smoothquant_runs_int8_activations_from_the_saved_file(tiny_model, tiny_eval, home):
+    from core.techniques.smoothquant import W8A8Linear
+    base = run(tiny_model, tiny_eval, evaluate=True)
+    r = run(tiny_model, tiny_eval, ("smoothquant", {"alpha": 0.5, **FAST}), evaluate=True)
+    model, _ = load_variant(r["variant_dir"])
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, W8A8Linear) and q.act_scale > 0
+    assert r["ppl"] == pytest.approx(base["ppl"], rel=0.05)
+    assert r["size_bytes"] < 0.5 * base["size_bytes"]
+    # the activations really go through an int8 grid: a Linear's input takes at most 255 levels
+    seen = {}
+    h = q.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+    model(torch.tensor([[1, 5, 9, 30, 60]]))
+    h.remove()
+    assert len(torch.unique(torch.round(seen["x"] / q.act_scale))) <= 255

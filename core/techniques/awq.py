@@ -1,0 +1,196 @@
+"""AWQ: scale each Linear's input channels by s = mean|x|^alpha (alpha searched per layer
+group), fold 1/s into the operation before (RMSNorm weight, v_proj or up_proj rows), then
+quantize with a clipping search; all errors measured on the calibration Hessian.
+
+The scaling leaves the float model's function unchanged; only the rounding sees salient
+channels on a finer grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import StepContext, knob
+from .gptq import for_each_layer, layer_error, samples_knob, seq_len_knob, text_knob
+from .quantization import GROUP_CHOICES, GROUP_LABELS
+from .registry import technique
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ: activation-aware per-channel scaling searched on calibration data, then grouped quantization, stored packed."""
+
+    bits: int = knob(4, min=2, max=8, step=1, unit="bits", help="Bits per weight.")
+    group_size: int = knob(64, choices=GROUP_CHOICES, labels=GROUP_LABELS, unit="weights",
+                           help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
+    symmetric: bool = knob(True, help="Symmetric grid around zero (no zero-point).")
+    grid: int = knob(20, min=1, max=40, step=1, unit="points",
+                     help="Scaling exponents tried between 0 and 1 (more = finer search, slower).")
+    clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "
+                                 "that lowers the output error).")
+    samples: int = samples_knob()
+    seq_len: int = seq_len_knob()
+    calib_text: str = text_knob()
+
+
+def fake_quant(W, bits: int, group_size: int, symmetric: bool, shrink=None):
+    """Round-to-nearest on the stored grid (fp16 scales), optionally with clipping. W: (out, in).
+    shrink: None, a number, or (out, G) per-group ratios applied to the range."""
+    import math
+
+    import torch
+
+    from ..packing import grid_params
+    out, inp = W.shape
+    gs = inp if group_size <= 0 else min(group_size, inp)
+    G = math.ceil(inp / gs)
+    wg = torch.nn.functional.pad(W, (0, G * gs - inp)).view(out, G, gs)
+    valid = (torch.arange(G * gs) < inp).view(1, G, gs)
+    if shrink is not None:
+        r = shrink if not torch.is_tensor(shrink) else shrink.unsqueeze(-1)
+        lo = torch.where(valid, wg, torch.full((), torch.inf)).amin(-1, keepdim=True).clamp(max=0) * r
+        hi = torch.where(valid, wg, torch.full((), -torch.inf)).amax(-1, keepdim=True).clamp(min=0) * r
+        wg = torch.minimum(torch.maximum(wg, lo), hi)
+    s, z = grid_params(wg, valid, bits, symmetric)
+    s = s.unsqueeze(-1)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        q = torch.clamp(torch.round(wg / s), -half, half - 1) * s
+    else:
+        z = z.unsqueeze(-1)
+        q = (torch.clamp(torch.round(wg / s) + z, 0, 2 ** bits - 1) - z) * s
+    return q.reshape(out, G * gs)[:, :inp], s.squeeze(-1), (z.squeeze(-1) if z is not None else None)
+
+
+def clip_search(W, H, bits, group_size, symmetric, steps: int = 10, lowest: float = 0.6):
+    """(out, G) clipping ratios minimising each group's output error on the block-diagonal of H."""
+    import math
+
+    import torch
+    out, inp = W.shape
+    gs = inp if group_size <= 0 else min(group_size, inp)
+    G = math.ceil(inp / gs)
+    pad = G * gs - inp
+    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    Hg = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])  # (G, gs, gs)
+    best, best_r = torch.full((out, G), torch.inf), torch.ones(out, G)
+    for k in range(steps + 1):
+        r = 1.0 - (1.0 - lowest) * k / steps
+        q, _, _ = fake_quant(W, bits, group_size, symmetric, r)
+        D = torch.nn.functional.pad(W - q, (0, pad)).view(out, G, gs)
+        err = torch.einsum("ogi,gij,ogj->og", D, Hg, D)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_r = torch.where(better, torch.full((), r), best_r)
+    return best_r
+
+
+def groups_of(layer) -> list[dict]:
+    """The Llama layer's scalable groups: Linears sharing one input, and the op before them
+    that absorbs 1/s. kind: 'norm' (RMSNorm weight), 'rows' (output rows of a Linear)."""
+    a, m = layer.self_attn, layer.mlp
+    return [
+        {"prev": layer.input_layernorm, "kind": "norm", "linears": ["self_attn.q_proj", "self_attn.k_proj",
+                                                                      "self_attn.v_proj"]},
+        {"prev": a.v_proj, "kind": "rows", "linears": ["self_attn.o_proj"]},
+        {"prev": layer.post_attention_layernorm, "kind": "norm", "linears": ["mlp.gate_proj", "mlp.up_proj"]},
+        {"prev": m.up_proj, "kind": "rows", "linears": ["mlp.down_proj"]},
+    ]
+
+
+def tie_for(group, layer, n_in: int):
+    """Index map in -> prev's output channel: o_proj's inputs repeat v_proj's rows per query head
+    group (GQA), so their scales must be equal within each map class."""
+    import torch
+    prev = group["prev"]
+    if group["kind"] == "rows" and getattr(prev, "out_features", n_in) != n_in:
+        cfg = layer.self_attn.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        j = torch.arange(n_in)
+        return (j // hd) // rep * hd + j % hd
+    return None
+
+
+def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, tie=None):
+    """Best s (in,) for Linears sharing an input: s = absmean^alpha, alpha on the grid, error on H."""
+    import torch
+    base = absmean.clamp(min=1e-5)
+    if tie is not None:  # one scale per prev channel: the mean of the channels it feeds
+        n = int(tie.max()) + 1
+        pooled = torch.zeros(n).index_add_(0, tie, base) / torch.bincount(tie, minlength=n).clamp(min=1)
+        base = pooled[tie]
+    best, best_s = None, torch.ones_like(base)
+    for k in range(grid + 1):
+        alpha = k / max(grid, 1)
+        s = base ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for W in Ws:
+            q, _, _ = fake_quant(W * s[None, :], bits, group_size, symmetric)
+            err += layer_error(W, q / s[None, :], H)
+        if best is None or err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def fold(group, layer, s, tie) -> None:
+    """Divide the op before by s (the group's Linears are multiplied by s by the caller)."""
+    import torch
+    prev = group["prev"]
+    with torch.no_grad():
+        if group["kind"] == "norm":
+            prev.weight.div_(s)
+        else:
+            sv = s if tie is None else torch.zeros(prev.out_features).index_copy_(0, tie, s)
+            prev.weight.div_(sv[:, None])
+            if prev.bias is not None:
+                prev.bias.div_(sv)
+
+
+def scale_layer(layer, st: dict, bits, group_size, symmetric, grid) -> dict:
+    """AWQ-scales one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s)."""
+    import torch
+    mods = dict(layer.named_modules())
+    scales = {}
+    for group in groups_of(layer):
+        names = group["linears"]
+        stat = st[names[0]]
+        Ws = [mods[n].weight.data for n in names]
+        tie = tie_for(group, layer, Ws[0].shape[1])
+        s = search_scales(Ws, stat.hessian(), stat.absmean, bits, group_size, symmetric, grid, tie)
+        fold(group, layer, s, tie)
+        with torch.no_grad():
+            for n in names:
+                mods[n].weight.mul_(s[None, :])
+                scales[n] = s
+    return scales
+
+
+@technique(AWQ, name="awq", family="quantization", packs=True)
+def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
+    from ..calibration import calibrate, decoder_layers
+    from ..packing import quantize
+
+    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
+    layers = decoder_layers(model)
+    errs = {}
+
+    def per_layer(i, lin):
+        st = stats.layer(i)
+        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid)
+        for name, (m, stat) in lin.items():
+            ctx.check_cancel()
+            s = scales[name.split(f".{i}.", 1)[1]]
+            H = stat.hessian() / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
+            W = m.weight.data
+            shrink = clip_search(W, H, cfg.bits, cfg.group_size, cfg.symmetric) if cfg.clip else None
+            q, sc, z = fake_quant(W, cfg.bits, cfg.group_size, cfg.symmetric, shrink)
+            qt = quantize(q, cfg.bits, cfg.group_size, cfg.symmetric, scales=sc, zeros=z)
+            deq = qt.dequantize()
+            errs[name] = layer_error(W, deq, H)
+            W.copy_(deq)
+            ctx.packed[f"{name}.weight"] = qt
+
+    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    return {"layers": len(errs), "bits": cfg.bits, "group_size": cfg.group_size,
+            "output_error": sum(errs.values())}
