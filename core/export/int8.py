@@ -1,0 +1,260 @@
+"""Int8 paths for an exported fp32 ONNX model. Each candidate is a recipe; the caller verifies
+every one (perplexity, size, speed) and keeps the one that passes.
+
+Why weight-only: onnxruntime's dynamic int8 (`quantize_dynamic`) also quantizes activations per
+tensor, and small LMs have activation outliers: 1.65-1.80x the fp32 perplexity on SmolLM2-135M.
+MatMulNBits with 8 bits keeps activations in float and quantizes weights in blocks along K.
+
+Why the embedding matters: in a tied model the token embedding (V, H) is also the LM head
+(optimum writes `MatMul(x, Transpose(E))`); the stock quantizer skips that MatMul (its B is not
+an initializer) and leaves E in fp32: a fifth of SmolLM2's parameters. Here E is quantized once
+in MatMulNBits' layout, (V, k_blocks, block) uint8 = per-row blocks along H, which is exactly
+what GatherBlockQuantized (8 bits, quantize_axis = last) reads, so the LM head and the
+embedding share one int8 tensor.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXTERNAL_DATA_OVER = 1_800_000_000  # protobuf's 2 GB limit: bigger models keep weights beside
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    method: str                     # weight_only | dynamic
+    block_size: int = 32            # weight_only: values per scale along K
+    accuracy_level: int = 0         # weight_only: 0 = float compute, 4 = int8 compute (activations in blocks)
+    embedding: str = "tied8"        # weight_only: tied8 | int4 | fp32 (how the embedding / LM head is stored)
+    per_channel: bool = False       # dynamic
+
+    def describe(self) -> str:
+        if self.method == "dynamic":
+            return f"quantize_dynamic int8, {'per-channel' if self.per_channel else 'per-tensor'} weights, int8 activations"
+        emb = {"tied8": "embedding + LM head int8, one shared tensor",
+               "int4": "LM head int8 copy + embedding int4 (stock Gather path)",
+               "fp32": "embedding / LM head left in fp32"}[self.embedding]
+        acc = ", int8 compute" if self.accuracy_level == 4 else ""
+        return f"MatMulNBits 8-bit, block {self.block_size}{acc}; {emb}"
+
+
+# The export tries all of these and verifies each (see onnx.choose for the pick). On SmolLM2-135M,
+# int8 compute (accuracy_level 4) decodes several times faster than float compute at +0.5 % ppl.
+CANDIDATES = (
+    Candidate("wo8-b64-tied-acc4", "weight_only", 64, 4, "tied8"),
+    Candidate("wo8-b32-tied-acc4", "weight_only", 32, 4, "tied8"),
+    Candidate("wo8-b32-tied", "weight_only", 32, 0, "tied8"),
+)
+# Paths measured by bench/export_candidates.py to show why they are not shipped: worse quality
+# (padded 128-blocks on H = 576, int8 activations per tensor), or too big (embedding in fp32 or
+# stored twice).
+REFERENCE_CANDIDATES = (
+    Candidate("wo8-b128-tied-acc4", "weight_only", 128, 4, "tied8"),
+    Candidate("wo8-b32-emb4", "weight_only", 32, 0, "int4"),
+    Candidate("wo8-b32-matmul-only", "weight_only", 32, 0, "fp32"),
+    Candidate("dynamic-per-tensor", "dynamic", per_channel=False),
+    Candidate("dynamic-per-channel", "dynamic", per_channel=True),
+)
+
+
+def by_name(name: str) -> Candidate:
+    for c in CANDIDATES + REFERENCE_CANDIDATES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+def quantize(src: Path, dst: Path, cand: Candidate) -> None:
+    """fp32 model file `src` -> quantized model file `dst` (plus dst.name + '_data' if large)."""
+    import onnx
+
+    if cand.method == "dynamic":
+        _dynamic(src, dst, cand)
+        return
+    model = onnx.load(str(src))
+    if cand.embedding == "tied8":
+        _embedding_int8(model, cand)
+    elif cand.embedding == "int4":
+        _untie_lm_head(model)
+    _matmul_nbits(model, cand, ("MatMul",), bits=8)
+    if cand.embedding == "int4":
+        _matmul_nbits(model, cand, ("Gather",), bits=4)
+    save(model, dst)
+
+
+def save(model, dst: Path) -> None:
+    import onnx
+
+    big = model.ByteSize() > EXTERNAL_DATA_OVER if _fits_protobuf(model) else True
+    onnx.save_model(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=dst.name + "_data", size_threshold=1024)
+
+
+def _fits_protobuf(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except (ValueError, OverflowError):
+        return False
+
+
+# --------------------------------------------------------------- graph surgery
+
+def _initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
+
+
+def _embedding_gathers(graph):
+    """-> [(gather node, initializer name)]: Gathers reading rows of a constant 2-D float table."""
+    inits = _initializers(graph)
+    out = []
+    for n in graph.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if axis == 0 and inits[n.input[0]].data_type == 1:  # float
+                out.append((n, n.input[0]))
+    return out
+
+
+def _tied_heads(graph, name: str):
+    """-> [(transpose node, [matmul nodes])] where MatMul(x, Transpose(E)) is the tied LM head."""
+    found = []
+    for t in graph.node:
+        if t.op_type != "Transpose" or t.input[0] != name:
+            continue
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        if perm and perm[0] != [1, 0]:
+            continue
+        users = [m for m in graph.node if m.op_type == "MatMul" and m.input[1] == t.output[0]]
+        if users:
+            found.append((t, users))
+    return found
+
+
+def _untie_lm_head(model) -> None:
+    """Give the tied LM head its own (H, V) initializer, so the stock quantizer treats it as any
+    MatMul (and the model stores it twice, quantized)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = _initializers(g)
+    for _, name in _embedding_gathers(g):
+        for t, users in _tied_heads(g, name):
+            w = numpy_helper.to_array(inits[name]).T.copy()           # (H, V)
+            g.initializer.append(numpy_helper.from_array(w, name + "_lm_head_T"))
+            for m in users:
+                m.input[1] = name + "_lm_head_T"
+            g.node.remove(t)
+
+
+def _embedding_int8(model, cand: Candidate) -> None:
+    """Quantize each embedding table E (V, H) once to uint8 blocks along H, and point both its
+    Gather (GatherBlockQuantized) and a tied LM head (MatMulNBits) at that one tensor."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = _initializers(g)
+    bs = cand.block_size
+    for gather, name in _embedding_gathers(g):
+        e = numpy_helper.to_array(inits[name]).astype(np.float32)     # (V, H)
+        v, h = e.shape
+        q, scales, zp = _block_quant_8bit(e, bs)                      # (V, kb, bs), (V, kb), (V, kb)
+        kb = q.shape[1]
+        g.initializer.extend([numpy_helper.from_array(q, name + "_Q8"),
+                              numpy_helper.from_array(scales, name + "_scales"),
+                              numpy_helper.from_array(zp, name + "_zero_points"),
+                              numpy_helper.from_array(np.array([v, kb, 1], np.int64), name + "_block_shape"),
+                              numpy_helper.from_array(np.array([0, 0, kb * bs], np.int64), name + "_row_shape")])
+        # LM head: MatMul(x (.., H), E^T (H, V)) == MatMulNBits(x, E blocks), K = H, N = V
+        for t, users in _tied_heads(g, name):
+            for m in users:
+                acc = {"accuracy_level": cand.accuracy_level} if cand.accuracy_level else {}
+                mnb = helper.make_node("MatMulNBits", [m.input[0], name + "_Q8", name + "_scales", name + "_zero_points"],
+                                       list(m.output), name=(m.name or name) + "_Q8", domain="com.microsoft",
+                                       K=h, N=v, bits=8, block_size=bs, **acc)
+                _replace(g, m, [mnb])
+            g.node.remove(t)
+        # Embedding: rows of (V, kb, bs) blocks; scales / zero points reshaped to (V, kb, 1),
+        # which onnxruntime folds once at load (the file keeps one copy).
+        p = name + "_gbq"
+        nodes = [
+            helper.make_node("Reshape", [name + "_scales", name + "_block_shape"], [p + "_scales"], name=p + "_rs_s"),
+            helper.make_node("Reshape", [name + "_zero_points", name + "_block_shape"], [p + "_zp"], name=p + "_rs_z"),
+            helper.make_node("GatherBlockQuantized", [name + "_Q8", gather.input[1], p + "_scales", p + "_zp"],
+                             [p + "_blocks"], name=p, domain="com.microsoft",
+                             bits=8, block_size=bs, gather_axis=0, quantize_axis=2),   # (B, T, kb, bs)
+            helper.make_node("Reshape", [p + "_blocks", name + "_row_shape"],
+                             [gather.output[0] if kb * bs == h else p + "_padded"], name=p + "_rows"),
+        ]
+        if kb * bs != h:  # the last block was padded: cut back to H
+            g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), p + "_start"),
+                                  numpy_helper.from_array(np.array([h], np.int64), p + "_end"),
+                                  numpy_helper.from_array(np.array([2], np.int64), p + "_axis")])
+            nodes.append(helper.make_node("Slice", [p + "_padded", p + "_start", p + "_end", p + "_axis"],
+                                          [gather.output[0]], name=p + "_cut"))
+        _replace(g, gather, nodes)
+        g.initializer.remove(inits[name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _replace(graph, node, new_nodes) -> None:
+    """Swap `node` for `new_nodes` in place (keeps the topological order)."""
+    i = list(graph.node).index(node)
+    graph.node.remove(node)
+    for k, n in enumerate(new_nodes):
+        graph.node.insert(i + k, n)
+
+
+def _block_quant_8bit(e: np.ndarray, bs: int):
+    """Rows of e (N, K) -> MatMulNBits' 8-bit layout: (N, kb, bs) uint8, scales (N, kb), zero
+    points (N, kb) uint8; asymmetric, with onnxruntime's own kernel (same rounding as MatMulNBits)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    n, k = e.shape
+    kb = -(-k // bs)
+    w = np.zeros((kb * bs, n), dtype=np.float32)                     # (K padded, N): B of x @ B
+    w[:k] = e.T
+    packed = np.zeros((n, kb, bs), dtype=np.uint8)
+    scales = np.zeros((n, kb), dtype=np.float32)
+    zp = np.zeros((n, kb), dtype=np.uint8)
+    quantize_matmul_8bits(packed, w, scales, zp, bs, n, k, False)  # as the stock quantizer calls it
+    return packed, scales, zp
+
+
+# --------------------------------------------------------------- onnxruntime's quantizers
+
+def _matmul_nbits(model, cand: Candidate, op_types: tuple, bits: int) -> None:
+    MatMulNBitsQuantizer = _import_quietly()
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=cand.block_size, is_symmetric=False,
+                             accuracy_level=cand.accuracy_level or None, op_types_to_quantize=op_types,
+                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q.process()  # edits `model` in place
+
+
+def _dynamic(src: Path, dst: Path, cand: Candidate) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _import_quietly()
+    quantize_dynamic(str(src), str(dst), per_channel=cand.per_channel, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=False)
+
+
+def _import_quietly():
+    """onnxruntime's quantizer calls logging.basicConfig(level=INFO) on import, which would turn
+    on every library's INFO logs in our process; undo that, and keep its per-node chatter off."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # e.g. the int4 Gather path's opset-21 note
+    return MatMulNBitsQuantizer

@@ -1,0 +1,312 @@
+"""Export to ONNX (optimum-onnx, text-generation-with-past), optional int8, and verification of
+the written file in onnxruntime: perplexity on the torch evaluation's windows, prefill/decode
+speed, size. A folder appears at `out` only when complete: everything is written to a hidden
+sibling first and renamed at the end; on error or cancel the sibling is removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..errors import Cancelled, ExportError, SqueezeError
+from . import int8
+from . import ort_runner as rt
+
+PARITY_LIMIT = 0.01        # unquantized export: verified ppl within 1 % of the torch model's
+INT8_PPL_LIMIT = 1.05      # int8: verified ppl <= 1.05x the fp32 (torch) ppl ...
+INT8_SIZE_LIMIT = 0.30     # ... and model files <= 0.3x the fp32 ONNX export
+SAME_QUALITY = PARITY_LIMIT  # int8 paths within 1 % ppl of the best count as equally good: the
+                             # parity limit, what the export already treats as "the same model"
+MODEL_FILE = "model.onnx"
+
+
+def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None = None, settings=None,
+                torch_numbers: dict | None = None, progress: Callable | None = None,
+                check_cancel: Callable[[], None] | None = None, log: Callable | None = None,
+                candidates: tuple = int8.CANDIDATES) -> dict:
+    """Export `model` (float32 causal LM, eval mode) with `tok` into the folder `out` and verify the
+    written file in onnxruntime on `settings`' text. Returns path, folder, size_bytes (model.onnx +
+    external data), fp32_size_bytes, ppl_onnx, tokens_scored_onnx, decode/prefill_tokens_per_s_onnx,
+    quantize, int8_path (chosen candidate or None), candidates (one row per int8 path tried), ok and
+    failure. A quality failure is reported (ok False, failure says why), not raised; anything that
+    stops the export raises ExportError with one line (or Cancelled), leaving nothing at `out`."""
+    from ..evaluate import EvalSettings
+
+    if quantize not in (None, "int8"):
+        raise ExportError(f"unknown quantization {quantize!r} for ONNX export; use int8 or none")
+    settings = settings or EvalSettings()
+    torch_numbers = torch_numbers or {}
+    progress = progress or (lambda stage, f, note="": None)
+    check = check_cancel or (lambda: None)
+    log = log or (lambda text, level="info": None)
+    out = Path(out)
+    stage, made = _staging_dir(out)
+    try:
+        progress("export", 0.0, "tracing the model to ONNX")
+        _export_fp32(model, tok, stage, opset)
+        check()
+        fp32_file = stage / MODEL_FILE
+        fp32_size = model_bytes(fp32_file)
+        progress("export", 1.0, f"{fp32_size / 1e6:.1f} MB fp32")
+        windows, bos, prompt = _verification_tokens(tok, settings)
+        if quantize is None:
+            res = _verify_fp32(fp32_file, windows, bos, prompt, settings, torch_numbers, progress, check)
+        else:
+            res = _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_numbers,
+                        progress, check, log)
+        res.update(fp32_size_bytes=fp32_size, quantize=quantize)
+        shutil.copyfile(Path(rt.__file__), stage / "generate.py")  # runs the export without torch
+        (stage / "verification.json").write_text(json.dumps(
+            {**res, "ppl_torch": torch_numbers.get("ppl"), "settings": settings.to_dict()}, indent=2, default=str))
+        check()
+        _publish(stage, out)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        for d in reversed(made):  # parent folders this export created
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if not isinstance(e, Exception) or isinstance(e, (SqueezeError, MemoryError)):
+            raise  # cancel, interrupts and the project's own one-line errors pass through
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write the export to {out}: {e.strerror or e}") from None
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {_first_line(e)}") from e
+    res["path"] = str(out / MODEL_FILE)
+    res["folder"] = str(out)
+    res["size_bytes"] = model_bytes(out / MODEL_FILE)
+    log(f"exported {res['path']} ({res['size_bytes'] / 1e6:.1f} MB): "
+        + ("verified" if res["ok"] else f"NOT verified: {res['failure']}"))
+    return res
+
+
+# ------------------------------------------------------------------ steps
+
+def _export_fp32(model, tok, folder: Path, opset: int | None) -> None:
+    import logging
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    quiet = [logging.getLogger(n) for n in ("optimum", "optimum.exporters", "optimum.exporters.onnx")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:  # optimum logs tied-weight notes and validation hints as warnings
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            # torch.onnx's legacy exporter and the tracer warn about every data-dependent branch of
+            # the HF code; they are expected for this export and say nothing to the user.
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(model, folder, task="text-generation-with-past", opset=opset,
+                                   do_validation=False)  # we verify ourselves, on real text
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+    if not (folder / MODEL_FILE).is_file():
+        raise ExportError("the ONNX exporter wrote no model.onnx; this model type may not be supported")
+    tok.save_pretrained(folder)  # tokenizer.json next to the model: the export stands alone
+
+
+def _verification_tokens(tok, settings):
+    """The torch evaluation's windows (and BOS), and its decode prompt."""
+    from ..evaluate import read_text, token_windows
+
+    text = settings.text_path()
+    windows, bos = token_windows(tok, text, settings.max_tokens, settings.context)
+    flat = [t for w in windows for t in w]
+    if len(flat) >= settings.prompt_tokens:
+        prompt = flat[:settings.prompt_tokens]   # == the first prompt_tokens of the text
+    else:
+        prompt = tok(read_text(text), add_special_tokens=False)["input_ids"][:settings.prompt_tokens]
+    return windows, bos, prompt
+
+
+def verify(path: Path, windows, bos, prompt, settings, progress=None, check=None) -> dict:
+    """Runs the model file in onnxruntime: ppl on `windows`, then prefill/decode speed."""
+    try:
+        lm = rt.CausalLM(path)
+    except Exception as e:  # a file onnxruntime refuses is an export failure, said in one line
+        raise ExportError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from None
+    p = rt.perplexity(lm, windows, bos, progress=(lambda f: progress(0.8 * f)) if progress else None,
+                      check_cancel=check)
+    s = rt.decode_speed(lm, prompt, settings.new_tokens, settings.repeats, check_cancel=check)
+    if progress:
+        progress(1.0)
+    return {"ppl_onnx": p["ppl"], "tokens_scored_onnx": p["tokens_scored"],
+            "decode_tokens_per_s_onnx": s["decode_tokens_per_s"],
+            "prefill_tokens_per_s_onnx": s["prefill_tokens_per_s"]}
+
+
+def _verify_fp32(fp32_file, windows, bos, prompt, settings, torch_numbers, progress, check) -> dict:
+    progress("verify", 0.0, "onnxruntime: perplexity")
+    res = verify(fp32_file, windows, bos, prompt, settings, lambda f: progress("verify", f, "onnxruntime"), check)
+    failure = _parity_failure(res, torch_numbers)
+    return {**res, "int8_path": None, "candidates": [], "ok": failure is None, "failure": failure}
+
+
+def _parity_failure(res: dict, torch_numbers: dict) -> str | None:
+    ppl_t = torch_numbers.get("ppl")
+    if ppl_t is None:
+        return None
+    if torch_numbers.get("tokens_scored") not in (None, res["tokens_scored_onnx"]):
+        return (f"onnxruntime scored {res['tokens_scored_onnx']} tokens, the torch evaluation "
+                f"{torch_numbers['tokens_scored']}: the windows differ")
+    off = abs(res["ppl_onnx"] / ppl_t - 1)
+    if not off <= PARITY_LIMIT:  # also catches NaN
+        return (f"verified perplexity {res['ppl_onnx']:.4g} is {off * 100:.1f} % off the torch model's "
+                f"{ppl_t:.4g} (limit {PARITY_LIMIT * 100:g} %)")
+    return None
+
+
+def _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_numbers, progress, check, log) -> dict:
+    """Quantizes with every candidate, verifies each, keeps the chosen one as model.onnx."""
+    if not candidates:
+        raise ExportError("no int8 candidates to try")
+    fp32_size = model_bytes(fp32_file)
+    ref_ppl = torch_numbers.get("ppl")
+    work = stage / ".candidates"
+    rows, verified = [], {}
+    n = len(candidates)
+    for i, c in enumerate(candidates):
+        f = lambda x, note, i=i, c=c: progress("verify", (i + x) / n, f"{c.name}: {note}")
+        f(0.0, "quantizing")
+        dst = work / c.name / MODEL_FILE
+        dst.parent.mkdir(parents=True)
+        try:
+            int8.quantize(fp32_file, dst, c)
+            check()
+            f(0.15, "verifying")
+            m = verify(dst, windows, bos, prompt, settings, lambda x, f=f: f(0.15 + 0.85 * x, "verifying"), check)
+        except (Cancelled, MemoryError):
+            raise
+        except Exception as e:  # one path that breaks is a rejected path, not a failed export
+            rows.append({"name": c.name, "method": c.describe(), "ppl_onnx": None, "size_bytes": None,
+                         "decode_tokens_per_s_onnx": None, "ppl_ratio": None, "size_ratio": None, "accepted": False,
+                         "reason": f"failed: {type(e).__name__}: {_first_line(e)}"})
+            log(f"int8 candidate {c.name}: {rows[-1]['reason']}", "warning")
+            continue
+        size = model_bytes(dst)
+        row = {"name": c.name, "method": c.describe(), **m, "size_bytes": size,
+               "ppl_ratio": m["ppl_onnx"] / ref_ppl if ref_ppl else None, "size_ratio": size / fp32_size}
+        row["reason"] = _int8_reason(row)
+        row["accepted"] = False
+        rows.append(row)
+        verified[c.name] = dst
+        log(f"int8 candidate {c.name}: ppl {m['ppl_onnx']:.4g}"
+            + (f" ({row['ppl_ratio']:.3f}x fp32)" if ref_ppl else "")
+            + f", {size / 1e6:.1f} MB ({row['size_ratio']:.3f}x), decode {m['decode_tokens_per_s_onnx']:.1f} tok/s: "
+            + (row["reason"] or "passes"))
+    if not verified:
+        raise ExportError("int8 quantization failed on every path: " + "; ".join(r["reason"] for r in rows))
+    chosen = choose(rows)
+    keep = chosen or _closest(rows)
+    if chosen:
+        n_pass = sum(r["reason"] is None for r in rows)
+        chosen["accepted"] = True
+        chosen["reason"] = "chosen: " + ("the only path that passes" if n_pass == 1
+                                         else "passes; fastest of the best-quality paths")
+    for r in rows:
+        if r["reason"] is None and r is not chosen:
+            r["reason"] = "passes, not chosen: " + _why_not(r, chosen)
+    _replace_model(stage, verified[keep["name"]])
+    shutil.rmtree(work)
+    failure = None if chosen else ("no int8 path passed both bounds (ppl <= "
+                                   f"{INT8_PPL_LIMIT}x fp32, size <= {INT8_SIZE_LIMIT}x fp32 ONNX): "
+                                   + "; ".join(f"{r['name']}: {r['reason']}" for r in rows))
+    res = {k: keep[k] for k in ("ppl_onnx", "tokens_scored_onnx", "decode_tokens_per_s_onnx", "prefill_tokens_per_s_onnx")}
+    return {**res, "int8_path": chosen["name"] if chosen else None, "candidates": rows,
+            "ok": chosen is not None, "failure": failure, "ppl_ratio_fp32": keep["ppl_ratio"],
+            "size_ratio_fp32": keep["size_ratio"]}
+
+
+def _int8_reason(row: dict) -> str | None:
+    """Why a candidate fails the bounds, or None if it passes."""
+    why = []
+    if row["ppl_ratio"] is not None and not row["ppl_ratio"] <= INT8_PPL_LIMIT:
+        why.append(f"ppl {row['ppl_ratio']:.3f}x fp32 (limit {INT8_PPL_LIMIT}x)")
+    if not row["size_ratio"] <= INT8_SIZE_LIMIT:
+        why.append(f"size {row['size_ratio']:.3f}x fp32 ONNX (limit {INT8_SIZE_LIMIT}x)")
+    return ("rejected: " + ", ".join(why)) if why else None
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """Quality first, then speed: of the passing paths, those within SAME_QUALITY of the best
+    verified ppl, the fastest decoder. (On SmolLM2, 8-bit MatMulNBits with float compute scores
+    ~0.5 % lower ppl than with int8 compute, but decodes several times slower on CPU.)"""
+    ok = [r for r in rows if r["reason"] is None]
+    if not ok:
+        return None
+    best = min(r["ppl_onnx"] for r in ok)
+    tied = [r for r in ok if r["ppl_onnx"] <= best * (1 + SAME_QUALITY)]
+    return max(tied, key=lambda r: r["decode_tokens_per_s_onnx"])
+
+
+def _why_not(r: dict, chosen: dict) -> str:
+    if r["ppl_onnx"] > chosen["ppl_onnx"] * (1 + SAME_QUALITY):
+        return f"ppl {r['ppl_onnx']:.4g} vs {chosen['ppl_onnx']:.4g}"
+    return f"decode {r['decode_tokens_per_s_onnx']:.1f} vs {chosen['decode_tokens_per_s_onnx']:.1f} tok/s"
+
+
+def _closest(rows: list[dict]) -> dict:
+    """When nothing passes, the file written is the best-quality one (reported as a failure)."""
+    return min((r for r in rows if r["ppl_onnx"] is not None), key=lambda r: (r["ppl_onnx"], r["size_bytes"]))
+
+
+# ------------------------------------------------------------------ files
+
+def model_bytes(model_file: Path) -> int:
+    """The model file plus its external-data file(s) (model.onnx, model.onnx_data, ...)."""
+    return sum(p.stat().st_size for p in model_file.parent.glob(model_file.name + "*") if p.is_file())
+
+
+def _replace_model(folder: Path, src: Path) -> None:
+    for p in folder.glob(MODEL_FILE + "*"):
+        p.unlink()
+    for p in src.parent.glob(src.name + "*"):
+        os.replace(p, folder / p.name)
+
+
+def _staging_dir(out: Path) -> tuple[Path, list[Path]]:
+    """A hidden sibling of `out` (same file system, so the final rename is atomic); also returns
+    the parent folders created for it, to remove them again on failure."""
+    made, p = [], out.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+        stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+    except OSError as e:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise ExportError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    return stage, list(reversed(made))
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Moves the finished folder to `out`: into an empty folder's place, or replacing an earlier
+    export there (run.py only lets through new, empty, or earlier-export folders)."""
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(stage, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__

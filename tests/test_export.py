@@ -1,0 +1,278 @@
+"""ONNX export and its verification in onnxruntime (core/export), from the outside where possible:
+a job through run_inline, and the `squeeze export` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_tiny_llama
+from core.export import int8
+from core.export import ort_runner as rt
+from core.jobs.client import run_inline
+from core.jobs.spec import JobSpec
+
+
+def export(model: str, out: Path, tiny_eval: dict, quantize=None, on_event=None, cancelled=lambda: False):
+    spec = JobSpec(model=model, kind="export", export={"out": str(out), "quantize": quantize}, eval=tiny_eval)
+    return run_inline(spec, on_event, cancelled=cancelled)
+
+
+def leftovers(out: Path) -> list[str]:
+    """Anything this export left beside `out` (staging folders are hidden siblings)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tiny_model, short_text, tmp_path_factory):
+    """One verified fp32 export of the tiny model, shared by the read-only tests below."""
+    ev = dict(text=str(short_text), max_tokens=512, context=128, prompt_tokens=16, new_tokens=8, repeats=1)
+    out = tmp_path_factory.mktemp("exports") / "fp32"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SQUEEZE_HOME", str(tmp_path_factory.mktemp("home")))
+        rec = export(tiny_model, out, ev)
+    assert rec.outcome == "done", rec.error
+    return out, rec.result
+
+
+def test_fp32_export_is_written_whole_and_verified_against_torch(fp32_export):
+    out, r = fp32_export
+    assert r["ok"] is True and r["failure"] is None and r["quantize"] is None and r["int8_path"] is None
+    assert Path(r["path"]) == out / "model.onnx" and Path(r["path"]).is_file()
+    assert r["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
+    assert r["tokens_scored_onnx"] == 512  # the torch evaluation's windows: 4 x 128, BOS unscored
+    assert r["size_bytes"] == r["fp32_size_bytes"] == (out / "model.onnx").stat().st_size
+    assert r["decode_tokens_per_s_onnx"] > 0 and r["prefill_tokens_per_s_onnx"] > 0
+    assert {"tokenizer.json", "config.json", "generate.py", "verification.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "verification.json").read_text())["ppl_onnx"] == r["ppl_onnx"]
+    assert leftovers(out) == []
+
+
+def test_ort_runner_matches_torch_logits_with_and_without_the_cache(fp32_export, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out, _ = fp32_export
+    ids = np.random.default_rng(0).integers(3, 384, (1, 24))
+    with torch.inference_mode():
+        ref = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(torch.tensor(ids)).logits.numpy()
+    lm = rt.CausalLM(out / "model.onnx")
+    whole, _ = lm.forward(ids)
+    logits, past = lm.forward(ids[:, :20])         # a prompt, then 4 tokens through the KV cache
+    parts = [logits]
+    for i in range(20, 24):
+        logits, past = lm.forward(ids[:, i:i + 1], past)
+        parts.append(logits)
+    stepped = np.concatenate(parts, axis=1)
+    assert np.abs(whole - ref).max() < 1e-3
+    assert np.abs(stepped - ref).max() < 1e-3
+
+
+def test_generate_py_runs_the_export_without_torch(fp32_export):
+    out, _ = fp32_export
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            f"sys.argv = ['generate.py', 'The tower', '--new-tokens', '5']; "
+            f"runpy.run_path({str(out / 'generate.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The tower") and len(r.stdout.strip()) > len("The tower")
+
+
+def test_int8_export_tries_every_path_and_is_smaller(tiny_model, tiny_eval, home, tmp_path):
+    out = tmp_path / "int8"
+    rec = export(tiny_model, out, tiny_eval, quantize="int8")
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["quantize"] == "int8" and r["size_bytes"] < 0.5 * r["fp32_size_bytes"]
+    assert r["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert [c["name"] for c in r["candidates"]] == [c.name for c in int8.CANDIDATES]
+    for c in r["candidates"]:
+        assert c["ppl_onnx"] <= 1.05 * r["ppl_torch"] and c["size_bytes"] < r["fp32_size_bytes"]
+        assert c["reason"] and isinstance(c["accepted"], bool)
+    # 96-wide layers: the graph's own bytes weigh more than a 0.3x size bound allows; said so
+    if not r["ok"]:
+        assert r["int8_path"] is None and "size" in r["failure"] and "limit 0.3x" in r["failure"]
+    assert leftovers(out) == [] and not (out / ".candidates").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory, tiny_tokenizer_dir) -> str:
+    """Wider than the tiny model, so weights dominate the file as in real models."""
+    return str(make_tiny_llama(tmp_path_factory.mktemp("wide-llama"), tiny_tokenizer_dir, hidden_size=256,
+                               intermediate_size=704, num_attention_heads=4, num_key_value_heads=2))
+
+
+def big_float_weights(model_file: Path) -> list[str]:
+    import onnx
+    g = onnx.load(str(model_file)).graph
+    return [t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 10_000]
+
+
+def test_int8_quantizes_the_tied_embedding_and_lm_head_once(wide_model, tiny_eval, home, tmp_path):
+    import onnx
+
+    out = tmp_path / "int8"
+    rec = export(wide_model, out, tiny_eval, quantize="int8")
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["ok"] is True, r["failure"]
+    chosen = [c for c in r["candidates"] if c["accepted"]]
+    assert len(chosen) == 1 and r["int8_path"] == chosen[0]["name"]
+    assert r["size_bytes"] <= 0.3 * r["fp32_size_bytes"] and r["ppl_onnx"] <= 1.05 * r["ppl_torch"]
+    g = onnx.load(str(out / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert "GatherBlockQuantized" in ops and ops.count("MatMulNBits") == 2 * 7 + 1  # 7 per layer + LM head
+    assert big_float_weights(out / "model.onnx") == []  # no fp32 matrix left, the tied (V, H) table included
+    table = "model.embed_tokens.weight_Q8"  # one int8 (V, blocks, block) table, two readers
+    readers = sorted(n.op_type for n in g.node if table in n.input)
+    assert readers == ["GatherBlockQuantized", "MatMulNBits"]
+
+
+def test_int8_of_an_untied_model_quantizes_embedding_and_lm_head_separately(tiny_tokenizer_dir, tiny_eval, home, tmp_path):
+    model = str(make_tiny_llama(tmp_path / "untied", tiny_tokenizer_dir, hidden_size=256, intermediate_size=704,
+                                tie_word_embeddings=False))
+    rec = export(model, tmp_path / "int8", tiny_eval, quantize="int8")
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["ok"] is True, r["failure"]
+    assert big_float_weights(Path(r["path"])) == []
+
+
+def test_choose_prefers_quality_then_speed():
+    from core.export.onnx import choose
+
+    def row(name, ppl, decode, reason=None):
+        return {"name": name, "ppl_onnx": ppl, "decode_tokens_per_s_onnx": decode, "reason": reason}
+
+    rows = [row("best-slow", 10.0, 5.0), row("close-fast", 10.06, 20.0), row("worse-faster", 10.5, 50.0),
+            row("rejected-fastest", 9.0, 99.0, "rejected: size 0.4x")]
+    assert choose(rows)["name"] == "close-fast"  # within 1 % of the best ppl, then the fastest
+    assert choose(rows[2:])["name"] == "worse-faster" and choose(rows[3:]) is None
+
+
+def test_a_failed_parity_check_is_reported_not_hidden(tiny_model, tiny_eval, home, tmp_path, monkeypatch):
+    real = rt.perplexity
+
+    def off_by_6_percent(*a, **kw):
+        res = real(*a, **kw)
+        return {**res, "ppl": res["ppl"] * 1.06}
+
+    monkeypatch.setattr(rt, "perplexity", off_by_6_percent)
+    out = tmp_path / "bad"
+    rec = export(tiny_model, out, tiny_eval)
+    assert rec.outcome == "done"
+    r = rec.result
+    assert r["ok"] is False and "6.0 % off the torch model's" in r["failure"] and "(limit 1 %)" in r["failure"]
+
+
+@pytest.mark.parametrize("stage", ["export", "verify"])
+def test_cancel_mid_export_leaves_no_folder(tiny_model, tiny_eval, home, tmp_path, stage):
+    out = tmp_path / "cancelled"
+    seen = []
+    rec = export(tiny_model, out, tiny_eval, quantize="int8",
+                 on_event=lambda e: e["type"] == "progress" and e["stage"] == stage and seen.append(e),
+                 cancelled=lambda: bool(seen))
+    assert rec.outcome == "cancelled"
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_non_empty_or_file_destinations_fail_in_one_line_and_write_nothing(tiny_model, tiny_eval, home, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    rec = export(tiny_model, full, tiny_eval)
+    assert rec.outcome == "failed" and "not empty" in rec.error[1] and "\n" not in rec.error[1]
+    assert [p.name for p in full.iterdir()] == ["notes.txt"] and leftovers(full) == []
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    rec = export(tiny_model, f / "sub", tiny_eval)
+    assert rec.outcome == "failed" and "is a file" in rec.error[1] and f.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_destination_fails_in_one_line(tiny_model, tiny_eval, home, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rec = export(tiny_model, ro / "x", tiny_eval)
+    finally:
+        ro.chmod(0o700)
+    assert rec.outcome == "failed" and "not writable" in rec.error[1] and list(ro.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_a_destination_nobody_may_write_fails_in_one_line(tiny_model, tiny_eval, home):
+    out = Path("/sys/squeeze-export-test")  # sysfs refuses mkdir, even to root
+    rec = export(tiny_model, out, tiny_eval)
+    assert rec.outcome == "failed" and rec.error[1].startswith(f"cannot write the export to {out}: ")
+    assert "\n" not in rec.error[1] and not out.exists()
+
+
+def test_write_errors_and_exporter_crashes_leave_nothing(tiny_model, tiny_eval, home, tmp_path, monkeypatch):
+    from core.export import onnx as exp
+
+    def disk_full(stage, out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exp, "_publish", disk_full)
+    out = tmp_path / "new" / "deeper" / "x"
+    rec = export(tiny_model, out, tiny_eval)
+    assert rec.outcome == "failed" and rec.error == ("export", f"cannot write the export to {out}: No space left on device")
+    assert not (tmp_path / "new").exists()  # the parents it created are gone too
+    monkeypatch.undo()
+
+    import optimum.exporters.onnx as oe
+
+    def broken(*a, **kw):
+        raise RuntimeError("unsupported operator aten::frobnicate\nlong trace ...")
+
+    monkeypatch.setattr(oe, "onnx_export_from_model", broken)
+    out = tmp_path / "y"
+    rec = export(tiny_model, out, tiny_eval)
+    assert rec.outcome == "failed"
+    assert rec.error[1] == "ONNX export failed: RuntimeError: unsupported operator aten::frobnicate"
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_exporting_again_into_an_earlier_export_replaces_it(fp32_export, tiny_model, tiny_eval, home, tmp_path):
+    out = tmp_path / "again"
+    assert export(tiny_model, out, tiny_eval).outcome == "done"
+    (out / "model.onnx").write_bytes(b"stale")
+    rec = export(tiny_model, out, tiny_eval)
+    assert rec.outcome == "done" and rec.result["ok"]
+    assert (out / "model.onnx").stat().st_size == rec.result["size_bytes"] > 1000 and leftovers(out) == []
+
+
+def test_cli_export_prints_one_json_object(tiny_model, short_text, home, tmp_path):
+    exe = Path(sys.executable).with_name("squeeze")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "core.cli"]
+    out = tmp_path / "cli"
+    r = subprocess.run(cmd + ["export", tiny_model, "--format", "onnx", "--out", str(out), "--text", str(short_text),
+                              "--max-tokens", "512", "--context", "128", "--prompt-tokens", "16", "--new-tokens", "8",
+                              "--repeats", "1", "--json"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, SQUEEZE_HOME=str(home)))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for k in ("path", "size_bytes", "ppl_onnx", "ppl_torch", "decode_tokens_per_s_onnx", "decode_tokens_per_s_torch"):
+        assert k in res, k
+    assert Path(res["path"]).is_file() and res["ppl_onnx"] == pytest.approx(res["ppl_torch"], rel=0.01)
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_exits_1_when_verification_fails(tiny_model, short_text, home, tmp_path, monkeypatch, capsys):
+    from core import cli
+
+    real = rt.perplexity
+    monkeypatch.setattr(rt, "perplexity", lambda *a, **kw: {**real(*a, **kw), "ppl": float("nan")})
+    code = cli.main(["export", tiny_model, "--out", str(tmp_path / "o"), "--text", str(short_text),
+                     "--max-tokens", "256", "--context", "128", "--prompt-tokens", "8", "--new-tokens", "4",
+                     "--repeats", "1", "--json", "-q"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 1 and res["ok"] is False and "off the torch model's" in res["failure"]
