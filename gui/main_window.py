@@ -173,7 +173,7 @@ class MainWindow(QMainWindow):
         self.plot = TradeoffPlot()
         self.plot.point_clicked.connect(self._point_clicked)
         self.export_panel = ExportPanel()
-        self.export_panel.export.connect(lambda out, q: self.export_selected(out or None, q))
+        self.export_panel.export.connect(self._export_clicked)
         bottom = QSplitter(Qt.Horizontal)
         bottom.addWidget(self.plot)
         bottom.addWidget(self.export_panel)
@@ -191,6 +191,7 @@ class MainWindow(QMainWindow):
         right.addWidget(bottom)
         right.setStretchFactor(0, 2)
         right.setStretchFactor(1, 3)
+        right.setSizes([300, 450])
 
         main = QSplitter(Qt.Horizontal)
         main.addWidget(left)
@@ -324,7 +325,6 @@ class MainWindow(QMainWindow):
         if any(self._is_baseline_of_now(s) for s in [self.current, *self.queue] if s):
             return
         self.queue.insert(0, JobSpec(self.model, eval=self.eval_panel.settings().to_dict()))
-        self.say("Measuring the baseline of this model once…")
         self._next()
 
     def _is_baseline_of_now(self, spec: JobSpec) -> bool:
@@ -364,6 +364,9 @@ class MainWindow(QMainWindow):
         self._next()
         return spec
 
+    def _export_clicked(self, out: str, quantize) -> None:
+        self.export_selected(out or None, quantize)
+
     def _next(self) -> None:
         if self.client.running or not self.queue:
             return
@@ -376,6 +379,8 @@ class MainWindow(QMainWindow):
             return
         self.current = spec
         what = "Export" if spec.kind == "export" else ("Baseline" if not spec.recipe.get("steps") else "Run")
+        if what == "Baseline":
+            self.say("Measuring the baseline of this model once (cached for these eval settings)…")
         self._log(f"— {what}: {spec.model} · {recipes.from_data(spec.recipe).label()} (job {spec.job_id})")
         self.progress.setValue(0)
         self.stage_label.setText("starting the worker…")

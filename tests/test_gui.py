@@ -67,6 +67,24 @@ def click_point(qtbot, w, run_id):
     qtbot.mouseClick(view.viewport(), Qt.LeftButton, pos=view.mapFromScene(scene_pos))
 
 
+def test_the_qt_binding_keeps_its_references(qtbot):
+    # PySide6 6.12.0 on CPython 3.11 dropped a reference to None on every void call and to True on
+    # every emit(): a window aborts after some thousand updates. (3.12+ objects are immortal.)
+    from PySide6.QtCore import QObject, Signal
+    from PySide6.QtWidgets import QLabel
+
+    class Emitter(QObject):
+        changed = Signal(dict)
+
+    label, emitter = QLabel(), Emitter()
+    qtbot.addWidget(label)
+    nones, trues = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(500):
+        label.setText("x")
+        emitter.changed.emit({})
+    assert sys.getrefcount(None) > nones - 100 and sys.getrefcount(True) > trues - 100
+
+
 def test_baseline_then_run_a_recipe_then_plot_and_table_agree(qtbot, open_window, tiny_model):
     w = open_window()
     # facts of the model, read off the GUI thread

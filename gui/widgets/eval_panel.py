@@ -43,7 +43,7 @@ class EvalPanel(QGroupBox):
         browse.clicked.connect(self._pick_text)
         self.shipped = QPushButton("shipped")
         self.shipped.setToolTip("Use the shipped evaluation text")
-        self.shipped.clicked.connect(lambda: (self.text.clear(), self.changed.emit()))
+        self.shipped.clicked.connect(self._use_shipped)
         row = QHBoxLayout()
         row.addWidget(self.text, 1)
         row.addWidget(browse)
@@ -72,6 +72,10 @@ class EvalPanel(QGroupBox):
         for name in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
             getattr(self, name).setValue(int(getattr(s, name)))
         self.blockSignals(False)
+
+    def _use_shipped(self) -> None:
+        self.text.clear()
+        self.changed.emit()
 
     def _pick_text(self) -> None:
         f, _ = QFileDialog.getOpenFileName(self, "Evaluation text", "", "Text files (*.txt *.raw *.tokens);;All files (*)")

@@ -45,7 +45,7 @@ class ExportPanel(QGroupBox):
         lay.addLayout(form)
         self.button = QPushButton("Export && verify")
         self.button.setEnabled(False)
-        self.button.clicked.connect(lambda: self.export.emit(self.out.text().strip(), self.quantize.currentData()))
+        self.button.clicked.connect(self._export_clicked)
         lay.addWidget(self.button)
         self.numbers = QLabel()
         self.numbers.setWordWrap(True)
@@ -53,6 +53,9 @@ class ExportPanel(QGroupBox):
         lay.addWidget(self.numbers)
         lay.addStretch(1)
         self.can_export = False
+
+    def _export_clicked(self) -> None:
+        self.export.emit(self.out.text().strip(), self.quantize.currentData())
 
     def _pick(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Export into a new folder under…")

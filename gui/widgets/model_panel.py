@@ -40,7 +40,7 @@ class ModelPanel(QGroupBox):
         self.combo = QComboBox()
         self.combo.setMinimumContentsLength(20)
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.activated.connect(lambda i: self.chosen.emit(self.combo.itemData(i)))
+        self.combo.activated.connect(self._activated)
         lay.addWidget(self.combo)
         row = QHBoxLayout()
         self.open_folder = QPushButton("Open folder…")
@@ -73,6 +73,9 @@ class ModelPanel(QGroupBox):
         lay.addWidget(self.note)
         self._facts = _Facts(self)
         self._facts.done.connect(self._got_facts)
+
+    def _activated(self, i: int) -> None:
+        self.chosen.emit(self.combo.itemData(i))
 
     def add_models(self, ids) -> None:
         for mid in ids:

@@ -4,6 +4,7 @@ rings a point (the table's selection)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
@@ -13,6 +14,13 @@ from core.results import trade_off
 
 X_TITLES = {"size": "size on disk (MB) — smaller is better", "decode": "decode tokens/s — more is better"}
 RUN_BRUSH, BASE_BRUSH, FRONT_PEN = pg.mkBrush("#1e88e5"), pg.mkBrush("#fb8c00"), pg.mkPen("#43a047", width=2)
+
+
+class PlainLogAxis(pg.AxisItem):
+    """A log axis labelled 30, 100, 300 rather than 3·10¹."""
+
+    def logTickStrings(self, values, scale, spacing):
+        return [f"{10 ** v:.4g}" for v in values]
 
 
 class TradeoffPlot(QWidget):
@@ -36,7 +44,7 @@ class TradeoffPlot(QWidget):
         for key, text in (("size", "size"), ("decode", "decode speed")):
             b = QRadioButton(text)
             b.setChecked(key == self.axis)
-            b.toggled.connect(lambda on, key=key: on and self.set_axis(key))
+            b.toggled.connect(partial(self._axis_toggled, key))
             self.buttons.addButton(b)
             bar.addWidget(b)
             setattr(self, f"{key}_button", b)
@@ -47,7 +55,7 @@ class TradeoffPlot(QWidget):
         bar.addWidget(self.legend_label)
         lay.addLayout(bar)
 
-        self.view = pg.PlotWidget(background="w")
+        self.view = pg.PlotWidget(background="w", axisItems={"left": PlainLogAxis("left")})
         self.view.setMinimumHeight(200)
         pi = self.view.getPlotItem()
         pi.showGrid(x=True, y=True, alpha=0.25)
@@ -60,6 +68,8 @@ class TradeoffPlot(QWidget):
         self.front_line = pg.PlotDataItem(pen=FRONT_PEN)
         self.scatter = pg.PlotDataItem(pen=None)
         self.scatter.sigPointsClicked.connect(self._clicked)
+        # hovering a point names its recipe
+        self.scatter.scatter.opts.update(hoverable=True, tip=self._tip)
         self.ring = pg.PlotDataItem(pen=None, symbol="o", symbolSize=22, symbolBrush=None,
                                     symbolPen=pg.mkPen("#d81b60", width=3))
         self.ring_text = pg.TextItem(color="#d81b60", anchor=(0, 1))
@@ -82,6 +92,10 @@ class TradeoffPlot(QWidget):
         getattr(self, f"{axis}_button").setChecked(True)
         self._redraw()
 
+    def _axis_toggled(self, key: str, on: bool) -> None:
+        if on:
+            self.set_axis(key)
+
     def select(self, run_id: str) -> None:
         self.selected = run_id or ""
         self._draw_ring()
@@ -96,7 +110,7 @@ class TradeoffPlot(QWidget):
         pi.setLabel("bottom", X_TITLES[self.axis])
         ys = [p["y"] for p in pts]
         # perplexities of broken variants run into the thousands: log scale keeps the good ones apart
-        self.log_y = bool(ys) and max(ys) / min(ys) > 20
+        self.log_y = bool(ys) and max(ys) / min(ys) > 8
         pi.setLogMode(y=self.log_y)
         self.scatter.setData(
             [p["x"] for p in pts], ys, data=[p["id"] for p in pts],
@@ -121,7 +135,14 @@ class TradeoffPlot(QWidget):
             return
         self.ring.setData([p["x"]], [p["y"]])
         self.ring_text.setText(p["label"])
+        xs = [q["x"] for q in self.points]
+        right_half = p["x"] > (min(xs) + max(xs)) / 2
+        self.ring_text.setAnchor((1.05, 1) if right_half else (-0.05, 1))  # keep the label inside the plot
         self.ring_text.setPos(p["x"], math.log10(p["y"]) if self.log_y else p["y"])
+
+    def _tip(self, x, y, data) -> str:
+        p = self.point_of(data)
+        return f"{p['label']}\nppl {p['y']:.3f}" if p else ""
 
     def _clicked(self, item, points, ev=None) -> None:
         if len(points):
