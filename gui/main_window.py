@@ -19,7 +19,7 @@ from core import recipe as recipes
 from core.errors import SqueezeError
 from core.jobs.spec import JobSpec
 from core.ledger import Ledger
-from core.results import table_rows
+from core.results import fmt_ppl, table_rows
 
 from .widgets.eval_panel import EvalPanel
 from .widgets.export_panel import ExportPanel
@@ -417,7 +417,7 @@ class MainWindow(QMainWindow):
             self.say("Export verified." if p.get("ok", True) else f"Export failed verification: {p.get('failure')}",
                      error=not p.get("ok", True))
         else:
-            self.say(f"Done: {p.get('label', '')} — perplexity {p.get('ppl', float('nan')):.3f}")
+            self.say(f"Done: {p.get('label', '')} — perplexity {fmt_ppl(p.get('ppl')) or '—'}")
 
     def _on_finished(self, e: dict) -> None:
         done, self.current = self.current, None
