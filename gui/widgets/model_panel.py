@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel,
                                QPushButton, QVBoxLayout)
 
@@ -81,7 +81,7 @@ class ModelPanel(QGroupBox):
         for mid in ids:
             if mid and self.combo.findData(mid) < 0:
                 self.combo.addItem(display_name(mid), mid)
-                self.combo.setItemData(self.combo.count() - 1, mid, 3)  # Qt.ToolTipRole: the full id
+                self.combo.setItemData(self.combo.count() - 1, mid, Qt.ToolTipRole)  # the full id
 
     def show_model(self, model_id: str) -> None:
         """Selects `model_id` in the combo and reads its facts in the background."""
