@@ -240,7 +240,7 @@ def test_write_errors_and_exporter_crashes_leave_nothing(tiny_model, tiny_eval, 
     assert not out.exists() and leftovers(out) == []
 
 
-def test_exporting_again_into_an_earlier_export_replaces_it(fp32_export, tiny_model, tiny_eval, home, tmp_path):
+def test_exporting_again_into_an_earlier_export_replaces_it(tiny_model, tiny_eval, home, tmp_path):
     out = tmp_path / "again"
     assert export(tiny_model, out, tiny_eval).outcome == "done"
     (out / "model.onnx").write_bytes(b"stale")

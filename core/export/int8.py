@@ -89,17 +89,12 @@ def quantize(src: Path, dst: Path, cand: Candidate) -> None:
 def save(model, dst: Path) -> None:
     import onnx
 
-    big = model.ByteSize() > EXTERNAL_DATA_OVER if _fits_protobuf(model) else True
+    try:
+        big = model.ByteSize() > EXTERNAL_DATA_OVER
+    except (ValueError, OverflowError):  # past what protobuf can even count
+        big = True
     onnx.save_model(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=dst.name + "_data", size_threshold=1024)
-
-
-def _fits_protobuf(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except (ValueError, OverflowError):
-        return False
 
 
 # --------------------------------------------------------------- graph surgery
