@@ -292,4 +292,45 @@ class ActQTensor(QTensor):
         return qt
 
 
-KINDS = {c.kind: c for c in (NMTensor, CodebookTensor, ActQTensor)}
+class OutlierQTensor(QTensor):
+    """A grouped low-bit weight plus a few input columns kept in fp16 (the columns fed by massive
+    activations). The fp16 columns (out, k) ride in the scales tensor after the (out, G) scales;
+    their indices are in meta."""
+
+    kind = "outliers"
+    cols: list = []
+    patch: torch.Tensor | None = None   # (out, k) fp16
+
+    @classmethod
+    def of(cls, qt: QTensor, cols: list[int], patch: torch.Tensor) -> "OutlierQTensor":
+        o = cls(qt.shape, qt.bits, qt.group_size, qt.symmetric, qt.codes, qt.scales, qt.zeros)
+        o.cols, o.patch = [int(c) for c in cols], patch.to(torch.float16)
+        return o
+
+    def dequantize(self) -> torch.Tensor:
+        w = super().dequantize()
+        if self.cols:
+            w[:, self.cols] = self.patch.to(torch.float32)
+        return w
+
+    def theoretical_bytes(self, nonzero: int | None = None) -> float:
+        return super().theoretical_bytes(nonzero) + self.patch.numel() * 2
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        t = super().tensors(name)
+        t[f"{name}.qscales"] = torch.cat([self.scales, self.patch], dim=1)
+        return t
+
+    def meta(self) -> dict:
+        return {**super().meta(), "kind": self.kind, "cols": self.cols}
+
+    @classmethod
+    def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "OutlierQTensor":
+        both = tensors[f"{name}.qscales"]
+        k = len(meta["cols"])
+        qt = QTensor(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
+                     tensors[f"{name}.qcodes"], both[:, :both.shape[1] - k].contiguous(), tensors.get(f"{name}.qzeros"))
+        return cls.of(qt, meta["cols"], both[:, both.shape[1] - k:])
+
+
+KINDS = {c.kind: c for c in (NMTensor, CodebookTensor, ActQTensor, OutlierQTensor)}

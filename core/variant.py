@@ -128,6 +128,10 @@ def load_variant(d: Path):
     if "dynamic_int8" in man.get("runtime", []):
         from .techniques.quantization import to_dynamic_int8
         to_dynamic_int8(model, packed)
+    for entry in man.get("runtime", []):
+        if entry.startswith("rotate:"):
+            from .techniques.rotation import attach_from
+            attach_from(model, entry)
     if "w8a8" in man.get("runtime", []):
         from .techniques.smoothquant import to_w8a8
         to_w8a8(model, packed)

@@ -250,3 +250,28 @@ def test_smoothquant_runs_int8_activations_from_the_saved_file(tiny_model, tiny_
     model(torch.tensor([[1, 5, 9, 30, 60]]))
     h.remove()
     assert len(torch.unique(torch.round(seen["x"] / q.act_scale))) <= 255
+
+
+def test_gptq_outlier_columns_are_kept_in_fp16_in_the_file(tiny_model, tiny_eval, home):
+    fp = decoder_weights(models.load(tiny_model)[0])
+    plain = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, **FAST}))
+    r = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, "outliers": 4, **FAST}))
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
+    meta = man["packed"]["model.layers.0.mlp.down_proj.weight"]
+    assert meta["kind"] == "outliers" and len(meta["cols"]) == 4
+    w = load_variant(r["variant_dir"])[0].model.layers[0].mlp.down_proj.weight
+    w0 = fp["model.layers.0.mlp.down_proj"]
+    kept = w[:, meta["cols"]]
+    assert torch.equal(kept, kept.half().float())  # fp16 values, not on the 3-bit grid
+    assert torch.allclose(kept, w0[:, meta["cols"]], atol=1e-4)  # taken first: they only absorb fp16 rounding
+    # 4 fp16 columns per Linear on top of the 3-bit codes
+    extra = sum(m.weight.shape[0] * 4 * 2 for _, m in target_linears(models.load(tiny_model)[0]))
+    assert r["size_bytes"] - plain["size_bytes"] == pytest.approx(extra, rel=0.05)
+
+
+def test_gptq_rotation_keeps_the_float_function_and_reloads(tiny_model, tiny_eval, home):
+    base = run(tiny_model, tiny_eval, evaluate=True)
+    r = run(tiny_model, tiny_eval, ("gptq", {"bits": 8, "rotate": True, **FAST}), evaluate=True)
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
+    assert any(e.startswith("rotate:") for e in man["runtime"])
+    assert r["ppl"] == pytest.approx(base["ppl"], rel=0.01)  # 8 bits: only the rotation's rounding

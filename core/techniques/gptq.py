@@ -43,6 +43,13 @@ class GPTQ:
                           help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
     act_order: bool = knob(True, help="Quantize the columns with the largest activations first "
                                       "(their error is then spread over the others).")
+    outliers: int = knob(0, min=0, max=32, step=1, unit="columns",
+                         help="Input channels per Linear kept in fp16: those with the largest calibration "
+                              "energy (massive activations); costs 2 bytes x rows each.")
+    rotate: bool = knob(False, help="First rotate the residual stream by a fixed orthogonal matrix (same function, "
+                                    "outlier channels spread out); two small products at run time.")
+    awq_scaling: bool = knob(False, help="First scale input channels as AWQ does (searched on the same "
+                                         "statistics, folded into the op before), then run GPTQ.")
     bos_weight: float = knob(1.0, min=0.0, max=1.0, step=0.05, unit="x",
                              help="Weight of the position-0 (BOS, attention-sink) tokens in the Hessian; "
                                   "1 = as they come.")
@@ -57,7 +64,7 @@ class Grid:
     def __init__(self, bits: int, symmetric: bool):
         self.bits, self.symmetric = bits, symmetric
 
-    def fit(self, cur):  # cur: (out, width) current values of one group
+    def fit(self, cur, g=0):  # cur: (out, width) current values of group g
         import torch
 
         from ..packing import grid_params
@@ -75,13 +82,15 @@ class Grid:
 
 
 def solve(W, H, group_size: int, quantizer, damping: float, act_order: bool, keep_zeros=None,
-          block: int = 128):
+          keep_cols=None, block: int = 128):
     """GPTQ on one weight. W: (out, in), H: (in, in) -> (Q (out, in), per-group params list).
 
     Groups are contiguous runs of `group_size` input columns (partial last group allowed), so
     they can be stored as is even with act_order: a group's parameters are fitted on its
     current (error-updated) values when its first column comes up in the processing order.
     keep_zeros: (out, in) bool, weights that must stay exactly zero (an earlier pruning).
+    keep_cols: input columns kept in fp16 (outliers): taken first, left out of the group fits
+    and of the damping's mean.
     """
     import torch
 
@@ -92,11 +101,18 @@ def solve(W, H, group_size: int, quantizer, damping: float, act_order: bool, kee
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n)
+    key = H.diagonal().clone() if act_order else -torch.arange(n, dtype=torch.float32)
+    kept = torch.zeros(n, dtype=torch.bool)
+    if keep_cols is not None and len(keep_cols):
+        kept[keep_cols] = True
+        key[kept] = torch.inf  # exact columns first: the others absorb their (fp16) rounding
+    perm = torch.argsort(key, descending=True, stable=True)
     inv = torch.argsort(perm)
+    diag_rest = H.diagonal()[~kept] if (~kept).any() else H.diagonal()
     W, H = W[:, perm], H[perm][:, perm]
+    kept = kept[perm]
     mask = keep_zeros[:, perm] if keep_zeros is not None else None
-    H.diagonal().add_(damping * H.diagonal().mean())
+    H.diagonal().add_(damping * diag_rest.mean())
     Hinv = _inverse_cholesky(H)  # upper: Hinv[i, i:] spreads column i's error
     Q = torch.zeros_like(W)
     params = [None] * math.ceil(n / gs)
@@ -116,9 +132,10 @@ def solve(W, H, group_size: int, quantizer, damping: float, act_order: bool, kee
                     cur[:, after] -= E1[:, :i] @ Hinv[i1:i1 + i][:, pos[after]]
                 if mask is not None:
                     cur[mask[:, pos]] = 0.0
-                params[g] = quantizer.fit(cur)
+                cur[:, kept[pos]] = 0.0  # fp16 columns do not stretch the group's grid
+                params[g] = quantizer.fit(cur, g)
             w = W1[:, i]
-            q = quantizer.quant(w, params[g])
+            q = w.half().float() if kept[i1 + i] else quantizer.quant(w, params[g])
             if mask is not None:
                 q[mask[:, i1 + i]] = 0.0
             Q[:, i1 + i] = q
@@ -169,6 +186,14 @@ def _layers_prefix(model) -> str:
     return next(n for n, m in model.named_modules() if m is layers)
 
 
+def outlier_cols(H, k: int):
+    """The k input channels with the largest energy (diag of H), or None."""
+    import torch
+    if k <= 0:
+        return None
+    return torch.topk(H.diagonal(), min(k, H.shape[0])).indices.sort().values
+
+
 def keep_zeros_of(W):
     """The exact zeros an earlier pruning step left (None when there are hardly any)."""
     z = W == 0
@@ -178,23 +203,48 @@ def keep_zeros_of(W):
 @technique(GPTQ, name="gptq", family="quantization", packs=True)
 def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
     from ..calibration import calibrate
-    from ..packing import quantize
+    from ..packing import OutlierQTensor, quantize
 
-    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
+    key = ctx.state_key
+    if cfg.rotate:
+        from .base import target_linears
+        from .rotation import rotate_model
+        if any(keep_zeros_of(m.weight.data) is not None for _, m in target_linears(model)):
+            ctx.log("gptq: not rotating: the weights are pruned and a rotation would fill their zeros")
+        else:
+            ctx.runtime.append(rotate_model(model))
+            ctx.state_key = key + ":rotated" if key else key
+    try:
+        stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
+    finally:
+        ctx.state_key = key
     grid = Grid(cfg.bits, cfg.symmetric)
     errs = {}
 
+    from ..calibration import decoder_layers
+    layers = decoder_layers(model)
+
     def per_layer(i, lin):
+        awq_s = {}
+        if cfg.awq_scaling:
+            from .awq import scale_layer
+            awq_s = scale_layer(layers[i], stats.layer(i), cfg.bits, cfg.group_size, cfg.symmetric, 10)
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             H = st.hessian(cfg.bos_weight)
+            s = awq_s.get(name.split(f".{i}.", 1)[1])
+            if s is not None:  # the input is now x / s
+                H = H / s[:, None] / s[None, :]
             W = m.weight.data
-            Q, params = solve(W, H, cfg.group_size, grid, cfg.damping, cfg.act_order, keep_zeros_of(W))
+            cols = outlier_cols(H, cfg.outliers)
+            Q, params = solve(W, H, cfg.group_size, grid, cfg.damping, cfg.act_order, keep_zeros_of(W), cols)
             scales = _stack([p[0] for p in params])
             zeros = None if cfg.symmetric else _stack([p[1] for p in params])
             qt = quantize(Q, cfg.bits, cfg.group_size, cfg.symmetric, scales=scales, zeros=zeros)
+            if cols is not None:
+                qt = OutlierQTensor.of(qt, cols.tolist(), Q[:, cols])
             deq = qt.dequantize()
-            errs[name] = layer_error(W, deq, st.hessian())
+            errs[name] = layer_error(W, deq, H)
             W.copy_(deq)
             ctx.packed[f"{name}.weight"] = qt
 
