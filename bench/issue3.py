@@ -46,7 +46,6 @@ def main() -> None:
 
     from core.jobs.client import run_inline
     from core.jobs.spec import JobSpec
-    from results_md import fmt_table, write_section
 
     ev = dict(text=a.text, max_tokens=a.max_tokens, context=a.context, prompt_tokens=128, new_tokens=128, repeats=3)
     rows = []
@@ -61,6 +60,7 @@ def main() -> None:
                      "prefill": res["prefill_tokens_per_s"], "tokens": res["tokens_scored"]})
         print(f"{name}: ppl {res['ppl']:.3f} size {res['size_bytes'] / 1e6:.1f} MB decode "
               f"{res['decode_tokens_per_s']:.1f} tok/s ({time.time() - t0:.0f} s)", file=sys.stderr)
+        report(rows, a, partial=True)
     if not a.no_onnx:
         out = home / "onnx-int8"
         r = run_inline(JobSpec(model="bundled:smollm2-135m", kind="export", eval=ev,
@@ -73,6 +73,11 @@ def main() -> None:
                      "decode": res["decode_tokens_per_s_onnx"], "prefill": res.get("prefill_tokens_per_s_onnx"),
                      "tokens": res.get("tokens_scored_onnx"), "fp32_onnx_bytes": res.get("fp32_size_bytes"),
                      "ok": res.get("ok"), "failure": res.get("failure")})
+    report(rows, a, partial=False)
+
+
+def report(rows: list[dict], a, partial: bool) -> None:
+    from results_md import fmt_table, write_section
     base = rows[0]
     table = []
     for r in rows:
@@ -80,6 +85,10 @@ def main() -> None:
                       f"{r['size_bytes'] / 1e6:.1f}", f"{r['size_bytes'] / base['size_bytes']:.3f}×",
                       f"{r['theoretical_bytes'] / 1e6:.1f}" if r["theoretical_bytes"] else "–",
                       f"{r['decode']:.1f}", f"{r['decode'] / base['decode']:.2f}×"])
+    onnx_note = "".join(
+        f"The ONNX int8 file is {r['size_bytes'] / r['fp32_onnx_bytes']:.3f}× the fp32 ONNX export "
+        f"({r['fp32_onnx_bytes'] / 1e6:.1f} MB); verification {'passed' if r['ok'] else 'FAILED: ' + str(r['failure'])}.\n"
+        for r in rows if r.get("fp32_onnx_bytes"))
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "issue3.json").write_text(json.dumps(rows, indent=2))
     body = f"""## End to end (issue 3): SmolLM2-135M, WikiText-2 test
@@ -92,9 +101,12 @@ decode = 128 greedy tokens after a 128-token prompt, KV cache, median of 3 after
 
 Size on disk is the saved file; the ONNX row is the exported, verified file run in onnxruntime.
 Magnitude pruning is stored densely: its file does not shrink, only its theoretical size does.
-"""
+{onnx_note}Load average (1 min) when this table was written: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores —
+decode speeds on a shared machine are noisy; the ratios come from one process, one after the other.
+""" + ("\n**Partial run: the rows above are all that was measured so far.**\n" if partial else "")
     write_section("issue3", body)
-    print(body)
+    if not partial:
+        print(body)
 
 
 if __name__ == "__main__":
