@@ -31,7 +31,8 @@ TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 G4 = {"bits": 4, "group_size": 64, "symmetric": True}
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
 # The settings that reach (or come closest to) the bar; what each idea buys is in the ideas table.
-GPTQ = {"outliers": 8, "act_order": True}
+GPTQ = {"outliers": 4, "act_order": True}
+CALIBRATED = {"gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt"}
 # name, bar (x fp32), recipe, reference name, reference recipe
 ROWS = [
     ("gptq4", "gptq 4-bit g64 sym", 1.10, [{"technique": "gptq", **G4, **GPTQ}],
@@ -75,7 +76,7 @@ def quality(a) -> None:
     ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
               new_tokens=32, repeats=3)
     done: dict[str, dict] = {}
-    out_json = HERE / "results" / "calibrated.json"
+    out_json = HERE / "results" / f"calibrated{'-' + a.part if a.part else ''}.json"
 
     def measure(label, steps):
         key = json.dumps(steps, sort_keys=True)
@@ -94,10 +95,16 @@ def quality(a) -> None:
         print(f"{label}: ppl {res['ppl']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         return done[key]
 
+    def with_samples(steps):
+        if not a.samples:
+            return steps
+        return [{**s, "samples": a.samples} if s["technique"] in CALIBRATED else s for s in steps]
+
     base = measure("fp32", [])
     rows = [r for r in ROWS if not a.rows or r[0] in a.rows.split(",")]
     table, raw = [], []
     for key, name, bar, steps, ref_name, ref_steps in rows:
+        steps, ref_steps = with_samples(steps), with_samples(ref_steps)
         ours = measure(name, steps)
         ref = measure(ref_name, ref_steps)
         ratio, rratio = ours["ppl"] / base["ppl"], ref["ppl"] / base["ppl"]
@@ -110,9 +117,9 @@ def quality(a) -> None:
                     "reached": ok})
     out_json.parent.mkdir(exist_ok=True)
     out_json.write_text(json.dumps({"fp32": base, "rows": raw, "max_tokens": a.max_tokens}, indent=2))
-    body = f"""## Calibrated quantization and pruning (issue 4): quality bar
+    body = f"""## Calibrated quantization and pruning (issue 4): quality bar{f" ({a.part})" if a.part else ""}
 
-Command: `.venv/bin/python bench/calibrated.py --max-tokens {a.max_tokens} --context {a.context}`
+Command: `.venv/bin/python bench/calibrated.py --max-tokens {a.max_tokens} --context {a.context}{f" --samples {a.samples}" if a.samples else ""}{f" --rows {a.rows} --part {a.part}" if a.rows else ""}`
 ({base['tokens']:,} tokens of WikiText-2 test scored, context {a.context}, BOS + window; calibration: the
 shipped WikiText-2 validation slice, random windows after BOS; every row in one process, ratios to
 the fp32 perplexity **{base['ppl']:.3f}** of this run (fp32 file {base['size_bytes'] / 1e6:.1f} MB).
@@ -122,9 +129,7 @@ calibration included where the cache was cold.)
 {fmt_table(["recipe", "bar", "ppl", "× fp32", "", "same setting without calibration", "ppl", "× fp32",
             "size MB", "theoretical MB", "apply s", "recipe steps"], table)}
 """
-    if a.rows:
-        body += f"\nRows run: {a.rows}.\n"
-    write_section("calibrated", body)
+    write_section("calibrated" + (f"-{a.part}" if a.part else ""), body)
     print(body)
 
 
@@ -137,8 +142,10 @@ def sweep(a) -> None:
     env = {**os.environ, "SQUEEZE_HOME": str(home)}
     squeeze = str(ROOT / ".venv/bin/squeeze")
     parts = []
-    for tech, field, values in (("wanda", "sparsity", [0.3, 0.4, 0.5, 0.6, 0.7]),
-                                ("gptq", "group_size", [32, 64, 128, 0, 64])):
+    plan = [("wanda", "sparsity", [0.3, 0.4, 0.5, 0.6, 0.7])]
+    if a.sweep_gptq:
+        plan.append(("gptq", "group_size", [32, 64, 128, 0, 64]))
+    for tech, field, values in plan:
         rows, first = [], None
         for i, v in enumerate(values):
             steps = [{"technique": tech, field: v}]
@@ -170,15 +177,69 @@ Five runs: apply {tot_apply:.1f} s = **{tot_apply / first[0]:.2f}×** the first 
 """)
     body = f"""## Calibration cache: a five-point sweep (issue 4)
 
-Command: `.venv/bin/python bench/calibrated.py --sweep --max-tokens {a.max_tokens} --context {a.context}` —
+Command: `.venv/bin/python bench/calibrated.py --sweep{" --sweep-gptq" if a.sweep_gptq else ""} --max-tokens {a.max_tokens} --context {a.context}` —
 runs `squeeze eval {MODEL} --recipe R --text wiki.test.raw --max-tokens {a.max_tokens} --context {a.context} --json`
 once per setting, each a new process, in a SQUEEZE_HOME whose calibration cache starts empty. The
-first run computes the statistics (64 samples × 512 tokens, one decoder layer at a time); the
+first run computes the statistics (the default calibration: wanda 32, gptq 64 samples × 512 tokens, one decoder layer at a time); the
 others read them from the cache, keyed by (model state, calibration text, samples, seq len).
 The whole command includes loading, saving, loading back and the perplexity/speed evaluation.
 
 """ + "\n".join(parts)
     write_section("calibrated-sweep", body)
+    print(body)
+
+
+IDEAS = HERE / "results" / "calibrated_ideas.jsonl"
+
+
+def ideas(a) -> None:
+    """What each idea buys: gptq (and awq/rtn) 4-bit g64 variants applied in memory to the bundled
+    model and scored on the same windows; every result is appended to IDEAS, and the section
+    shows them all (fp32 of the same run beside each)."""
+    import copy
+
+    from core import evaluate as ev
+    from core import models
+    from core.techniques import registry
+    from core.techniques.base import StepContext
+    from results_md import fmt_table, write_section
+
+    if a.ideas:
+        os.environ.setdefault("SQUEEZE_HOME", str(isolated_home()))
+        fp, tok, _ = models.load(MODEL)
+        fp_ppl = ev.perplexity(fp, tok, a.text, a.max_tokens, a.context)["ppl"]
+        for spec in a.ideas.split(";"):
+            name, _, js = spec.partition(":")
+            values = json.loads(js or "{}")
+            m = copy.deepcopy(fp)
+            t0 = time.time()
+            ctx = StepContext(tokenizer=tok, state_key="bench-ideas")
+            tech = registry.get(name)
+            tech.apply(m, tech.make(values), ctx)
+            apply_s = time.time() - t0
+            ppl = ev.perplexity(m, tok, a.text, a.max_tokens, a.context)["ppl"]
+            rec = {"technique": name, "values": values, "ppl": ppl, "fp32": fp_ppl, "max_tokens": a.max_tokens,
+                   "context": a.context, "apply_s": round(apply_s, 1)}
+            IDEAS.parent.mkdir(exist_ok=True)
+            with IDEAS.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+    recs = [json.loads(line) for line in IDEAS.read_text().splitlines() if line.strip()] if IDEAS.exists() else []
+    rows = [[r["technique"], "`" + json.dumps(r["values"]) + "`", f"{r['ppl']:.3f}", f"{r['fp32']:.3f}",
+             f"{r['ppl'] / r['fp32']:.3f}×", f"{r['max_tokens']:,}", r.get("note", "")] for r in recs]
+    body = f"""## What each idea buys on SmolLM2-135M (issue 4)
+
+Command: `.venv/bin/python bench/calibrated.py --ideas 'gptq:{{"bits":4,"group_size":64,...}};...' --max-tokens N`
+(each variant applied in memory to the bundled model, scored on WikiText-2 test, context {a.context};
+fp32 of the same run beside it; calibration 32 samples × 512 tokens of the shipped WikiText-2 validation
+slice unless the values say otherwise; results accumulate in `bench/results/calibrated_ideas.jsonl`).
+The rows below were measured during development with the same in-memory loop before it moved into
+this script; the `kept fp32` probes quantize every decoder Linear with rtn except those named.
+The machine was shared (load average 5-8 on 2 cores): apply times are not comparable between rows.
+
+{fmt_table(["technique", "values", "ppl", "fp32", "× fp32", "tokens", "note"], rows)}
+"""
+    write_section("calibrated-ideas", body)
     print(body)
 
 
@@ -188,9 +249,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--text", type=Path, default=TEXT)
     ap.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
+    ap.add_argument("--part", default="", help="a name for this subset of rows: its own RESULTS.md section")
+    ap.add_argument("--samples", type=int, default=0, help="calibration samples for every calibrated step")
     ap.add_argument("--sweep", action="store_true", help="measure the five-point sweep instead")
+    ap.add_argument("--sweep-gptq", action="store_true", help="also sweep gptq group sizes (+ one 3-bit run)")
+    ap.add_argument("--ideas", nargs="?", const="", default=None,
+                    help="'technique:{json};...' variants to measure in memory (empty: only rewrite the section)")
     a = ap.parse_args()
-    sweep(a) if a.sweep else quality(a)
+    if a.ideas is not None:
+        ideas(a)
+    elif a.sweep:
+        sweep(a)
+    else:
+        quality(a)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ def run(model, eval_settings, *steps, evaluate=False):
     return r.result
 
 
+_BASE: dict = {}
+
+
+def base_facts(model, eval_settings) -> dict:
+    """The unchanged model's size facts (the same for every test: computed once)."""
+    if model not in _BASE:
+        _BASE[model] = run(model, eval_settings)
+    return _BASE[model]
+
+
 def apply(model_id, name, values, ctx=None):
     model, tok, _ = models.load(model_id)
     tech = registry.get(name)
@@ -39,9 +49,9 @@ def decoder_weights(model):
     return {n: m.weight for n, m in target_linears(model)}
 
 
-@pytest.mark.parametrize("bits,group", [(3, 64), (4, 0), (2, 32)])
+@pytest.mark.parametrize("bits,group", [(3, 64), (2, 0)])
 def test_gptq_honours_bits_and_groups_and_packs_them(tiny_model, tiny_eval, home, bits, group):
-    r = run(tiny_model, tiny_eval, ("gptq", {"bits": bits, "group_size": group, **FAST}))
+    r = run(tiny_model, tiny_eval, ("gptq", {"bits": bits, "group_size": group, "outliers": 0, **FAST}))
     model, _ = load_variant(r["variant_dir"])
     from safetensors import safe_open
     with safe_open(f"{r['variant_dir']}/model.safetensors", "pt") as f:
@@ -129,10 +139,9 @@ def linear_bytes(model):
     return sum(w.numel() * 4 for w in decoder_weights(model).values())
 
 
-@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
-@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("name,pattern", [("wanda", "4:8"), ("sparsegpt", "2:4")])
 def test_nm_pattern_holds_in_every_group_and_the_file_shrinks(tiny_model, tiny_eval, home, name, pattern):
-    base = run(tiny_model, tiny_eval)
+    base = base_facts(tiny_model, tiny_eval)
     r = run(tiny_model, tiny_eval, (name, {"pattern": pattern, **FAST}))
     model, _ = load_variant(r["variant_dir"])
     n, m = map(int, pattern.split(":"))
@@ -197,7 +206,7 @@ def test_quantize_then_prune_is_refused_with_the_working_order():
 
 @pytest.mark.parametrize("entries,group", [(16, 0), (4, 128)])
 def test_weight_sharing_uses_at_most_its_codebook_and_packs_the_indices(tiny_model, tiny_eval, home, entries, group):
-    base = run(tiny_model, tiny_eval)
+    base = base_facts(tiny_model, tiny_eval)
     r = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": entries, "group_size": group, **FAST}))
     model, _ = load_variant(r["variant_dir"])
     gs = 10 ** 9 if group == 0 else group
@@ -254,7 +263,7 @@ def test_smoothquant_runs_int8_activations_from_the_saved_file(tiny_model, tiny_
 
 def test_gptq_outlier_columns_are_kept_in_fp16_in_the_file(tiny_model, tiny_eval, home):
     fp = decoder_weights(models.load(tiny_model)[0])
-    plain = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, **FAST}))
+    plain = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, "outliers": 0, **FAST}))
     r = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, "outliers": 4, **FAST}))
     man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
     meta = man["packed"]["model.layers.0.mlp.down_proj.weight"]

@@ -43,7 +43,7 @@ class GPTQ:
                           help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
     act_order: bool = knob(True, help="Quantize the columns with the largest activations first "
                                       "(their error is then spread over the others).")
-    outliers: int = knob(0, min=0, max=32, step=1, unit="columns",
+    outliers: int = knob(4, min=0, max=32, step=1, unit="columns",
                          help="Input channels per Linear kept in fp16: those with the largest calibration "
                               "energy (massive activations); costs 2 bytes x rows each.")
     rotate: bool = knob(False, help="First rotate the residual stream by a fixed orthogonal matrix (same function, "
