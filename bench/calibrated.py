@@ -72,7 +72,7 @@ def quality(a) -> None:
     from core.jobs.spec import JobSpec
     from results_md import fmt_table, write_section
 
-    os.environ["SQUEEZE_HOME"] = str(isolated_home())
+    os.environ["SQUEEZE_HOME"] = str(a.home or isolated_home())
     ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
               new_tokens=32, repeats=3)
     done: dict[str, dict] = {}
@@ -101,7 +101,8 @@ def quality(a) -> None:
         return [{**s, "samples": a.samples} if s["technique"] in CALIBRATED else s for s in steps]
 
     base = measure("fp32", [])
-    rows = [r for r in ROWS if not a.rows or r[0] in a.rows.split(",")]
+    order = a.rows.split(",") if a.rows else [r[0] for r in ROWS]
+    rows = sorted((r for r in ROWS if r[0] in order), key=lambda r: order.index(r[0]))
     table, raw = [], []
     for key, name, bar, steps, ref_name, ref_steps in rows:
         steps, ref_steps = with_samples(steps), with_samples(ref_steps)
@@ -115,6 +116,11 @@ def quality(a) -> None:
                       f"{ours['apply_s']:.0f}", "`" + json.dumps(steps) + "`"])
         raw.append({"row": key, "name": name, "bar": bar, "ours": ours, "reference": ref, "ratio": ratio,
                     "reached": ok})
+        write(a, base, table, raw, out_json)  # after every row: a long run leaves what it measured
+
+
+def write(a, base, table, raw, out_json) -> None:
+    from results_md import fmt_table, write_section
     out_json.parent.mkdir(exist_ok=True)
     out_json.write_text(json.dumps({"fp32": base, "rows": raw, "max_tokens": a.max_tokens}, indent=2))
     body = f"""## Calibrated quantization and pruning (issue 4): quality bar{f" ({a.part})" if a.part else ""}
@@ -251,6 +257,7 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
     ap.add_argument("--part", default="", help="a name for this subset of rows: its own RESULTS.md section")
     ap.add_argument("--samples", type=int, default=0, help="calibration samples for every calibrated step")
+    ap.add_argument("--home", type=Path, default=None, help="SQUEEZE_HOME to use (reuses its calibration cache)")
     ap.add_argument("--sweep", action="store_true", help="measure the five-point sweep instead")
     ap.add_argument("--sweep-gptq", action="store_true", help="also sweep gptq group sizes (+ one 3-bit run)")
     ap.add_argument("--ideas", nargs="?", const="", default=None,

@@ -28,9 +28,8 @@ from calibrated import MODEL, TEXT, isolated_home  # noqa: E402
 
 OURS = [
     ("ours: rtn int8 g64", [{"technique": "rtn", "bits": 8, "group_size": 64}]),
-    ("ours: dynamic_int8", [{"technique": "dynamic_int8", "float_down_proj": False}]),
+    ("ours: dynamic_int8 (down_proj float)", [{"technique": "dynamic_int8"}]),
     ("ours: rtn int4 g64 sym", [{"technique": "rtn", "bits": 4, "group_size": 64}]),
-    ("ours: awq int4 g64 sym", [{"technique": "awq", "bits": 4, "group_size": 64}]),
 ]
 
 
@@ -46,14 +45,49 @@ def measure_model(model, tok, a) -> dict:
     return {"ppl": p["ppl"], "decode": s["decode_tokens_per_s"], "tokens": p["tokens_scored"]}
 
 
+def measure_no_grad(model, tok, a) -> dict:
+    """The same protocol (windows, BOS, scoring) under no_grad: quanto's int4 kernels refuse
+    inference mode, which core.evaluate uses."""
+    import math
+    import statistics
+
+    import torch
+
+    from core import evaluate as ev
+    windows, bos = ev.token_windows(tok, a.text, a.max_tokens, a.context)
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([([bos] if bos is not None else []) + w])
+            logp = torch.log_softmax(model(ids, use_cache=False).logits[0].float()[:-1], dim=-1)
+            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
+            scored += ids.shape[1] - 1
+        from transformers import DynamicCache
+        prompt = torch.tensor([tok(ev.read_text(a.text), add_special_tokens=False)["input_ids"][:128]])
+        dec = []
+        for r in range(4):
+            out = model(prompt, past_key_values=DynamicCache(), use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            t0 = time.perf_counter()
+            for _ in range(32):
+                out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+            if r:
+                dec.append(time.perf_counter() - t0)
+    return {"ppl": math.exp(nll / scored), "decode": 32 / statistics.median(dec), "tokens": scored}
+
+
 def quanto(fp, tok, a, weights: str, tmp: Path) -> dict:
     from optimum import quanto as q
-    m = copy.deepcopy(fp)
+
+    from core import models
+    m = models.load(MODEL)[0]  # a fresh copy: quanto's int4 packing refuses tensors touched by inference mode
     q.quantize(m, weights=getattr(q, weights), exclude=["lm_head"])
     q.freeze(m)
-    f = tmp / f"quanto-{weights}.safetensors"
-    q.safe_save(m.state_dict(), str(f))
-    return {**measure_model(m, tok, a), "size_bytes": f.stat().st_size}
+    import torch
+    f = tmp / f"quanto-{weights}.pt"
+    torch.save(m.state_dict(), f)  # quanto's packed weight tensors, as its own serialization keeps them
+    return {**measure_no_grad(m, tok, a), "size_bytes": f.stat().st_size}
 
 
 def torch_ao_dynamic(fp, tok, a, tmp: Path) -> dict:
