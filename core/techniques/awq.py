@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import for_each_layer, layer_error, samples_knob, seq_len_knob, text_knob
-from .quantization import GROUP_CHOICES, GROUP_LABELS
+from .gptq import (bits_knob, for_each_layer, group_knob, layer_error, samples_knob, seq_len_knob,
+                   symmetric_knob, text_knob)
 from .registry import technique
 
 
@@ -19,10 +19,9 @@ from .registry import technique
 class AWQ:
     """AWQ: activation-aware per-channel scaling searched on calibration data, then grouped quantization, stored packed."""
 
-    bits: int = knob(4, min=2, max=8, step=1, unit="bits", help="Bits per weight.")
-    group_size: int = knob(64, choices=GROUP_CHOICES, labels=GROUP_LABELS, unit="weights",
-                           help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
-    symmetric: bool = knob(True, help="Symmetric grid around zero (no zero-point).")
+    bits: int = bits_knob()
+    group_size: int = group_knob()
+    symmetric: bool = symmetric_knob()
     grid: int = knob(20, min=1, max=40, step=1, unit="points",
                      help="Scaling exponents tried between 0 and 1 (more = finer search, slower).")
     clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "

@@ -17,6 +17,19 @@ SAMPLE_CHOICES = (8, 16, 32, 64, 128, 256)
 SEQ_CHOICES = (128, 256, 512, 1024, 2048)
 
 
+def bits_knob():
+    return knob(4, min=2, max=8, step=1, unit="bits", help="Bits per weight.")
+
+
+def group_knob():
+    return knob(64, choices=GROUP_CHOICES, labels=GROUP_LABELS, unit="weights",
+                help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
+
+
+def symmetric_knob():
+    return knob(True, help="Symmetric grid around zero (no zero-point).")
+
+
 def samples_knob(default=64):
     return knob(default, choices=SAMPLE_CHOICES, unit="samples",
                 help="Calibration samples (random windows of the calibration text); more = steadier statistics, slower.")
@@ -35,10 +48,9 @@ def text_knob():
 class GPTQ:
     """GPTQ: second-order weight quantization with error feedback from calibration data, stored packed."""
 
-    bits: int = knob(4, min=2, max=8, step=1, unit="bits", help="Bits per weight.")
-    group_size: int = knob(64, choices=GROUP_CHOICES, labels=GROUP_LABELS, unit="weights",
-                           help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
-    symmetric: bool = knob(True, help="Symmetric grid around zero (no zero-point).")
+    bits: int = bits_knob()
+    group_size: int = group_knob()
+    symmetric: bool = symmetric_knob()
     damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
                           help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
     act_order: bool = knob(True, help="Quantize the columns with the largest activations first "
