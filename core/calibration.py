@@ -142,8 +142,18 @@ class _Stop(Exception):
     pass
 
 
-@torch.inference_mode()
-def _compute(model, ids: torch.Tensor, out: Path, ctx, share: float, batch: int = 8) -> dict:
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def _walk(model, ids: torch.Tensor, ctx, sequential: bool, batch: int = 8):
+    """Yields (i, {linear name in layer: Stat}) for each decoder layer, in order.
+
+    Not sequential: one pass per layer gathers its Linear inputs and moves the hidden states on.
+    Sequential: the caller changes layer i after it is yielded; the hidden states then go
+    through the changed layer, so layer i + 1 is calibrated on what the compressed model feeds it.
+    """
     layers = decoder_layers(model)
     # 1. the inputs of layer 0 (and the kwargs every layer gets: position embeddings, mask)
     hidden, kwargs = [], []
@@ -183,20 +193,66 @@ def _compute(model, ids: torch.Tensor, out: Path, ctx, share: float, batch: int 
         try:
             for b in range(len(hidden)):
                 seen.clear()
-                y = layer(hidden[b], **kwargs[b])
-                hidden[b] = y[0] if isinstance(y, tuple) else y
+                y = _out(layer(hidden[b], **kwargs[b]))
+                if not sequential:
+                    hidden[b] = y
                 ctx.check_cancel()
         finally:
             for h in handles:
                 h.remove()
-        final = {}
-        for name, s in stats.items():
-            final[name] = {"h": s["h"], "n": s["n"], "x0": torch.cat(s["x0"]),
-                           "absmean": s["abssum"] / s["n"], "absmax": s["absmax"]}
-        torch.save({"stats": final, "alias": {a: f for a, f in alias.items() if f in final}},
-                   out / f"layer{i:03d}.pt")
+        out = {name: Stat(h=s["h"], n=s["n"], x0=torch.cat(s["x0"]), absmean=s["abssum"] / s["n"],
+                          absmax=s["absmax"]) for name, s in stats.items()}
+        out.update({a: out[f] for a, f in alias.items() if f in out})
+        yield i, out
+        if sequential:
+            for b in range(len(hidden)):
+                hidden[b] = _out(layer(hidden[b], **kwargs[b]))
+
+
+def _compute(model, ids: torch.Tensor, out: Path, ctx, share: float) -> dict:
+    layers = decoder_layers(model)
+    for i, st in _walk(model, ids, ctx, sequential=False):
+        first = {}  # one saved entry per distinct Stat, the others as aliases
+        for name, s in st.items():
+            first.setdefault(id(s), name)
+        final = {first[id(s)]: vars(s) for s in st.values()}
+        alias = {name: first[id(s)] for name, s in st.items() if first[id(s)] != name}
+        torch.save({"stats": final, "alias": alias}, out / f"layer{i:03d}.pt")
         ctx.progress(share * (i + 1) / len(layers), f"calibration: layer {i + 1}/{len(layers)}")
     return {"layers": len(layers), "version": VERSION}
+
+
+def each_layer(model, ctx, n_samples: int, seq_len: int, calib_text: str, fn, sequential: bool = False,
+               share: float = 0.5) -> None:
+    """Calls fn(i, {full linear name: (module, Stat)}, {name in layer: Stat}) for each decoder layer,
+    with progress and cancel between Linears' layers.
+
+    Not sequential: statistics of the model as it comes (cached; a sweep reuses them), then the
+    layers one by one. Sequential: layer i's statistics are gathered after layers 0..i-1 were
+    changed by fn (as GPTQ and SparseGPT do), so later layers correct the earlier ones' error;
+    they depend on the technique's settings, so nothing is cached and each run pays a forward pass.
+    """
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+
+    def call(i, st):
+        ctx.check_cancel()
+        lin = {f"{prefix}.{i}.{n}": (m, st[n]) for n, m in layers[i].named_modules()
+               if isinstance(m, torch.nn.Linear) and n in st}
+        fn(i, lin, st)
+
+    if not sequential:
+        stats = calibrate(model, ctx, n_samples, seq_len, calib_text, share)
+        for i in range(len(layers)):
+            call(i, stats.layer(i))
+            ctx.progress(share + (1 - share) * (i + 1) / len(layers), f"layer {i + 1}/{len(layers)}")
+        return
+    if ctx.tokenizer is None:
+        raise DataError("calibration needs the model's tokenizer")
+    ids = samples(ctx.tokenizer, text_path(calib_text), n_samples, seq_len)
+    for i, st in _walk(model, ids, ctx, sequential=True):
+        call(i, st)
+        ctx.progress((i + 1) / len(layers), f"layer {i + 1}/{len(layers)} (sequential)")
 
 
 def _accumulate(stats: dict, name: str, x: torch.Tensor) -> None:

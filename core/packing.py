@@ -235,6 +235,8 @@ class CodebookTensor:
 
     kind = "codebook"
     symmetric = False
+    cols: list = []                    # input columns kept in fp16 (outliers)
+    patch: torch.Tensor | None = None  # (out, len(cols)) fp16
 
     def __init__(self, shape, bits: int, group_size: int, codes: torch.Tensor, codebook: torch.Tensor):
         self.shape, self.bits, self.group_size = tuple(shape), bits, group_size
@@ -256,22 +258,33 @@ class CodebookTensor:
         idx = unpack_bits(self.codes, self.bits, out * inp).view(out, inp).long()
         grp = (torch.arange(inp) // gs).expand(out, inp)                      # (out, in)
         cb = self.codebook.to(torch.float32)                                  # (out, G, K)
-        return cb[torch.arange(out)[:, None], grp, idx]
+        w = cb[torch.arange(out)[:, None], grp, idx]
+        if self.cols:
+            w[:, self.cols] = self.patch.to(torch.float32)
+        return w
 
     def theoretical_bytes(self, nonzero: int | None = None) -> float:
         n = self.shape[0] * self.shape[1] if nonzero is None else nonzero
-        return n * self.bits / 8 + self.codebook.numel() * 2
+        extra = self.patch.numel() * 2 if self.cols else 0
+        return n * self.bits / 8 + self.codebook.numel() * 2 + extra
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {f"{name}.qcodes": self.codes, f"{name}.qscales": self.codebook}
+        t = {f"{name}.qcodes": self.codes, f"{name}.qscales": self.codebook}
+        if self.cols:
+            t[f"{name}.qpatch"] = self.patch
+        return t
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
+        m = {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
+        return {**m, "cols": self.cols} if self.cols else m
 
     @classmethod
     def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "CodebookTensor":
-        return cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], tensors[f"{name}.qcodes"],
-                   tensors[f"{name}.qscales"])
+        ct = cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], tensors[f"{name}.qcodes"],
+                 tensors[f"{name}.qscales"])
+        if meta.get("cols"):
+            ct.cols, ct.patch = [int(c) for c in meta["cols"]], tensors[f"{name}.qpatch"]
+        return ct
 
 
 class ActQTensor(QTensor):
@@ -280,15 +293,17 @@ class ActQTensor(QTensor):
 
     kind = "w8a8"
     act_scale: float = 1.0
+    float_cols: list = []  # input channels whose activations stay float
 
     def meta(self) -> dict:
-        return {**super().meta(), "kind": self.kind, "act_scale": self.act_scale}
+        return {**super().meta(), "kind": self.kind, "act_scale": self.act_scale, "float_cols": self.float_cols}
 
     @classmethod
     def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "ActQTensor":
         qt = cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
                  tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
         qt.act_scale = float(meta["act_scale"])
+        qt.float_cols = [int(c) for c in meta.get("float_cols", [])]
         return qt
 
 

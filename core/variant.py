@@ -103,7 +103,7 @@ def load_variant(d: Path):
     except Exception as e:
         raise ModelError(f"cannot read the variant in {d}: {str(e).splitlines()[0]}") from None
     packed = {name: QTensor.from_tensors(name, meta, raw) for name, meta in man["packed"].items()}
-    state = {k: v for k, v in raw.items() if not k.endswith((".qcodes", ".qscales", ".qzeros"))}
+    state = {k: v for k, v in raw.items() if k.rsplit(".", 1)[0] not in packed}  # packed parts: below
     for name, qt in packed.items():
         state[name] = qt.dequantize()
     with no_init_weights():

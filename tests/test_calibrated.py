@@ -284,3 +284,72 @@ def test_gptq_rotation_keeps_the_float_function_and_reloads(tiny_model, tiny_eva
     man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
     assert any(e.startswith("rotate:") for e in man["runtime"])
     assert r["ppl"] == pytest.approx(base["ppl"], rel=0.01)  # 8 bits: only the rotation's rounding
+
+
+def test_sequential_calibrates_each_layer_on_the_compressed_layers_before_it(tiny_model, home):
+    """Layer 1's statistics follow what fn did to layer 0; nothing goes into the sweep cache."""
+    model = models.load(tiny_model)[0]
+    tok = models.load(tiny_model)[1]
+    seen = {}
+
+    def fn(i, lin, st):
+        seen[i] = st["mlp.down_proj"].h.clone()
+        if i == 0:
+            for _, (m, _) in lin.items():
+                m.weight.data.mul_(0.5)
+
+    ctx = StepContext(tokenizer=tok, state_key="seq-test")
+    calibration.each_layer(model, ctx, 8, 128, "", fn, sequential=True)
+    fresh = models.load(tiny_model)[0]
+    plain = calibration.calibrate(fresh, StepContext(tokenizer=tok, state_key="plain-test"), 8, 128)
+    assert torch.allclose(seen[0], plain.layer(0)["mlp.down_proj"].h, rtol=1e-4)  # layer 0: the same inputs
+    assert not torch.allclose(seen[1], plain.layer(1)["mlp.down_proj"].h, rtol=1e-2)  # layer 1: changed ones
+    assert len(list((paths.cache_dir() / "calib").iterdir())) == 1  # only the plain calibration
+
+
+def test_sequential_cancel_stops_between_layers(tiny_model, home):
+    notes = []
+    ctx = StepContext(progress=lambda f, n: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
+    with pytest.raises(Cancelled):
+        apply(tiny_model, "sparsegpt", {"sequential": True, **FAST}, ctx)
+    assert any("sequential" in n for n in notes) and not any("layer 2/" in n for n in notes)
+
+
+def test_gptq_range_search_never_raises_a_rows_error_and_cuts_it_on_heavy_tails():
+    from core.techniques.gptq import Grid
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((64, 64))  # heavy-tailed: a few large weights per row
+    imp = torch.rand(64, generator=g) + 0.1
+    errs = {}
+    for clip in (False, True):
+        grid = Grid(4, True, clip, imp, 64)
+        s, _ = grid.fit(w)
+        errs[clip] = ((w - grid.quant(w, (s[:, None], None))) ** 2 * imp).sum(1)
+    assert (errs[True] <= errs[False] + 1e-6).all()
+    assert errs[True].sum() < 0.8 * errs[False].sum()
+
+
+def test_awq_outlier_columns_are_kept_in_fp16(tiny_model, tiny_eval, home):
+    r = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 2, **FAST}))
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
+    meta = man["packed"]["model.layers.1.mlp.gate_proj.weight"]
+    assert meta["kind"] == "outliers" and len(meta["cols"]) == 2
+    w = load_variant(r["variant_dir"])[0].model.layers[1].mlp.gate_proj.weight
+    kept = w[:, meta["cols"]]
+    assert torch.equal(kept, kept.half().float())
+    assert sum(len(torch.unique(row)) > 2 ** 3 for row in kept.T) == 2  # not on the 3-bit grid
+
+
+def test_weight_sharing_outlier_columns_survive_the_file(tiny_model, tiny_eval, home):
+    plain = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": 4, **FAST}))
+    r = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": 4, "outliers": 3, **FAST}))
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
+    meta = man["packed"]["model.layers.0.self_attn.q_proj.weight"]
+    assert meta["kind"] == "codebook" and len(meta["cols"]) == 3
+    w = load_variant(r["variant_dir"])[0].model.layers[0].self_attn.q_proj.weight
+    rest = [c for c in range(w.shape[1]) if c not in meta["cols"]]
+    assert all(len(torch.unique(row)) <= 4 for row in w[:, rest])  # the codebook for every other column
+    assert sum(len(torch.unique(col)) > 4 for col in w[:, meta["cols"]].T) == 3
+    extra = sum(m.weight.shape[0] * 3 * 2 for _, m in target_linears(models.load(tiny_model)[0]))
+    assert r["theoretical_bytes"] - plain["theoretical_bytes"] == pytest.approx(extra, rel=0.01)
+    assert extra < r["size_bytes"] - plain["size_bytes"] < extra + 150 * 14  # + 14 tensor names in the header

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import (bits_knob, for_each_layer, group_knob, layer_error, samples_knob, seq_len_knob,
-                   symmetric_knob, text_knob)
+from .gptq import (bits_knob, group_knob, layer_error, outlier_cols, outliers_knob, samples_knob, seq_len_knob,
+                   sequential_knob, symmetric_knob, text_knob)
 from .registry import technique
 
 
@@ -26,8 +26,10 @@ class AWQ:
                      help="Scaling exponents tried between 0 and 1 (more = finer search, slower).")
     clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "
                                  "that lowers the output error).")
+    outliers: int = outliers_knob(0)
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
+    sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
 
@@ -167,29 +169,33 @@ def scale_layer(layer, st: dict, bits, group_size, symmetric, grid) -> dict:
 
 @technique(AWQ, name="awq", family="quantization", packs=True)
 def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
-    from ..calibration import calibrate, decoder_layers
-    from ..packing import quantize
+    from ..calibration import decoder_layers, each_layer
+    from ..packing import OutlierQTensor, quantize
 
-    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
     layers = decoder_layers(model)
     errs = {}
 
-    def per_layer(i, lin):
-        st = stats.layer(i)
+    def per_layer(i, lin, st):
         scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid)
         for name, (m, stat) in lin.items():
             ctx.check_cancel()
             s = scales[name.split(f".{i}.", 1)[1]]
             H = stat.hessian() / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
             W = m.weight.data
-            shrink = clip_search(W, H, cfg.bits, cfg.group_size, cfg.symmetric) if cfg.clip else None
-            q, sc, z = fake_quant(W, cfg.bits, cfg.group_size, cfg.symmetric, shrink)
+            cols = outlier_cols(H, cfg.outliers)
+            Wg = W.clone()
+            if cols is not None:  # fp16 columns do not stretch their groups' grids
+                Wg[:, cols] = 0.0
+            shrink = clip_search(Wg, H, cfg.bits, cfg.group_size, cfg.symmetric) if cfg.clip else None
+            q, sc, z = fake_quant(Wg, cfg.bits, cfg.group_size, cfg.symmetric, shrink)
             qt = quantize(q, cfg.bits, cfg.group_size, cfg.symmetric, scales=sc, zeros=z)
+            if cols is not None:
+                qt = OutlierQTensor.of(qt, cols.tolist(), W[:, cols])
             deq = qt.dequantize()
             errs[name] = layer_error(W, deq, H)
             W.copy_(deq)
             ctx.packed[f"{name}.weight"] = qt
 
-    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
     return {"layers": len(errs), "bits": cfg.bits, "group_size": cfg.group_size,
             "output_error": sum(errs.values())}

@@ -39,6 +39,17 @@ def seq_len_knob(default=512):
     return knob(default, choices=SEQ_CHOICES, unit="tokens", help="Tokens per calibration sample (BOS included).")
 
 
+def sequential_knob(default=False):
+    return knob(default, help="Calibrate each decoder layer on what the already-compressed layers before it "
+                              "produce, so later layers correct earlier errors; slower, and not reused by a sweep.")
+
+
+def outliers_knob(default):
+    return knob(default, min=0, max=32, step=1, unit="columns",
+                help="Input channels per Linear kept in fp16: those with the largest calibration "
+                     "energy (massive activations); costs 2 bytes x rows each.")
+
+
 def text_knob():
     return knob("", help="Calibration text file; empty = the shipped WikiText-2 validation slice "
                          "(never the evaluation text).")
@@ -55,36 +66,59 @@ class GPTQ:
                           help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
     act_order: bool = knob(True, help="Quantize the columns with the largest activations first "
                                       "(their error is then spread over the others).")
-    outliers: int = knob(4, min=0, max=32, step=1, unit="columns",
-                         help="Input channels per Linear kept in fp16: those with the largest calibration "
-                              "energy (massive activations); costs 2 bytes x rows each.")
+    outliers: int = outliers_knob(4)
     rotate: bool = knob(False, help="First rotate the residual stream by a fixed orthogonal matrix (same function, "
                                     "outlier channels spread out); two small products at run time.")
     awq_scaling: bool = knob(False, help="First scale input channels as AWQ does (searched on the same "
                                          "statistics, folded into the op before), then run GPTQ.")
+    clip: bool = knob(True, help="Search each group's range (shrunk up to 45 %) for the least weighted "
+                                 "rounding error, instead of always spanning the largest weight.")
     bos_weight: float = knob(1.0, min=0.0, max=1.0, step=0.05, unit="x",
                              help="Weight of the position-0 (BOS, attention-sink) tokens in the Hessian; "
                                   "1 = as they come.")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
+    sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
 
 class Grid:
-    """Uniform grid per group of input columns (what packing.quantize stores)."""
+    """Uniform grid per group of input columns (what packing.quantize stores).
 
-    def __init__(self, bits: int, symmetric: bool):
-        self.bits, self.symmetric = bits, symmetric
+    clip: each row's range is also tried shrunk (x 1.0 .. 0.55), keeping the one with the least
+    squared error weighted by the input energy (the Hessian's diagonal) of the group's columns.
+    """
+
+    SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+
+    def __init__(self, bits: int, symmetric: bool, clip: bool = False, importance=None, group_size: int = 0):
+        self.bits, self.symmetric, self.clip = bits, symmetric, clip
+        self.importance, self.gs = importance, group_size
 
     def fit(self, cur, g=0):  # cur: (out, width) current values of group g
         import torch
 
         from ..packing import grid_params
-        s, z = grid_params(cur.unsqueeze(1), torch.ones(1, 1, cur.shape[1], dtype=torch.bool),
-                           self.bits, self.symmetric)
-        return s[:, 0], (z[:, 0] if z is not None else None)  # (out,), (out,) or None
+        valid = torch.ones(1, 1, cur.shape[1], dtype=torch.bool)
+        best, best_err = None, None
+        for p in (self.SHRINK if self.clip else (1.0,)):
+            s, z = grid_params((cur * p).unsqueeze(1), valid, self.bits, self.symmetric)
+            params = (s[:, 0], z[:, 0] if z is not None else None)  # (out,), (out,) or None
+            if not self.clip:
+                return params
+            wq = self.quant(cur, (params[0][:, None], None if params[1] is None else params[1][:, None]))
+            imp = self.importance[g * self.gs:g * self.gs + cur.shape[1]] if self.importance is not None else 1.0
+            err = ((cur - wq) ** 2 * imp).sum(1)  # (out,)
+            if best is None:
+                best, best_err = params, err
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = (torch.where(better, params[0], best[0]),
+                        None if params[1] is None else torch.where(better, params[1], best[1]))
+        return best
 
-    def quant(self, w, params):  # w: (out,)
+    def quant(self, w, params):  # w: (out,) with params (out,), or (out, k) with params (out, 1)
         import torch
         s, z = params
         if self.symmetric:
@@ -176,28 +210,6 @@ def layer_error(W, Q, H) -> float:
     return float(((D @ H) * D).sum())
 
 
-def for_each_layer(model, ctx: StepContext, stats, fn, share: float) -> None:
-    """Calls fn(i, {full linear name: (module, Stat)}) for each decoder layer, with progress and cancel."""
-    import torch
-
-    from ..calibration import decoder_layers
-    layers = decoder_layers(model)
-    prefix = _layers_prefix(model)
-    for i, layer in enumerate(layers):
-        ctx.check_cancel()
-        st = stats.layer(i)
-        lin = {f"{prefix}.{i}.{n}": (m, st[n]) for n, m in layer.named_modules()
-               if isinstance(m, torch.nn.Linear) and n in st}
-        fn(i, lin)
-        ctx.progress(share + (1 - share) * (i + 1) / len(layers), f"layer {i + 1}/{len(layers)}")
-
-
-def _layers_prefix(model) -> str:
-    from ..calibration import decoder_layers
-    layers = decoder_layers(model)
-    return next(n for n, m in model.named_modules() if m is layers)
-
-
 def outlier_cols(H, k: int):
     """The k input channels with the largest energy (diag of H), or None."""
     import torch
@@ -214,7 +226,7 @@ def keep_zeros_of(W):
 
 @technique(GPTQ, name="gptq", family="quantization", packs=True)
 def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
-    from ..calibration import calibrate
+    from ..calibration import each_layer
     from ..packing import OutlierQTensor, quantize
 
     key = ctx.state_key
@@ -226,21 +238,16 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
         else:
             ctx.runtime.append(rotate_model(model))
             ctx.state_key = key + ":rotated" if key else key
-    try:
-        stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
-    finally:
-        ctx.state_key = key
-    grid = Grid(cfg.bits, cfg.symmetric)
     errs = {}
 
     from ..calibration import decoder_layers
     layers = decoder_layers(model)
 
-    def per_layer(i, lin):
+    def per_layer(i, lin, st_layer):
         awq_s = {}
         if cfg.awq_scaling:
             from .awq import scale_layer
-            awq_s = scale_layer(layers[i], stats.layer(i), cfg.bits, cfg.group_size, cfg.symmetric, 10)
+            awq_s = scale_layer(layers[i], st_layer, cfg.bits, cfg.group_size, cfg.symmetric, 10)
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             H = st.hessian(cfg.bos_weight)
@@ -249,6 +256,8 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
                 H = H / s[:, None] / s[None, :]
             W = m.weight.data
             cols = outlier_cols(H, cfg.outliers)
+            gs = W.shape[1] if cfg.group_size <= 0 else min(cfg.group_size, W.shape[1])
+            grid = Grid(cfg.bits, cfg.symmetric, cfg.clip, H.diagonal(), gs)
             Q, params = solve(W, H, cfg.group_size, grid, cfg.damping, cfg.act_order, keep_zeros_of(W), cols)
             scales = _stack([p[0] for p in params])
             zeros = None if cfg.symmetric else _stack([p[1] for p in params])
@@ -260,7 +269,10 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
             W.copy_(deq)
             ctx.packed[f"{name}.weight"] = qt
 
-    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    try:
+        each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
+    finally:
+        ctx.state_key = key
     return {"layers": len(errs), "bits": cfg.bits, "group_size": cfg.group_size,
             "output_error": sum(errs.values())}
 

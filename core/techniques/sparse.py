@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import _inverse_cholesky, for_each_layer, layer_error, samples_knob, seq_len_knob, text_knob
+from .gptq import _inverse_cholesky, layer_error, samples_knob, seq_len_knob, sequential_knob, text_knob
 from .registry import technique
 
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -30,6 +30,7 @@ class Wanda:
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob()
+    sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
 
@@ -44,6 +45,7 @@ class SparseGPT:
                           help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
+    sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
 
@@ -116,15 +118,14 @@ def _check_pattern(model, pattern):
 
 
 def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
-    from ..calibration import calibrate
+    from ..calibration import each_layer
     from ..packing import NMTensor
     pattern = nm(cfg.pattern)
     _check_pattern(model, pattern)
-    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
     zeros = total = 0
     err = 0.0
 
-    def per_layer(i, lin):
+    def per_layer(i, lin, _st):
         nonlocal zeros, total, err
         for name, (m, st) in lin.items():
             ctx.check_cancel()
@@ -137,7 +138,7 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
             if pattern is not None:  # compact storage: kept values + their positions
                 ctx.packed[f"{name}.weight"] = NMTensor(m.weight, pattern[1] - pattern[0], pattern[1])
 
-    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
     return {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import for_each_layer, keep_zeros_of, layer_error, samples_knob, seq_len_knob, solve, text_knob
+from .gptq import (keep_zeros_of, layer_error, outlier_cols, outliers_knob, samples_knob, seq_len_knob,
+                   sequential_knob, solve, text_knob)
 from .registry import technique
 
 ENTRIES = (4, 8, 16, 32, 64, 128, 256)
@@ -25,8 +26,10 @@ class WeightSharing:
                                            "the columns still to come (GPTQ's update); off = plain nearest entry.")
     damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
                           help="Added to the Hessian's diagonal, as a fraction of its mean.")
+    outliers: int = outliers_knob(0)
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
+    sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
 
@@ -71,37 +74,46 @@ def weight_sharing(model, cfg: WeightSharing, ctx: StepContext) -> dict:
 
     import torch
 
-    from ..calibration import calibrate
+    from ..calibration import each_layer
     from ..packing import CodebookTensor
 
-    stats = calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
     bits = int(math.log2(cfg.entries))
     errs = {}
 
-    def per_layer(i, lin):
+    def per_layer(i, lin, _st):
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             W = m.weight.data
             H = st.hessian()
             out, inp = W.shape
             gs = inp if cfg.group_size <= 0 else min(cfg.group_size, inp)
-            cb = Codebook(cfg.entries, H.diagonal().clone())
+            cols = outlier_cols(H, cfg.outliers)
+            imp = H.diagonal().clone()
+            if cols is not None:  # fp16 columns: no codebook entry is spent on them
+                imp[cols] = 0.0
+            cb = Codebook(cfg.entries, imp)
             cb.gs = gs
             if cfg.error_feedback:
-                Q, books = solve(W, H, gs, cb, cfg.damping, act_order=True, keep_zeros=keep_zeros_of(W))
+                Q, books = solve(W, H, gs, cb, cfg.damping, act_order=True, keep_zeros=keep_zeros_of(W),
+                                 keep_cols=cols)
             else:
-                books = [cb.fit(W[:, g0:g0 + gs].float(), g0 // gs) for g0 in range(0, inp, gs)]
-                Q = torch.cat([torch.stack([cb.quant(c, books[g0 // gs]) for c in W[:, g0:g0 + gs].T.float()], 1)
+                Wf = W.float()
+                books = [cb.fit(Wf[:, g0:g0 + gs], g0 // gs) for g0 in range(0, inp, gs)]
+                Q = torch.cat([torch.stack([cb.quant(c, books[g0 // gs]) for c in Wf[:, g0:g0 + gs].T], 1)
                                for g0 in range(0, inp, gs)], 1)
+                if cols is not None:
+                    Q[:, cols] = Wf[:, cols].half().float()
             C = torch.stack(books, 1)                                   # (out, G, k)
             grp = torch.arange(inp) // gs
             idx = torch.cat([(Q[r:r + 64, :, None] - C[r:r + 64][:, grp, :]).abs().argmin(-1)
                              for r in range(0, out, 64)])               # (out, in): exact matches
             ct = CodebookTensor.from_indices(idx, C, bits, gs)
+            if cols is not None:
+                ct.cols, ct.patch = cols.tolist(), Q[:, cols].half()
             deq = ct.dequantize()
             errs[name] = layer_error(W, deq, H)
             W.copy_(deq)
             ctx.packed[f"{name}.weight"] = ct
 
-    for_each_layer(model, ctx, stats, per_layer, share=0.5)
+    each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
     return {"layers": len(errs), "entries": cfg.entries, "output_error": sum(errs.values())}
