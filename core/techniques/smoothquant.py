@@ -26,10 +26,6 @@ class SmoothQuant:
     act_percentile: float = knob(1.0, min=0.9, max=1.0, step=0.001, unit="fraction",
                                  help="Static activation range: the maximum seen in calibration (1) or a clip "
                                       "below it, as a fraction of that maximum.")
-    float_channels: int = knob(0, min=0, max=16, step=1, unit="channels",
-                               help="Input channels per Linear whose activations stay in float (those with the "
-                                    "largest calibrated range, e.g. the attention sink's massive activations); "
-                                    "the int8 range then fits the others.")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -74,15 +70,10 @@ def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
         scales = smooth_layer(layers[i], st, cfg.alpha)
         for name, (m, stat) in lin.items():
             s = scales[name.split(f".{i}.", 1)[1]]
-            xmax = torch.maximum(stat.absmax, stat.x0.abs().amax(0)).div(s)  # (in,) smoothed ranges
-            keep = torch.topk(xmax, cfg.float_channels).indices.sort().values if cfg.float_channels else None
-            if keep is not None:
-                xmax = xmax.index_fill(0, keep, 0.0)
-            amax = float(xmax.max()) * cfg.act_percentile
+            amax = float(torch.maximum(stat.absmax, stat.x0.abs().amax(0)).div(s).max()) * cfg.act_percentile
             qt = quantize(m.weight.data, 8, 0, True)
             aq = ActQTensor(qt.shape, qt.bits, qt.group_size, qt.symmetric, qt.codes, qt.scales, qt.zeros)
             aq.act_scale = max(amax, 1e-8) / 127
-            aq.float_cols = [] if keep is None else keep.tolist()
             m.weight.data.copy_(aq.dequantize())
             ctx.packed[f"{name}.weight"] = aq
             ranges[name] = amax
@@ -106,8 +97,6 @@ def to_w8a8(model, packed: dict) -> None:
         def forward(self, x):
             a = self.act_scale
             xq = torch.clamp(torch.round(x / a), -127, 127) * a
-            if self.float_cols is not None:  # these channels' activations stay float
-                xq[..., self.float_cols] = x[..., self.float_cols]
             return torch.nn.functional.linear(xq, self.weight, self.bias)
 
     for wname, qt in packed.items():
@@ -119,4 +108,3 @@ def to_w8a8(model, packed: dict) -> None:
         lin = getattr(owner, leaf)
         lin.__class__ = _W8A8
         lin.act_scale = qt.act_scale
-        lin.float_cols = torch.tensor(qt.float_cols) if qt.float_cols else None
