@@ -97,10 +97,26 @@ def from_data(data: Any) -> Recipe:
     return Recipe(tuple(steps))
 
 
+RESHAPING = ("structured_prune", "low_rank")  # change the model's shapes: before any packing step
+
+
 def check_order(steps: list[Step]) -> None:
     """Composition rules, checked before a job starts."""
-    packed_by = None
+    packed_by = factored_by = None
     for i, s in enumerate(steps):
+        if packed_by is not None and s.name in RESHAPING:
+            raise RecipeError(
+                f"technique {s.name} cannot follow {packed_by}: {s.name} changes the model's shapes and "
+                f"{packed_by} has packed the weights of the old shapes. Shape changes come first, quantization "
+                f"last: put {s.name} before {packed_by} (e.g. structured_prune → low_rank → gptq).",
+                field="technique", step=i)
+        if factored_by is not None and s.name in RESHAPING:
+            raise RecipeError(
+                f"technique {s.name} cannot follow {factored_by}: {factored_by} has replaced the Linears by two "
+                f"factors. Put structured_prune before low_rank, and keep one low_rank step.",
+                field="technique", step=i)
+        if s.name == "low_rank":
+            factored_by = s.name
         if packed_by is not None and s.technique.packs:
             raise RecipeError(f"technique {s.name} cannot follow {packed_by}: the weights are already packed "
                               f"by {packed_by}; keep one quantization step, last", field="technique", step=i)

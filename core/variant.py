@@ -71,6 +71,8 @@ def save_variant(model, tokenizer, packed: dict[str, QTensor], runtime: list[str
         layout[name] = qt.meta()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
+    from .techniques.architecture import write_variant_files
+    write_variant_files(model.config, tmp)  # explicit head_dim; low_rank's modeling file
     tokenizer.save_pretrained(tmp)
     total, nonzero = count_params(model)
     manifest = {**meta, "packed": layout, "runtime": list(runtime), "params": total,
@@ -108,6 +110,8 @@ def load_variant(d: Path):
         state[name] = qt.dequantize()
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        from .techniques.architecture import adapt_to_config
+        adapt_to_config(model)  # low_rank: the factored Linears the weights are stored as
     tied = getattr(config, "tie_word_embeddings", False)
     if tied:  # one stored tensor (dense or packed) feeds both the embedding and the LM head
         emb = model.get_input_embeddings().weight
@@ -132,6 +136,9 @@ def load_variant(d: Path):
         if entry.startswith("rotate:"):
             from .techniques.rotation import attach_from
             attach_from(model, entry)
+        if entry.startswith(("kv_quant:", "kv_window:")):
+            from .techniques.kv_cache import attach_from as attach_kv
+            attach_kv(model, entry)
     if "w8a8" in man.get("runtime", []):
         from .techniques.smoothquant import to_w8a8
         to_w8a8(model, packed)

@@ -32,7 +32,7 @@ def nearest(name: str, names: list[str]) -> str | None:
 
 def _load():
     # Importing the family modules registers their techniques.
-    from . import awq, gptq, pruning, quantization, smoothquant, sparse, weight_sharing  # noqa: F401
+    from . import architecture, awq, gptq, kv_cache, pruning, quantization, smoothquant, sparse, weight_sharing  # noqa: F401
 
 
 def get(name: str, step: int | None = None) -> Technique:

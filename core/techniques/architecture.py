@@ -1,0 +1,445 @@
+"""Architecture: techniques that change the model's shapes, so that it computes less.
+
+structured_prune  whole decoder layers (ShortGPT block influence), attention heads and FFN
+                  channels go; the result is a plain, smaller Llama: its config.json carries the
+                  new num_hidden_layers / num_attention_heads / num_key_value_heads /
+                  intermediate_size (and head_dim, explicitly), so `AutoModelForCausalLM.
+                  from_pretrained(dir)` of plain transformers loads it.
+low_rank          each decoder Linear W (out x in) becomes two Linears, B (out x r) after A (r x in),
+                  from a truncated SVD, optionally of W whitened by the calibration inputs
+                  (SVD-LLM). Plain transformers' Llama has no factored Linear, and no config field
+                  or loader option builds one, so the variant folder carries a small modeling file
+                  (`modeling_squeeze_lowrank.py`: LlamaForCausalLM with the listed Linears swapped for
+                  nn.Sequential(A, B)) and config.json an `auto_map` to it plus the ranks
+                  (`squeeze_low_rank`): `AutoModelForCausalLM.from_pretrained(dir,
+                  trust_remote_code=True)` loads it. The config stays model_type "llama", so the
+                  rest of the stack (export, facts) sees a Llama; loading such a folder *without*
+                  trust_remote_code builds a dense Llama and transformers warns that the factored
+                  weights were not used. The app's own load_variant needs no remote code: it swaps
+                  the same Linears itself (`adapt_to_config`).
+
+Both must come before quantization / packing steps (recipe.check_order says so).
+torch is imported inside the functions: the GUI reads these configs without loading torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from .base import StepContext, knob, target_linears
+from .gptq import samples_knob, seq_len_knob, text_knob
+from .registry import technique
+
+LOWRANK_KEY = "squeeze_low_rank"          # config.json: {module name: rank}
+LOWRANK_FILE = "modeling_squeeze_lowrank.py"
+LOWRANK_CLASS = "LowRankLlamaForCausalLM"
+
+
+# ---------------------------------------------------------------- structured pruning
+
+@dataclass(frozen=True)
+class StructuredPrune:
+    """Structured pruning: remove whole decoder layers, attention heads and FFN channels (a smaller Llama)."""
+
+    layers: float = knob(0.0, min=0.0, max=0.75, step=0.05, unit="fraction",
+                         help="Fraction of decoder layers removed: those that change the hidden state least "
+                              "on the calibration text (ShortGPT block influence).")
+    heads: float = knob(0.0, min=0.0, max=0.75, step=0.05, unit="fraction",
+                        help="Fraction of attention heads removed, the same number in every layer, the least "
+                             "important on calibration data; grouped-query structure kept.")
+    head_unit: str = knob("query", choices=("query", "group"),
+                          help="query: drop query heads inside each KV group (KV heads kept); group: drop whole "
+                               "KV groups (a KV head with its query heads; also shrinks the KV cache).")
+    ffn: float = knob(0.3, min=0.0, max=0.9, step=0.05, unit="fraction",
+                      help="Fraction of FFN intermediate channels removed in every layer, the least important "
+                           "(RMS activation x weight norm on calibration data, as Wanda scores weights).")
+    samples: int = samples_knob(32)
+    seq_len: int = seq_len_knob(512)
+    calib_text: str = text_knob()
+
+
+def _llama_parts(model):
+    from ..calibration import decoder_layers
+    layers = decoder_layers(model)
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
+                not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise DataError(f"{type(model).__name__}: architecture techniques need a Llama-style decoder "
+                            "(self_attn q/k/v/o_proj, mlp gate/up/down_proj)")
+        import torch
+        if not isinstance(attn.q_proj, torch.nn.Linear) or not isinstance(mlp.down_proj, torch.nn.Linear):
+            raise DataError("the model's Linears are already factored or replaced (low_rank?); "
+                            "structured_prune must come first")
+    return layers
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+@technique(StructuredPrune, name="structured_prune", family="architecture")
+def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
+    import torch
+
+    from .. import calibration
+
+    layers = _llama_parts(model)
+    config = model.config
+    n_layers = len(layers)
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    group = heads // kv
+    d = head_dim_of(config)
+    inter = config.intermediate_size
+
+    drop_layers = min(_half_up(cfg.layers * n_layers), n_layers - 1)
+    if cfg.head_unit == "group":
+        drop_groups = min(_half_up(cfg.heads * kv), kv - 1)
+        drop_q = 0
+    else:
+        drop_groups = 0
+        drop_q = min(_half_up(cfg.heads * group), group - 1)
+    drop_ffn = min(_half_up(cfg.ffn * inter), inter - 1)
+    info = {"layers_before": n_layers, "heads_before": heads, "kv_heads_before": kv, "ffn_before": inter}
+    if cfg.heads > 0 and not (drop_groups or drop_q):
+        ctx.log(f"structured_prune: {cfg.heads:.0%} of heads rounds to none ({kv} KV groups of {group} heads)")
+
+    # 1. importances, all on the model as it comes
+    influence = None
+    if drop_layers:
+        influence = block_influence(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
+        ctx.progress(0.3, "block influence")
+    stats = None
+    if drop_groups or drop_q or drop_ffn:
+        stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.6)
+
+    # 2. whole layers
+    keep_layers = list(range(n_layers))
+    if drop_layers:
+        order = sorted(range(n_layers), key=lambda i: influence[i])
+        gone = sorted(order[:drop_layers])
+        keep_layers = [i for i in range(n_layers) if i not in gone]
+        info["layers_removed"] = gone
+        info["block_influence"] = [round(float(b), 5) for b in influence]
+    inner = model.model
+    inner.layers = torch.nn.ModuleList([layers[i] for i in keep_layers])
+    config.num_hidden_layers = len(keep_layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep_layers]
+    for new_i, layer in enumerate(inner.layers):  # caches index by layer_idx
+        layer.self_attn.layer_idx = new_i
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_i
+
+    # 3. heads and FFN channels: the same count in every layer, which ones per layer
+    new_heads = heads - drop_q * kv - drop_groups * group
+    new_kv = kv - drop_groups
+    new_inter = inter - drop_ffn
+    for pos, (orig_i, layer) in enumerate(zip(keep_layers, inner.layers)):
+        ctx.check_cancel()
+        if stats is None:
+            break
+        st = stats.layer(orig_i)
+        attn, mlp = layer.self_attn, layer.mlp
+        if drop_q or drop_groups:
+            wo = attn.o_proj.weight.detach().float()
+            h = st["self_attn.o_proj"].h
+            imp = torch.stack([_output_energy(wo[:, j * d:(j + 1) * d], h[j * d:(j + 1) * d, j * d:(j + 1) * d])
+                               for j in range(heads)])
+            if drop_groups:
+                g_imp = imp.view(kv, group).sum(1)
+                keep_g = sorted(torch.argsort(g_imp, descending=True)[:new_kv].tolist())
+                keep_q = [g * group + k for g in keep_g for k in range(group)]
+                keep_kv = keep_g
+            else:
+                keep_q = []
+                for g in range(kv):
+                    part = imp[g * group:(g + 1) * group]
+                    keep_q += sorted((g * group + k for k in
+                                      torch.argsort(part, descending=True)[:group - drop_q].tolist()))
+                keep_kv = list(range(kv))
+            q_rows = _head_rows(keep_q, d)
+            kv_rows = _head_rows(keep_kv, d)
+            _keep_rows(attn.q_proj, q_rows)
+            _keep_rows(attn.k_proj, kv_rows)
+            _keep_rows(attn.v_proj, kv_rows)
+            _keep_cols(attn.o_proj, q_rows)
+            attn.num_key_value_groups = new_heads // new_kv
+            for name, v in (("num_heads", new_heads), ("num_key_value_heads", new_kv)):
+                if hasattr(attn, name):
+                    setattr(attn, name, v)
+        if drop_ffn:
+            wd = mlp.down_proj.weight.detach().float()
+            imp = st["mlp.down_proj"].col_norm() * wd.norm(dim=0)
+            keep = sorted(torch.argsort(imp, descending=True)[:new_inter].tolist())
+            keep = torch.tensor(keep)
+            _keep_rows(mlp.gate_proj, keep)
+            _keep_rows(mlp.up_proj, keep)
+            _keep_cols(mlp.down_proj, keep)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = new_inter
+        ctx.progress(0.6 + 0.4 * (pos + 1) / len(keep_layers), f"layer {pos + 1}/{len(keep_layers)}")
+    config.num_attention_heads = new_heads
+    config.num_key_value_heads = new_kv
+    config.intermediate_size = new_inter
+    config.head_dim = d  # explicit: hidden_size / heads is no longer the head size
+    ctx.progress(1.0)
+    from ..variant import count_params
+    info.update(layers=len(keep_layers), heads=new_heads, kv_heads=new_kv, ffn=new_inter,
+                params=count_params(model)[0])
+    return info
+
+
+def _output_energy(w, h):
+    """trace(W^T W H): sum over calibration tokens of |W x|^2 for the inputs whose x x^T sum is H."""
+    return ((w.T @ w) * h).sum()
+
+
+def _head_rows(heads, d):
+    import torch
+    return torch.tensor([j * d + k for j in heads for k in range(d)], dtype=torch.long)
+
+
+def _keep_rows(lin, idx) -> None:
+    import torch
+    lin.weight = torch.nn.Parameter(lin.weight.data[idx].clone(), requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = torch.nn.Parameter(lin.bias.data[idx].clone(), requires_grad=lin.bias.requires_grad)
+    lin.out_features = len(idx)
+
+
+def _keep_cols(lin, idx) -> None:
+    import torch
+    lin.weight = torch.nn.Parameter(lin.weight.data[:, idx].clone(), requires_grad=lin.weight.requires_grad)
+    lin.in_features = len(idx)
+
+
+def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "") -> list[float]:
+    """ShortGPT block influence of each decoder layer: 1 - mean cosine similarity between the
+    layer's input and output hidden states, over the calibration tokens after BOS (position 0 is
+    the attention sink, whose massive activation every layer leaves almost unchanged)."""
+    import torch
+
+    from .. import calibration
+
+    if ctx.tokenizer is None:
+        raise DataError("calibration needs the model's tokenizer")
+    layers = calibration.decoder_layers(model)
+    ids = calibration.samples(ctx.tokenizer, calibration.text_path(calib_text), n_samples, seq_len)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def fn(_mod, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return fn
+
+    def post(i):
+        def fn(_mod, _args, _kwargs, out):
+            y = out[0] if isinstance(out, tuple) else out
+            x = inputs.pop(i)
+            cos = torch.nn.functional.cosine_similarity(x[:, 1:].float(), y[:, 1:].float(), dim=-1)
+            sums[i] += cos.double().sum()
+        return fn
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            batch = 8
+            for b in range(0, len(ids), batch):
+                ctx.check_cancel()
+                chunk = ids[b:b + batch]
+                model(chunk, use_cache=False)
+                count += chunk.shape[0] * (chunk.shape[1] - 1)
+                ctx.progress(0.3 * min(1.0, (b + batch) / len(ids)), "block influence")
+    finally:
+        for h in handles:
+            h.remove()
+    return (1.0 - sums / count).tolist()
+
+
+# ---------------------------------------------------------------- low rank
+
+@dataclass(frozen=True)
+class LowRank:
+    """Low rank: each decoder Linear replaced by two thin factors from a truncated SVD (activation-aware optional)."""
+
+    keep: float = knob(0.8, min=0.05, max=0.95, step=0.05, unit="fraction",
+                       help="Fraction of each Linear's parameters kept: rank = floor(keep x out x in / (out + in)).")
+    activation_aware: bool = knob(True, help="Whiten by the calibration inputs before the SVD (SVD-LLM): the "
+                                             "truncation error is measured on what each Linear really sees.")
+    damping: float = knob(0.01, min=0.0, max=1.0, step=0.01, unit="x mean diag",
+                          help="Added to the diagonal of the calibration x x^T before whitening (stability).")
+    samples: int = samples_knob(32)
+    seq_len: int = seq_len_knob(512)
+    calib_text: str = text_knob()
+
+
+def rank_for(out_f: int, in_f: int, keep: float) -> int:
+    """The rank that keeps `keep` of an out x in Linear's parameters; 0 when factoring would not save."""
+    r = math.floor(keep * out_f * in_f / (out_f + in_f))
+    return r if r >= 1 and r * (out_f + in_f) < out_f * in_f else 0
+
+
+def factors(w, r: int, h=None, damping: float = 0.01):
+    """(A: r x in, B: out x r) with B @ A the best rank-r approximation of w: plain SVD, or with h
+    (in x in, sum of x x^T) the SVD of w S, S the Cholesky factor of h (h = S S^T), so that
+    ||(W - B A) X|| is what is minimised (SVD-LLM). Singular values are split evenly between the factors."""
+    import torch
+
+    w64 = w.detach().double()
+    if h is None:
+        u, s, vh = torch.linalg.svd(w64, full_matrices=False)
+        root = s[:r].sqrt()
+        return (root[:, None] * vh[:r]).float(), (u[:, :r] * root).float()
+    h64 = h.double()
+    diag = h64.diagonal()
+    h64 = h64 + torch.eye(len(h64), dtype=h64.dtype) * (damping * diag.mean() + 1e-8 * diag.max())
+    s_chol, bad = torch.linalg.cholesky_ex(h64)
+    if bad:  # not positive definite even damped: more damping until it is
+        for extra in (1e-4, 1e-3, 1e-2, 1e-1):
+            s_chol, bad = torch.linalg.cholesky_ex(h64 + torch.eye(len(h64), dtype=h64.dtype) * extra * diag.mean())
+            if not bad:
+                break
+    u, s, vh = torch.linalg.svd(w64 @ s_chol, full_matrices=False)
+    root = s[:r].sqrt()
+    m = root[:, None] * vh[:r]                                   # (r, in) = sqrt(S_r) V_r^T
+    a = torch.linalg.solve_triangular(s_chol.T, m.T, upper=True).T  # m @ S^-1
+    return a.float(), (u[:, :r] * root).float()
+
+
+def factored(lin, a, b):
+    """nn.Sequential(A, B) computing B A x (+ the Linear's bias), in the Linear's dtype and device."""
+    import torch
+    first = torch.nn.Linear(a.shape[1], a.shape[0], bias=False, dtype=lin.weight.dtype, device=lin.weight.device)
+    second = torch.nn.Linear(b.shape[1], b.shape[0], bias=lin.bias is not None, dtype=lin.weight.dtype,
+                             device=lin.weight.device)
+    with torch.no_grad():
+        first.weight.copy_(a)
+        second.weight.copy_(b)
+        if lin.bias is not None:
+            second.bias.copy_(lin.bias)
+    return torch.nn.Sequential(first, second)
+
+
+def _swap(model, name: str, module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@technique(LowRank, name="low_rank", family="architecture")
+def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
+    from .. import calibration
+
+    if getattr(model.config, LOWRANK_KEY, None):
+        raise DataError("the model is already factored by low_rank; keep one low_rank step")
+    plan = {n: rank_for(m.out_features, m.in_features, cfg.keep) for n, m in target_linears(model)}
+    ranks: dict[str, int] = {}
+    before = after = 0
+    err = []
+
+    def do(name, lin, stat):
+        nonlocal before, after
+        r = plan.get(name, 0)
+        before += lin.weight.numel()
+        if not r:
+            after += lin.weight.numel()
+            return
+        a, b = factors(lin.weight.data, r, stat.h if stat is not None else None, cfg.damping)
+        if stat is not None:  # relative output error on the calibration inputs
+            delta = (b @ a - lin.weight.data).double()
+            hd = stat.h.double()
+            err.append(float(((delta @ hd) * delta).sum() / ((lin.weight.data.double() @ hd)
+                                                               * lin.weight.data.double()).sum()))
+        _swap(model, name, factored(lin, a, b))
+        ranks[name] = r
+        after += a.numel() + b.numel()
+
+    if cfg.activation_aware:
+        def fn(_i, lins, _st):
+            for name, (lin, stat) in lins.items():
+                do(name, lin, stat)
+        calibration.each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, fn, share=0.5)
+    else:
+        items = target_linears(model)
+        for k, (name, lin) in enumerate(items):
+            ctx.check_cancel()
+            do(name, lin, None)
+            ctx.progress((k + 1) / len(items), name)
+    if not ranks:
+        return {"factored": 0, "keep": cfg.keep, "linear_params_before": before, "linear_params_after": after}
+    set_low_rank_config(model.config, ranks)
+    info = {"factored": len(ranks), "skipped": len(plan) - len(ranks), "keep": cfg.keep,
+            "linear_params_before": before, "linear_params_after": after,
+            "kept": round(after / max(before, 1), 4),
+            "ranks": sorted(set(ranks.values()))}
+    if err:
+        info["mean_relative_output_error"] = round(sum(err) / len(err), 5)
+    return info
+
+
+def set_low_rank_config(config, ranks: dict[str, int]) -> None:
+    setattr(config, LOWRANK_KEY, dict(ranks))
+    auto = dict(getattr(config, "auto_map", None) or {})
+    auto["AutoModelForCausalLM"] = f"{LOWRANK_FILE.removesuffix('.py')}.{LOWRANK_CLASS}"
+    config.auto_map = auto
+
+
+def adapt_to_config(model) -> None:
+    """Give a model built from a variant's config the structure its weights have (the factored
+    Linears of low_rank); a no-op for other configs. Used by load_variant before the weights load."""
+    ranks = getattr(model.config, LOWRANK_KEY, None) or {}
+    import torch
+    for name, r in ranks.items():
+        lin = model.get_submodule(name)
+        _swap(model, name, factored(lin, torch.empty(r, lin.in_features), torch.empty(lin.out_features, r)))
+
+
+MODELING = '''"""Written by Squeeze Studio's low_rank technique: a Llama whose listed Linears are factored
+into nn.Sequential(A, B) (B @ A approximates the original weight). config.squeeze_low_rank maps each
+factored module's name to its rank. Load with
+    AutoModelForCausalLM.from_pretrained(this_folder, trust_remote_code=True)
+"""
+from torch import nn
+from transformers import LlamaForCausalLM
+
+
+class LowRankLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        for name, rank in (getattr(config, "squeeze_low_rank", None) or {}).items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            lin = getattr(parent, leaf)
+            setattr(parent, leaf, nn.Sequential(
+                nn.Linear(lin.in_features, rank, bias=False, dtype=lin.weight.dtype, device=lin.weight.device),
+                nn.Linear(rank, lin.out_features, bias=lin.bias is not None, dtype=lin.weight.dtype,
+                          device=lin.weight.device)))
+'''
+
+
+def write_variant_files(config, folder: Path) -> None:
+    """Called by save_variant after config.json is written: head_dim stays explicit (a config
+    diff that leaves out values equal to the class default would drop head_dim 128, and a missing
+    head_dim is recomputed as hidden_size / heads, wrong once heads are pruned; transformers 4.57
+    writes it, this keeps it so); a low_rank model gets its modeling file."""
+    import json
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    data = json.loads(cfg_file.read_text())
+    hd = getattr(config, "head_dim", None)
+    if hd and data.get("head_dim") != hd:
+        data["head_dim"] = hd
+        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if getattr(config, LOWRANK_KEY, None):
+        (folder / LOWRANK_FILE).write_text(MODELING)
