@@ -97,14 +97,20 @@ def perplexity(model, tokenizer, text_file: Path, max_tokens: int, context: int,
                check_cancel: Callable[[], None] | None = None) -> dict:
     import torch
 
+    from .techniques.kv_cache import cache_bytes, chunked_logits, kv_technique
+
     windows, bos = token_windows(tokenizer, text_file, max_tokens, context)
+    kv = kv_technique(model)  # a KV-cache technique: each window is fed in chunks through its cache
     nll, scored = 0.0, 0
     with torch.inference_mode():
         for i, w in enumerate(windows):
             if check_cancel:
                 check_cancel()
             ids = torch.tensor([([bos] if bos is not None else []) + w])
-            logits = model(ids, use_cache=False).logits[0].float()   # (T, V)
+            if kv is None:
+                logits = model(ids, use_cache=False).logits[0].float()   # (T, V)
+            else:
+                logits, cache = chunked_logits(model, ids)
             logp = torch.log_softmax(logits[:-1], dim=-1)             # predicts ids[1:]
             target = ids[0, 1:]
             nll -= float(logp.gather(1, target[:, None]).sum())
@@ -112,15 +118,20 @@ def perplexity(model, tokenizer, text_file: Path, max_tokens: int, context: int,
             if progress:
                 progress((i + 1) / len(windows))
     mean = nll / scored
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens_scored": scored, "windows": len(windows),
-            "context": context, "bos": bos is not None}
+    out = {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens_scored": scored, "windows": len(windows),
+           "context": context, "bos": bos is not None}
+    if kv is not None:  # what the cache holds at the end of a window, per token it has seen
+        tokens = cache.get_seq_length()
+        out.update(kv_cache=kv[0], kv_bytes_per_token=cache_bytes(cache) / tokens, kv_tokens=tokens)
+    return out
 
 
 def decode_speed(model, tokenizer, text_file: Path, prompt_tokens: int, new_tokens: int,
                  repeats: int, check_cancel: Callable[[], None] | None = None) -> dict:
     """Prefill and greedy decode with the KV cache; one warm-up, then the median of `repeats`."""
     import torch
-    from transformers import DynamicCache
+
+    from .techniques.kv_cache import cache_bytes, forward, make_cache
 
     ids = tokenizer(read_text(text_file), add_special_tokens=False)["input_ids"][:prompt_tokens]
     prompt = torch.tensor([ids])
@@ -129,9 +140,9 @@ def decode_speed(model, tokenizer, text_file: Path, prompt_tokens: int, new_toke
         for r in range(repeats + 1):
             if check_cancel:
                 check_cancel()
-            cache = DynamicCache()
+            cache = make_cache(model)  # the model's KV technique, or the full DynamicCache
             t0 = time.perf_counter()
-            out = model(prompt, past_key_values=cache, use_cache=True)
+            out = forward(model, prompt, cache)
             t1 = time.perf_counter()
             nxt = out.logits[:, -1:].argmax(-1)
             for _ in range(new_tokens):
@@ -143,7 +154,8 @@ def decode_speed(model, tokenizer, text_file: Path, prompt_tokens: int, new_toke
                 dec.append(t2 - t1)
     return {"prefill_tokens_per_s": prompt.shape[1] / statistics.median(pre),
             "decode_tokens_per_s": new_tokens / statistics.median(dec),
-            "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens}
+            "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens,
+            "kv_bytes_per_token": cache_bytes(cache) / cache.get_seq_length(), "kv_tokens": cache.get_seq_length()}
 
 
 def peak_rss_bytes() -> int:
