@@ -220,3 +220,26 @@ def test_techniques_json_lists_kv_techniques_with_slider_metadata():
     for f in q["fields"] + w["fields"]:
         assert f["help"] and f["unit"]
         assert f["choices"] or None not in (f["min"], f["max"], f["step"])
+
+
+@pytest.mark.parametrize("name,values", [("kv_quant", {"bits": 4, "residual": 16, "group_size": 16}),
+                                         ("kv_window", {"sinks": 2, "window": 16})])
+def test_generate_runs_with_the_cache_and_matches_greedy_decoding_by_hand(plain, short_text, name, values):
+    model, tok = plain
+    with_kv(model, name, **values)
+    ids = ids_of(tok, short_text, 24)
+    with torch.inference_mode():
+        gen, cache = kc.generate(model, ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id)
+        hand = kc.make_cache(model)
+        out = kc.forward(model, ids, hand)
+        seq = []
+        for _ in range(40):
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq.append(int(nxt))
+            out = kc.forward(model, nxt, hand)
+    assert gen[0, ids.shape[1]:].tolist() == seq
+    assert cache.get_seq_length() == ids.shape[1] + 39
+    if name == "kv_window":
+        assert cache.layers[0].stored() == 18
+    else:
+        assert cache.layers[0].quantized_tokens() >= 32

@@ -31,7 +31,8 @@ The saved variant carries the technique as a runtime entry in squeeze.json (``kv
 ``core.variant.load_variant`` calls :func:`attach_from`, and :func:`make_cache` gives the cache to
 use with a model (a plain ``DynamicCache`` for a model without a KV technique).
 :func:`forward` runs ids through the model with a cache, adding the exact StreamingLLM mask when
-several tokens arrive at once; :func:`chunked_logits` is how evaluation feeds a window.
+several tokens arrive at once; :func:`generate` is ``model.generate`` with the cache (exact for a
+prompt longer than the window); :func:`chunked_logits` is how evaluation feeds a window.
 (torch is imported inside the functions: the GUI reads these configs without loading torch.)
 """
 from __future__ import annotations
@@ -172,6 +173,20 @@ def forward(model, ids, cache):
     """model(ids) with the cache; the windowed cache supplies its exact mask for multi-token inputs."""
     mask = cache.chunk_mask(ids.shape[1], model) if hasattr(cache, "chunk_mask") else None
     return model(ids, past_key_values=cache, use_cache=True, attention_mask=mask)
+
+
+def generate(model, ids, **kwargs):
+    """model.generate with the model's cache. The prompt (all but its last token) is read first
+    through :func:`forward`, so a prompt longer than the window gets the exact StreamingLLM mask;
+    generate then goes on from the filled cache."""
+    import torch
+
+    cache = make_cache(model)
+    if ids.shape[1] > 1:
+        with torch.inference_mode():
+            forward(model, ids[:, :-1], cache)
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    return model.generate(ids, past_key_values=cache, **kwargs), cache
 
 
 def chunked_logits(model, ids, chunk: int = EVAL_CHUNK):
