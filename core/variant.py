@@ -136,6 +136,9 @@ def load_variant(d: Path):
         if entry.startswith("rotate:"):
             from .techniques.rotation import attach_from
             attach_from(model, entry)
+        if entry.startswith("early_exit:"):
+            from .techniques.early_exit import attach_from as attach_exit
+            attach_exit(model, entry)
         if entry.startswith(("kv_quant:", "kv_window:")):
             from .techniques.kv_cache import attach_from as attach_kv
             attach_kv(model, entry)

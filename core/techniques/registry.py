@@ -32,7 +32,8 @@ def nearest(name: str, names: list[str]) -> str | None:
 
 def _load():
     # Importing the family modules registers their techniques.
-    from . import architecture, awq, gptq, kv_cache, pruning, quantization, smoothquant, sparse, weight_sharing  # noqa: F401
+    from . import (architecture, awq, early_exit, gptq, kv_cache, pruning, quantization,  # noqa: F401
+                   smoothquant, sparse, weight_sharing)
 
 
 def get(name: str, step: int | None = None) -> Technique:

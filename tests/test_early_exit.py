@@ -1,0 +1,120 @@
+"""early_exit on a 6-layer tiny Llama: exits are taken exactly where the heads clear the
+threshold, skipped layers still get their KV entries, and the saved variant keeps its exits."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import models
+from core import recipe as rc
+from core.jobs.client import run_inline
+from core.jobs.spec import JobSpec
+from core.techniques import early_exit as ee
+from core.techniques import registry
+from core.techniques.base import StepContext
+from core.variant import load_variant
+from tests.conftest import make_tiny_llama
+
+FAST = {"samples": 8, "seq_len": 128, "first_exit": 0.3, "every": 1}
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tiny_tokenizer_dir) -> str:
+    return str(make_tiny_llama(tmp_path_factory.mktemp("deep-llama"), tiny_tokenizer_dir, seed=3,
+                               num_hidden_layers=6))
+
+
+def fitted(model_id, **values):
+    model, tok, _ = models.load(model_id)
+    ctx = StepContext(tokenizer=tok, state_key="ee-test")
+    info = registry.get("early_exit").apply(model, registry.get("early_exit").make({**FAST, **values}), ctx)
+    return model, tok, ctx, info
+
+
+def test_exit_points_follow_the_sliders():
+    assert ee.exit_points(30, 0.5, 2) == [15, 17, 19, 21, 23, 25, 27, 29]
+    assert ee.exit_points(6, 0.3, 1) == [2, 3, 4, 5]
+
+
+def test_each_position_leaves_at_its_first_confident_exit(deep_model, home):
+    _, _, ctx, _ = fitted(deep_model)
+    entry = json.loads(ctx.runtime[0].split(":", 1)[1])
+    ids = torch.randint(3, 384, (1, 40), generator=torch.Generator().manual_seed(1))
+    plain = models.load(deep_model)[0]
+    with torch.no_grad():
+        hs = plain(ids, output_hidden_states=True).hidden_states
+        conf = {p: torch.sigmoid(plain.model.norm(hs[p][0]) @ torch.tensor(entry["heads"][str(p)][0])
+                                 + entry["heads"][str(p)][1]) for p in entry["points"]}
+        t = float(torch.stack(list(conf.values())).amax(0).median())  # about half the positions exit
+        expect = torch.full((40,), 6.0)
+        done = torch.zeros(40, dtype=torch.bool)
+        for p in entry["points"]:
+            go = (conf[p] >= t) & ~done
+            expect[go] = p
+            done |= go
+        model = models.load(deep_model)[0]
+        ee.attach(model, {**entry, "threshold": t})
+        logits = model(ids).logits[0]
+    assert model.model._early_exit.layers_run == expect.tolist()
+    assert 0 < done.sum() < 40  # some positions exit, some run every layer: the test means something
+    # an exited position's logits are the LM head on its exit layer's state; the others the full model's
+    j, k = int(torch.nonzero(done)[0]), int(torch.nonzero(~done)[0])
+    want = plain.lm_head(plain.model.norm(hs[int(expect[j])][0, j]))
+    assert torch.allclose(logits[j], want, atol=1e-4)
+    assert torch.allclose(logits[k], plain(ids).logits[0, k], atol=1e-4)
+
+
+def test_an_unreachable_threshold_changes_nothing(deep_model, home):
+    model, _, ctx, _ = fitted(deep_model)
+    entry = json.loads(ctx.runtime[0].split(":", 1)[1])
+    plain = models.load(deep_model)[0]
+    ee.attach(plain, {**entry, "threshold": 2.0})  # a sigmoid never reaches 2
+    ref = models.load(deep_model)[0]
+    ids = torch.randint(3, 384, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ref(ids).logits)
+    assert ee.layers_per_token(plain) == 6.0
+
+
+def test_decoding_skips_layers_but_fills_every_layers_cache(deep_model, home):
+    model, _, ctx, _ = fitted(deep_model, threshold=0.01)  # every token leaves at the first point
+    ids = torch.randint(3, 384, (1, 12))
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    ee.layers_per_token(model)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(5):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert all(cache.get_seq_length(i) == 17 for i in range(6))  # skipped layers got their KV too
+    run = model.model._early_exit.layers_run
+    assert run[-5:] == [2.0] * 5  # each decoded token ran 2 of 6 layers
+
+
+def test_recommended_threshold_meets_the_agreement_on_calibration(deep_model, home):
+    _, _, ctx, info = fitted(deep_model, agreement=0.6)
+    table = {r["threshold"]: r for r in info["threshold_table"]}
+    rec = info["recommended_threshold"]
+    assert info["threshold"] == rec  # 0 = auto
+    if table[rec]["agreement"] < 0.6:  # only when no threshold on the grid reaches it: the strictest
+        assert rec == max(table)
+    else:
+        assert all(r["agreement"] < 0.6 for t, r in table.items() if t < rec)
+    assert info["calib_layers_per_token"] == pytest.approx(table[rec]["layers_per_token"])
+
+
+def test_saved_variant_keeps_its_exits(deep_model, tiny_eval, home):
+    r = run_inline(JobSpec(model=deep_model, recipe=rc.of(("early_exit", {**FAST, "threshold": 0.5})).to_dict(),
+                           eval=tiny_eval, evaluate=False))
+    assert r.outcome == "done", r.error
+    man = json.loads((Path(r.result["variant_dir"]) / "squeeze.json").read_text())
+    assert any(e.startswith("early_exit:") for e in man["runtime"])
+    model, _ = load_variant(r.result["variant_dir"])
+    again, _, _, _ = fitted(deep_model, threshold=0.5)
+    ids = torch.randint(3, 384, (1, 30))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+    assert ee.layers_per_token(model) == ee.layers_per_token(again)  # the same exits, token by token
