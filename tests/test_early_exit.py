@@ -56,7 +56,7 @@ def test_each_position_leaves_at_its_first_confident_exit(deep_model, home):
         model = models.load(deep_model)[0]
         ee.attach(model, {**entry, "threshold": t})
         logits = model(ids).logits[0]
-    assert model.model._early_exit.layers_run == expect.tolist()
+    assert model.model._early_exit.layers_run["window"] == expect.tolist()
     assert 0 < done.sum() < 40  # some positions exit, some run every layer: the test means something
     # an exited position's logits are the LM head on its exit layer's state; the others the full model's
     j, k = int(torch.nonzero(done)[0]), int(torch.nonzero(~done)[0])
@@ -90,8 +90,7 @@ def test_decoding_skips_layers_but_fills_every_layers_cache(deep_model, home):
             out = model(nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
     assert all(cache.get_seq_length(i) == 17 for i in range(6))  # skipped layers got their KV too
-    run = model.model._early_exit.layers_run
-    assert run[-5:] == [2.0] * 5  # each decoded token ran 2 of 6 layers
+    assert model.model._early_exit.layers_run["decode"] == [2.0] * 5  # each decoded token ran 2 of 6 layers
 
 
 def test_recommended_threshold_meets_the_agreement_on_calibration(deep_model, home):
@@ -108,8 +107,10 @@ def test_recommended_threshold_meets_the_agreement_on_calibration(deep_model, ho
 
 def test_saved_variant_keeps_its_exits(deep_model, tiny_eval, home):
     r = run_inline(JobSpec(model=deep_model, recipe=rc.of(("early_exit", {**FAST, "threshold": 0.5})).to_dict(),
-                           eval=tiny_eval, evaluate=False))
+                           eval=tiny_eval, evaluate=True))
     assert r.outcome == "done", r.error
+    assert 2.0 <= r.result["eval_layers_per_token"] <= 6.0  # reported beside perplexity
+    assert 2.0 <= r.result["decode_layers_per_token"] <= 6.0
     man = json.loads((Path(r.result["variant_dir"]) / "squeeze.json").read_text())
     assert any(e.startswith("early_exit:") for e in man["runtime"])
     model, _ = load_variant(r.result["variant_dir"])

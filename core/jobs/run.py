@@ -95,13 +95,16 @@ def state_key(model_id: str, base_dir: Path, steps_before: list[dict]) -> str:
 
 def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: str = "evaluate") -> dict:
     text = settings.text_path()
+    from ..techniques.early_exit import layers_per_token
     ppl = ev.perplexity(model, tok, text, settings.max_tokens, settings.context,
                         progress=lambda f: em.progress(stage, 0.8 * f, "perplexity"), check_cancel=check)
+    exits = {"eval_layers_per_token": layers_per_token(model)}  # early exit: None otherwise
     em.progress(stage, 0.8, "decode speed")
     speed = ev.decode_speed(model, tok, text, settings.prompt_tokens, settings.new_tokens,
                             settings.repeats, check_cancel=check)
+    exits["decode_layers_per_token"] = layers_per_token(model, "decode")
     em.progress(stage, 1.0)
-    return {**speed, **ppl}  # a KV technique's bytes per token: ppl's (a whole window) over decode's
+    return {**speed, **ppl, **{k: v for k, v in exits.items() if v is not None}}  # a KV technique's bytes per token: ppl's (a whole window) over decode's
 
 
 def evaluate_job(spec: JobSpec, em: Emitter, cancelled) -> dict:

@@ -146,7 +146,7 @@ class _Exit:
         self.threshold = float(entry["threshold"])
         self.heads = {int(p): (torch.tensor(w), torch.tensor(b)) for p, (w, b) in entry["heads"].items()}
         self.n_layers = len(inner.layers)
-        self.layers_run: list[float] = []  # per token, since the last reset
+        self.layers_run: dict[str, list[float]] = {"window": [], "decode": []}  # per token
         self.reset_step()
 
     def reset_step(self):
@@ -218,12 +218,13 @@ def _finish(state: _Exit, h):
     """Book-keeping at the last layer (layers run per token), then the state for the next forward."""
     import torch
     d = state.depth
+    run = state.layers_run["decode" if h.shape[1] == 1 else "window"]
     if d is None:
-        state.layers_run.extend([float(state.n_layers)] * (h.shape[0] * h.shape[1]))
+        run.extend([float(state.n_layers)] * (h.shape[0] * h.shape[1]))
     elif torch.is_tensor(d):
-        state.layers_run.extend(d.reshape(-1).tolist())
+        run.extend(d.reshape(-1).tolist())
     else:
-        state.layers_run.extend([d] * h.shape[0])
+        run.extend([d] * h.shape[0])
     state.reset_step()
     return h
 
@@ -232,12 +233,15 @@ def attach_from(model, entry: str) -> None:
     attach(model, json.loads(entry.split(":", 1)[1]))
 
 
-def layers_per_token(model, reset: bool = True) -> float | None:
-    """Mean decoder layers run per token since the last call (None for a model without early exit)."""
+def layers_per_token(model, kind: str = "window", reset: bool = True) -> float | None:
+    """Mean decoder layers run per token since the last call, over positions of windows (prefill,
+    perplexity) or over decoded tokens; None for a model without early exit."""
     state = getattr(getattr(model, "model", None), "_early_exit", None)
-    if state is None or not state.layers_run:
+    if state is None:
         return None
-    mean = sum(state.layers_run) / len(state.layers_run)
+    run = state.layers_run[kind]
+    mean = sum(run) / len(run) if run else None
     if reset:
-        state.layers_run.clear()
+        for r in state.layers_run.values():
+            r.clear()
     return mean
