@@ -64,6 +64,57 @@ def flat_bytes(variant_dir: str, text: Path) -> dict[int, int]:
     return out
 
 
+# what kv_window's span is worth on this model: other sink / window settings, and the oracle
+WINDOW_SWEEP = [{"sinks": 0, "window": 256}, {"sinks": 4, "window": 512}, {"sinks": 4, "window": 1024}]
+ORACLE_SPAN, ORACLE_BLOCK = 224, 64
+
+
+def window_sweep(a) -> list[dict]:
+    """kv_window at other settings (in process, same protocol), and the StreamingLLM paper's oracle
+    at the 4 + 256 span: a sliding window with re-computation, each block of 64 tokens read fresh
+    after BOS + the 224 tokens before it (so a token sees BOS + 224..287 earlier tokens, 256 on average,
+    where kv_window 4 + 256 gives 4 sinks + 256)."""
+    import math
+
+    import torch
+
+    from core import evaluate as ev
+    from core import models
+    from core.techniques import kv_cache as kc
+    from core.techniques import registry
+    from core.techniques.base import StepContext
+
+    model, tok, _ = models.load(MODEL)
+    out = []
+    for vals in WINDOW_SWEEP:
+        t0 = time.time()
+        t = registry.get("kv_window")
+        t.apply(model, t.make(vals), StepContext())
+        r = ev.perplexity(model, tok, a.text, a.max_tokens, a.context)
+        delattr(model, kc.ATTR)
+        out.append({"label": f"kv_window {vals['sinks']} sinks + {vals['window']} recent", "ppl": r["ppl"],
+                    "kv_bytes_per_token": r["kv_bytes_per_token"], "steps": [{"technique": "kv_window", **vals}]})
+        print(f"{out[-1]['label']}: ppl {r['ppl']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    t0 = time.time()
+    windows, bos = ev.token_windows(tok, a.text, a.max_tokens, a.context)
+    nll = n = 0
+    with torch.inference_mode():
+        for w in windows:
+            ids = [bos] + w
+            for b in range(1, len(ids), ORACLE_BLOCK):
+                inp = torch.tensor([[bos] + ids[max(1, b - ORACLE_SPAN):b + ORACLE_BLOCK]])
+                logp = torch.log_softmax(model(inp, use_cache=False).logits[0, :-1].float(), -1)
+                lp = logp.gather(1, inp[0, 1:, None])[:, 0]
+                k = min(ORACLE_BLOCK, len(ids) - b)   # the block's own tokens: the last k targets
+                nll -= float(lp[-k:].sum())
+                n += k
+    out.append({"label": f"oracle: sliding window with re-computation (BOS + {ORACLE_SPAN}..{ORACLE_SPAN + ORACLE_BLOCK - 1} "
+                         f"earlier tokens, full cache)", "ppl": math.exp(nll / n), "kv_bytes_per_token": None,
+                "steps": None})
+    print(f"{out[-1]['label']}: ppl {out[-1]['ppl']:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--max-tokens", type=int, default=32768)
@@ -123,6 +174,12 @@ def main() -> None:
         out.write_text(json.dumps({"full": base, "rows": raw, "max_tokens": a.max_tokens, "context": a.context},
                                   indent=2))
 
+    sweep = window_sweep(a)
+    sweep_rows = [[r["label"], f"{r['ppl']:.3f}", f"{r['ppl'] / base['ppl']:.3f}×",
+                   "" if r["kv_bytes_per_token"] is None else f"{r['kv_bytes_per_token'] / base['kv_bytes_per_token']:.3f}×",
+                   "`" + json.dumps(r["steps"]) + "`" if r["steps"] else ""] for r in sweep]
+    out.write_text(json.dumps({"full": base, "rows": raw, "window_sweep": sweep, "max_tokens": a.max_tokens,
+                               "context": a.context}, indent=2))
     minutes = (time.time() - t_start) / 60
     body = f"""## KV cache (issue 5): kv_quant int8 / int4, kv_window, context {a.context}
 
@@ -141,6 +198,11 @@ median of 3 after a warm-up, on a shared 2-core machine (indicative only).
 
 {fmt_table(["recipe", "bar", "ppl", "× full", "KV bytes/token", "× full", "", "decode tok/s", "× full",
             "recipe steps"], table)}
+
+What kv_window's 260-token span is worth on this model (same text and windows, same process; the
+full cache attends to 1,024 earlier tokens on average, the window to 260):
+
+{fmt_table(["setting", "ppl", "× full", "KV bytes × full", "recipe steps"], sweep_rows)}
 """
     write_section("kv-cache", body)
     print(body)
