@@ -188,9 +188,10 @@ Command: `.venv/bin/python bench/kv_cache.py --max-tokens {a.max_tokens} --conte
 apply, save, load back, evaluate; {base['tokens_scored']:,} tokens of WikiText-2 test scored in {base['windows']} windows of
 {a.context} tokens after BOS; {minutes:.0f} min for the whole run.) Ratios are to the full fp32 cache
 measured in the same process. With a KV technique each window is fed 128 tokens at a time through
-the cache, so a chunk sees the earlier chunks only through the quantized / windowed cache (inside a
-chunk kv_quant's newest tokens are still float, as its residual is; kv_window applies its exact
-per-token mask, so its numbers equal token-by-token streaming). KV bytes per token = bytes the cache
+the cache, with a mask that gives every token what it would see in token-by-token decoding
+(kv_quant: the groups quantized by then, dequantized, and the float residual; kv_window: the sinks
+and its own 256 predecessors), so the numbers are those of streaming one token at a time
+(tested on the tiny model: chunked logits = one-by-one logits). KV bytes per token = bytes the cache
 holds at the end of a {a.context + 1}-token window / tokens seen (int4 codes stored two per byte, fp16
 scale and minimum per group of 32, the newest 64-95 tokens in fp32); the full cache's is its
 DynamicCache (2 × 30 layers × 3 KV heads × 64 × 4 bytes). Decode: prompt 128, 32 greedy tokens,

@@ -161,6 +161,22 @@ def test_chunked_window_eval_is_exactly_token_by_token_streaming(plain, short_te
     assert not torch.allclose(full[100:], chunked[100:], atol=1e-3)  # evicted tokens are gone
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_quantized_eval_is_exactly_token_by_token_decoding(plain, short_text, bits):
+    """Read 64 at a time, each token still sees the groups it would have seen quantized one by one."""
+    model, tok = plain
+    with_kv(model, "kv_quant", bits=bits, group_size=16, residual=16)
+    ids = ids_of(tok, short_text, 200)
+    one_by_one = _feed(model, kc.make_cache(model), ids, 1)
+    for chunk in (64, 37):
+        chunked = _feed(model, kc.make_cache(model), ids, chunk)
+        assert torch.allclose(one_by_one, chunked, atol=1e-5), float((one_by_one - chunked).abs().max())
+    with torch.inference_mode():
+        full = model(ids, use_cache=False).logits[0]
+    assert torch.allclose(full[:32], chunked[:32], atol=1e-5)   # token 32 is the first to see a quantized group
+    assert not torch.allclose(full[60:], chunked[60:], atol=1e-4)
+
+
 def test_window_ppl_within_bound_of_full_cache(plain, short_text):
     model, tok = plain
     base = ppl(model, tok, short_text)

@@ -31,7 +31,8 @@ The saved variant carries the technique as a runtime entry in squeeze.json (``kv
 ``core.variant.load_variant`` calls :func:`attach_from`, and :func:`make_cache` gives the cache to
 use with a model (a plain ``DynamicCache`` for a model without a KV technique).
 :func:`forward` runs ids through the model with a cache, adding the exact StreamingLLM mask when
-several tokens arrive at once; :func:`generate` is ``model.generate`` with the cache (exact for a
+several tokens arrive at once (both caches: several tokens read at once see exactly what each
+would see read one by one); :func:`generate` is ``model.generate`` with the cache (exact for a
 prompt longer than the window); :func:`chunked_logits` is how evaluation feeds a window.
 (torch is imported inside the functions: the GUI reads these configs without loading torch.)
 """
@@ -191,7 +192,8 @@ def generate(model, ids, **kwargs):
 
 def chunked_logits(model, ids, chunk: int = EVAL_CHUNK):
     """Logits (T, V) of one window fed `chunk` tokens at a time through the model's cache: each
-    chunk sees the earlier ones only through the quantized / windowed cache. -> (logits, cache)."""
+    chunk sees the earlier ones only through the quantized / windowed cache, and with the caches'
+    chunk masks every token sees what it would see in token-by-token decoding. -> (logits, cache)."""
     import torch
 
     cache = make_cache(model)
@@ -308,8 +310,14 @@ def classes():
             g = self.q_group_size
             flush = (keys.shape[-2] - self.residual_length) // g * g
             if flush > 0:  # the oldest whole groups leave the float residual, quantized once
-                self._qk = _cat_qt(self._qk, self._quantize(keys[..., :flush, :], -2), -1)
-                self._qv = _cat_qt(self._qv, self._quantize(values[..., :flush, :], -1), -2)
+                qk, qv = self._quantize(keys[..., :flush, :], -2), self._quantize(values[..., :flush, :], -1)
+                if key_states.shape[-2] > 1:
+                    # several tokens at once: the later ones would have seen these groups quantized
+                    # had they come one by one; their quantized copies go after, chosen by the mask
+                    # of KVQuantCache.chunk_mask
+                    k_all = torch.cat([k_all, self._dequantize(qk, -2).to(keys.dtype)], dim=-2)
+                    v_all = torch.cat([v_all, self._dequantize(qv, -1).to(values.dtype)], dim=-2)
+                self._qk, self._qv = _cat_qt(self._qk, qk, -1), _cat_qt(self._qv, qv, -2)
                 keys, values = keys[..., flush:, :], values[..., flush:, :]
             self.keys, self.values = keys.contiguous(), values.contiguous()
             return k_all, v_all
@@ -369,6 +377,25 @@ def classes():
             super().__init__(layers=[_KIVILayer(nbits, q_group_size, residual_length, head_dim)
                                      for _ in range(num_layers)])
 
+        def chunk_mask(self, q_len: int, model):
+            """The mask that makes q_len tokens read at once see what each would see one by one:
+            token p sees the first Q(p) = floor((p - residual) / group) * group tokens quantized and
+            the rest in float. None where the plain causal mask is exact (one token, or no group
+            quantized within these tokens)."""
+            layer = self.layers[0]
+            n0, q0 = layer.cumulative_length, layer.quantized_tokens()
+            g, r = layer.q_group_size, layer.residual_length
+            flush = max(0, (n0 - q0 + q_len - r) // g * g)
+            if q_len == 1 or flush == 0:
+                return None
+            p = torch.arange(n0, n0 + q_len)[:, None]
+            qp = (p - r).clamp(min=0) // g * g                    # tokens quantized when p comes
+            t_float = torch.arange(q0, n0 + q_len)[None, :]       # residual + the new tokens, float
+            t_quant = torch.arange(q0, q0 + flush)[None, :]       # their quantized copies
+            allowed = torch.cat([torch.ones(q_len, q0, dtype=torch.bool),
+                                 (t_float >= qp) & (t_float <= p), t_quant < qp], dim=1)
+            return _as_mask(allowed, model)
+
     class _KVWindowCache(Cache):
         """A Cache of attention-sink + recent-window layers."""
 
@@ -386,11 +413,15 @@ def classes():
             kv_pos = torch.cat([layer.positions, torch.arange(start, start + q_len)])
             q_pos = torch.arange(start, start + q_len)[:, None]
             allowed = (kv_pos[None, :] <= q_pos) & ((kv_pos[None, :] < self.sinks) | (kv_pos[None, :] >= q_pos - self.window))
-            allowed = allowed[None, None]
-            if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
-                return allowed
-            dtype = next(model.parameters()).dtype
-            return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            return _as_mask(allowed, model)
+
+    def _as_mask(allowed, model):
+        """(q, kv) booleans -> the 4D mask the model's attention takes (sdpa: bool; eager: additive)."""
+        allowed = allowed[None, None]
+        if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+            return allowed
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
     return SimpleNamespace(KIVILayer=_KIVILayer, SinkWindowLayer=_SinkWindowLayer,
                            KVQuantCache=_KVQuantCache, KVWindowCache=_KVWindowCache)
