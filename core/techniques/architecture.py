@@ -110,14 +110,13 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
     if cfg.heads > 0 and not (drop_groups or drop_q):
         ctx.log(f"structured_prune: {cfg.heads:.0%} of heads rounds to none ({kv} KV groups of {group} heads)")
 
-    # 1. importances, all on the model as it comes
-    influence = None
-    if drop_layers:
-        influence = block_influence(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
-        ctx.progress(0.3, "block influence")
+    # 1. importances, all on the model as it comes (progress: statistics to 0.5, block influence to 0.8)
     stats = None
     if drop_groups or drop_q or drop_ffn:
-        stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.6)
+        stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.5)
+    influence = None
+    if drop_layers:
+        influence = block_influence(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, start=0.5, span=0.3)
 
     # 2. whole layers
     keep_layers = list(range(n_layers))
@@ -184,7 +183,7 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
             _keep_cols(mlp.down_proj, keep)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = new_inter
-        ctx.progress(0.6 + 0.4 * (pos + 1) / len(keep_layers), f"layer {pos + 1}/{len(keep_layers)}")
+        ctx.progress(0.8 + 0.2 * (pos + 1) / len(keep_layers), f"layer {pos + 1}/{len(keep_layers)}")
     config.num_attention_heads = new_heads
     config.num_key_value_heads = new_kv
     config.intermediate_size = new_inter
@@ -220,7 +219,8 @@ def _keep_cols(lin, idx) -> None:
     lin.in_features = len(idx)
 
 
-def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "") -> list[float]:
+def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "",
+                    start: float = 0.0, span: float = 1.0) -> list[float]:
     """ShortGPT block influence of each decoder layer: 1 - mean cosine similarity between the
     layer's input and output hidden states, over the calibration tokens after BOS (position 0 is
     the attention sink, whose massive activation every layer leaves almost unchanged)."""
@@ -231,6 +231,7 @@ def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib
     if ctx.tokenizer is None:
         raise DataError("calibration needs the model's tokenizer")
     layers = calibration.decoder_layers(model)
+    decoder = getattr(model, "model", model)
     ids = calibration.samples(ctx.tokenizer, calibration.text_path(calib_text), n_samples, seq_len)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
@@ -259,9 +260,9 @@ def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib
             for b in range(0, len(ids), batch):
                 ctx.check_cancel()
                 chunk = ids[b:b + batch]
-                model(chunk, use_cache=False)
+                decoder(chunk, use_cache=False)  # the decoder alone: no LM head, no logits to hold
                 count += chunk.shape[0] * (chunk.shape[1] - 1)
-                ctx.progress(0.3 * min(1.0, (b + batch) / len(ids)), "block influence")
+                ctx.progress(start + span * min(1.0, (b + batch) / len(ids)), "block influence")
     finally:
         for h in handles:
             h.remove()
