@@ -248,3 +248,14 @@ def test_shape_changes_come_before_quantization(steps, words):
         rc.of(*steps)
     assert words in str(e.value) and e.value.step == 1
     assert rc.of(("structured_prune", {}), ("low_rank", {}), ("gptq", {})).steps[2].name == "gptq"
+
+
+def test_quantization_after_low_rank_packs_the_factors_and_loads_back(tiny_model, tiny_eval, home):
+    lr = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}))
+    q = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}), ("rtn", {"bits": 8, "group_size": 32}))
+    man = json.loads((Path(q["variant_dir"]) / "squeeze.json").read_text())
+    assert len(man["packed"]) == 28  # both factors of the 14 factored Linears
+    assert "model.layers.0.mlp.down_proj.1.weight" in man["packed"]
+    factor_bytes = 4 * 2 * 36_864  # float32 factors of the two layers
+    assert lr["size_bytes"] - q["size_bytes"] > 0.7 * factor_bytes  # 1 byte per weight + fp16 scale per 32
+    assert q["ppl"] == pytest.approx(lr["ppl"], rel=0.02)  # 8-bit codes of the factors: nearly the same model
