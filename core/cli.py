@@ -91,8 +91,13 @@ def cmd_techniques(a) -> int:
     if a.json:
         _print_json(ts)
     else:
+        from .techniques.base import FAMILY_HELP
+        family = None
         for t in ts:
-            print(f"{t['name']} ({t['family']}): {t['summary']}")
+            if t["family"] != family:
+                family = t["family"]
+                print(f"\n== {family}: {FAMILY_HELP.get(family, '')}")
+            print(f"{t['name']}: {t['summary']}")
             for f in t["fields"]:
                 rng = f"choices {f['choices']}" if f["choices"] else (
                     f"{f['min']}..{f['max']}" if f["min"] is not None else f["type"])

@@ -322,3 +322,23 @@ def test_screenshot_errors_exit_non_zero_with_one_line(home, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
     r = _studio("--version", env_home=home)
     assert r.returncode == 0 and r.stdout.startswith("squeeze-studio ")
+
+
+def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot):
+    from PySide6.QtWidgets import QLabel
+
+    from core.techniques import all_techniques
+    from core.techniques.base import FAMILY_HELP
+    from gui.widgets.technique_panel import TechniquePanel
+    panel = TechniquePanel()
+    qtbot.addWidget(panel)
+    panel.show()
+    heads = [w.text() for w in panel.findChildren(QLabel) if w.text().startswith("<b>")]
+    families = {t.family for t in all_techniques()}
+    assert len(heads) == len(families)  # one header per family present
+    assert all(any(FAMILY_HELP[f] in h for h in heads) for f in families)
+    g = panel.groups["gptq"]
+    assert not g.body.isVisible()
+    g.setChecked(True)
+    assert g.body.isVisible() and g.editors["bits"].isVisible()
+    assert panel.recipe_data()["steps"][0]["technique"] == "gptq"

@@ -15,6 +15,18 @@ from typing import Any, Callable
 from ..errors import RecipeError
 
 FAMILIES = ("quantization", "pruning", "distillation", "architecture", "kv_cache")
+# One line per family, shown above its techniques in the GUI and by `squeeze techniques`.
+FAMILY_HELP = {
+    "architecture": "Change the model's shape or its inference loop: fewer layers, heads or channels, "
+                    "factored weights, exiting early. These make a model faster, not only smaller.",
+    "distillation": "Train the changed model to imitate the original one on the calibration text.",
+    "pruning": "Set weights to zero (any, or N of every M): smaller when stored sparse; calibrated "
+               "methods choose which and correct the rest.",
+    "kv_cache": "Shrink what the model remembers while generating (the key/value cache): quantize it "
+                "or keep a window.",
+    "quantization": "Store weights (and maybe activations) in fewer bits; calibrated methods keep the "
+                    "error where the activations are small.",
+}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHB
                                QLineEdit, QSlider, QSpinBox, QVBoxLayout, QWidget)
 
 from core.techniques import all_techniques
+from core.techniques.base import FAMILY_HELP
 
 # Steps are applied top to bottom: shape changes and pruning need float weights, so they come
 # before quantization (which packs them). By family, never by technique name.
@@ -127,9 +128,13 @@ class TechniqueGroup(QGroupBox):
         summary.setWordWrap(True)
         summary.setStyleSheet("color: palette(mid);")
         lay.addWidget(summary)
-        form = QFormLayout()
+        self.body = QWidget()  # the sliders: shown while the technique is ticked
+        form = QFormLayout(self.body)
+        form.setContentsMargins(0, 0, 0, 0)
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        lay.addLayout(form)
+        lay.addWidget(self.body)
+        self.body.setVisible(False)
+        self.toggled.connect(self.body.setVisible)
         self.editors: dict[str, FieldEditor] = {}
         for f in technique.fields():
             ed = FieldEditor(f)
@@ -152,7 +157,14 @@ class TechniquePanel(QWidget):
         techs = sorted(all_techniques(), key=lambda t: (
             FAMILY_ORDER.index(t.family) if t.family in FAMILY_ORDER else len(FAMILY_ORDER), t.name))
         self.groups: dict[str, TechniqueGroup] = {}
+        family = None
         for t in techs:
+            if t.family != family:  # a header with the family's one-line explainer
+                family = t.family
+                head = QLabel(f"<b>{family.replace('_', ' ').upper()}</b> — {FAMILY_HELP.get(family, '')}")
+                head.setWordWrap(True)
+                head.setContentsMargins(0, 8, 0, 0)
+                lay.addWidget(head)
             g = TechniqueGroup(t)
             g.toggled.connect(self.changed)
             for ed in g.editors.values():
