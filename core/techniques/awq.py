@@ -112,8 +112,9 @@ def tie_for(group, layer, n_in: int):
     return None
 
 
-def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, tie=None):
-    """Best s (in,) for Linears sharing an input: s = absmean^alpha, alpha on the grid, error on H."""
+def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, tie=None, keep=None):
+    """Best s (in,) for Linears sharing an input: s = absmean^alpha, alpha on the grid, error on H.
+    keep: input columns that stay fp16 (exact, and left out of the groups' ranges)."""
     import torch
     base = absmean.clamp(min=1e-5)
     if tie is not None:  # one scale per prev channel: the mean of the channels it feeds
@@ -127,8 +128,14 @@ def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, 
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
         for W in Ws:
-            q, _, _ = fake_quant(W * s[None, :], bits, group_size, symmetric)
-            err += layer_error(W, q / s[None, :], H)
+            Wq = W * s[None, :]
+            if keep is not None:
+                Wq[:, keep] = 0.0
+            q, _, _ = fake_quant(Wq, bits, group_size, symmetric)
+            q = q / s[None, :]
+            if keep is not None:
+                q[:, keep] = W[:, keep]
+            err += layer_error(W, q, H)
         if best is None or err < best:
             best, best_s = err, s
     return best_s
@@ -148,8 +155,9 @@ def fold(group, layer, s, tie) -> None:
                 prev.bias.div_(sv)
 
 
-def scale_layer(layer, st: dict, bits, group_size, symmetric, grid) -> dict:
-    """AWQ-scales one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s)."""
+def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: int = 0) -> dict:
+    """AWQ-scales one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s).
+    outliers: the searched error treats that many highest-energy input columns as kept in fp16."""
     import torch
     mods = dict(layer.named_modules())
     scales = {}
@@ -158,7 +166,8 @@ def scale_layer(layer, st: dict, bits, group_size, symmetric, grid) -> dict:
         stat = st[names[0]]
         Ws = [mods[n].weight.data for n in names]
         tie = tie_for(group, layer, Ws[0].shape[1])
-        s = search_scales(Ws, stat.hessian(), stat.absmean, bits, group_size, symmetric, grid, tie)
+        H = stat.hessian()
+        s = search_scales(Ws, H, stat.absmean, bits, group_size, symmetric, grid, tie, outlier_cols(H, outliers))
         fold(group, layer, s, tie)
         with torch.no_grad():
             for n in names:
@@ -176,13 +185,13 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
     errs = {}
 
     def per_layer(i, lin, st):
-        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid)
+        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.outliers)
         for name, (m, stat) in lin.items():
             ctx.check_cancel()
             s = scales[name.split(f".{i}.", 1)[1]]
             H = stat.hessian() / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
             W = m.weight.data
-            cols = outlier_cols(H, cfg.outliers)
+            cols = outlier_cols(stat.hessian(), cfg.outliers)  # as the scale search assumed
             Wg = W.clone()
             if cols is not None:  # fp16 columns do not stretch their groups' grids
                 Wg[:, cols] = 0.0
