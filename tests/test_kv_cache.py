@@ -177,6 +177,21 @@ def test_chunked_quantized_eval_is_exactly_token_by_token_decoding(plain, short_
     assert not torch.allclose(full[60:], chunked[60:], atol=1e-4)
 
 
+def test_a_plain_model_call_with_the_quantized_cache_works_without_the_chunk_mask(plain, short_text):
+    """Without kv_cache.forward's mask the new tokens see each other in float (shapes stay right)."""
+    model, tok = plain
+    with_kv(model, "kv_quant", bits=4, group_size=16, residual=16)
+    ids = ids_of(tok, short_text, 300)
+    cache = kc.make_cache(model)
+    with torch.inference_mode():
+        full = model(ids, use_cache=False).logits[0]
+        first = model(ids[:, :200], past_key_values=cache, use_cache=True).logits[0]
+        second = model(ids[:, 200:], past_key_values=cache, use_cache=True).logits[0]
+    assert torch.allclose(full[:200], first, atol=1e-5)          # all float within the first call
+    assert cache.layers[0].quantized_tokens() == (300 - 16) // 16 * 16
+    assert second.shape == (100, 384) and not torch.allclose(full[200:], second, atol=1e-4)
+
+
 def test_window_ppl_within_bound_of_full_cache(plain, short_text):
     model, tok = plain
     base = ppl(model, tok, short_text)

@@ -278,6 +278,7 @@ def classes():
                              residual_length=residual_length)
             self.value_group = min(q_group_size, head_dim)
             self._qk = self._qv = None   # quantized keys (stored transposed: B, H, D, T) and values
+            self.exact_chunk = False      # set by KVQuantCache.chunk_mask for the next update only
 
         def lazy_initialization(self, key_states):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -300,6 +301,7 @@ def classes():
             if not self.is_initialized:
                 self.lazy_initialization(key_states)
             self.cumulative_length += key_states.shape[-2]
+            exact, self.exact_chunk = self.exact_chunk, False
             keys = torch.cat([self.keys, key_states], dim=-2)
             values = torch.cat([self.values, value_states], dim=-2)
             if self._qk is not None:
@@ -311,10 +313,11 @@ def classes():
             flush = (keys.shape[-2] - self.residual_length) // g * g
             if flush > 0:  # the oldest whole groups leave the float residual, quantized once
                 qk, qv = self._quantize(keys[..., :flush, :], -2), self._quantize(values[..., :flush, :], -1)
-                if key_states.shape[-2] > 1:
+                if exact:
                     # several tokens at once: the later ones would have seen these groups quantized
                     # had they come one by one; their quantized copies go after, chosen by the mask
-                    # of KVQuantCache.chunk_mask
+                    # of KVQuantCache.chunk_mask (without that mask, as in a plain model call, the
+                    # new tokens see each other in float)
                     k_all = torch.cat([k_all, self._dequantize(qk, -2).to(keys.dtype)], dim=-2)
                     v_all = torch.cat([v_all, self._dequantize(qv, -1).to(values.dtype)], dim=-2)
                 self._qk, self._qv = _cat_qt(self._qk, qk, -1), _cat_qt(self._qv, qv, -2)
@@ -394,6 +397,8 @@ def classes():
             t_quant = torch.arange(q0, q0 + flush)[None, :]       # their quantized copies
             allowed = torch.cat([torch.ones(q_len, q0, dtype=torch.bool),
                                  (t_float >= qp) & (t_float <= p), t_quant < qp], dim=1)
+            for layer in self.layers:
+                layer.exact_chunk = True   # the next update returns the quantized copies this mask expects
             return _as_mask(allowed, model)
 
     class _KVWindowCache(Cache):
