@@ -142,6 +142,9 @@ def load_variant(d: Path):
         if entry.startswith(("kv_quant:", "kv_window:")):
             from .techniques.kv_cache import attach_from as attach_kv
             attach_kv(model, entry)
+        if entry.startswith("moefy:"):
+            from .techniques.moefy import attach_from as attach_moefy
+            attach_moefy(model, entry)
     if "w8a8" in man.get("runtime", []):
         from .techniques.smoothquant import to_w8a8
         to_w8a8(model, packed)

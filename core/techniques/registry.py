@@ -32,7 +32,7 @@ def nearest(name: str, names: list[str]) -> str | None:
 
 def _load():
     # Importing the family modules registers their techniques.
-    from . import (architecture, awq, early_exit, gptq, kv_cache, pruning, quantization,  # noqa: F401
+    from . import (architecture, awq, early_exit, gptq, kv_cache, moefy, pruning, quantization,  # noqa: F401
                    smoothquant, sparse, weight_sharing)
 
 

@@ -1,0 +1,131 @@
+"""moefy on the tiny Llama (hidden 96, FFN 160): top_k = experts is the dense model, top_k < experts
+computes only the chosen experts, the FLOPs ratio is k/E + router, and the saved variant keeps its routers."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core import models
+from core.techniques import moefy as mf
+from core.techniques import registry
+from core.techniques.base import StepContext
+from core.variant import load_variant, save_variant
+from tests.conftest import ROOT
+
+FAST = {"samples": 8, "seq_len": 128}
+
+
+def fitted(model_id, **values):
+    model, tok, _ = models.load(model_id)
+    ctx = StepContext(tokenizer=tok, state_key="moefy-test")
+    tech = registry.get("moefy")
+    info = tech.apply(model, tech.make({**FAST, **values}), ctx)
+    return model, tok, ctx, info
+
+
+def ids(n=40, seed=1):
+    return torch.randint(3, 384, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_balanced_kmeans_sizes_and_bounds():
+    assert mf.expert_bounds(160, 8) == [0, 20, 40, 60, 80, 100, 120, 140, 160]
+    assert mf.expert_bounds(10, 3) == [0, 4, 7, 10]
+    f = torch.randn(37, 5, generator=torch.Generator().manual_seed(0))
+    a = mf.balanced_kmeans(f, 4)
+    assert sorted(torch.bincount(a, minlength=4).tolist()) == [9, 9, 9, 10]
+    # well-separated clusters are found
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(4) * 20
+    pts = torch.cat([c + torch.randn(10, 4, generator=g) for c in centres])
+    a = mf.balanced_kmeans(pts, 4)
+    for c in range(4):
+        assert a[c * 10:(c + 1) * 10].unique().numel() == 1
+
+
+def test_all_experts_is_the_dense_model(tiny_model, home):
+    dense = models.load(tiny_model)[0]
+    model, _, _, info = fitted(tiny_model, experts=8, top_k=8)
+    x = ids()
+    with torch.no_grad():
+        want = dense(x).logits
+        got = model(x).logits
+        # decoding token by token through the routed FFN (the n == 1 path) as well
+        out = model(x[:, :20], use_cache=True)
+        step = model(x[:, 20:21], past_key_values=out.past_key_values, use_cache=True).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(step[0, 0], want[0, 20], atol=1e-4)
+    assert mf.experts_per_token(model) == 8.0
+    assert info["ffn_flops_ratio"] == pytest.approx(1 + 8 / (3 * 160), abs=1e-4)
+
+
+def test_only_the_chosen_experts_are_computed(tiny_model, home):
+    model, _, _, info = fitted(tiny_model, experts=8, top_k=2)
+    assert info["ffn_flops_ratio"] == pytest.approx(2 / 8 + 8 / (3 * 160), abs=1e-4)
+    assert mf.flops_ratio(576, 1536, 8, 2) == pytest.approx(0.25 + 8 / (3 * 1536))
+    x = ids()
+    mlp = model.model.layers[0].mlp
+    st = mlp._moefy
+    with torch.no_grad():
+        base = model(x).logits
+        assert mf.experts_per_token(model) == 2.0  # per token per layer
+        # the experts chosen in layer 0 for the last token
+        seen = {}
+        h = mlp.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+        model(x)
+        h.remove()
+        xin = seen["x"][0]                                              # (T, h)
+        top = (xin @ st.w.T + st.b).topk(2, 1).indices                  # (T, 2)
+        b = st.bounds
+        # a one-token decode step computes exactly its two experts
+        out = model(x[:, :-1], use_cache=True)
+        mf.experts_per_token(model)
+        st.expert_tokens = [0] * 8
+        model(x[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        assert sorted(e for e in range(8) if st.expert_tokens[e]) == sorted(top[-1].tolist())
+        # zeroing the experts no token chose (3 tokens choose at most 6 of 8) leaves the output
+        # unchanged; zeroing a chosen one does not
+        short = x[:, :3]
+        base = model(short).logits
+        unused = [e for e in range(8) if not (top[:3] == e).any()]
+        assert len(unused) >= 2
+        for e in unused:
+            for m in (mlp.gate_proj, mlp.up_proj):
+                m.weight[b[e]:b[e + 1]] = 0
+            mlp.down_proj.weight[:, b[e]:b[e + 1]] = 0
+        assert torch.equal(model(short).logits, base)
+        c = int(top[0, 0])
+        mlp.down_proj.weight[:, b[c]:b[c + 1]] = 0
+        assert not torch.allclose(model(short).logits, base, atol=1e-5)
+
+
+def test_runtime_entry_survives_save_and_load(tiny_model, home, tmp_path):
+    model, tok, ctx, _ = fitted(tiny_model, experts=4, top_k=1)
+    assert len(ctx.runtime) == 1 and ctx.runtime[0].startswith("moefy:")
+    entry = json.loads(ctx.runtime[0].split(":", 1)[1])
+    assert entry["experts"] == 4 and entry["top_k"] == 1 and len(entry["layers"]) == 2
+    save_variant(model, tok, ctx.packed, ctx.runtime, tmp_path / "v", {"steps": []})
+    back, _ = load_variant(tmp_path / "v")
+    x = ids(60, seed=4)
+    dense = models.load(tiny_model)[0]
+    with torch.no_grad():
+        a, b = model(x).logits, back(x).logits
+        d = dense(x).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, d, atol=1e-4)  # top-1 of 4 really changed the model
+    assert mf.experts_per_token(back) == 1.0
+
+
+def test_top_k_above_experts_is_refused(tiny_model, home):
+    from core.errors import RecipeError
+    with pytest.raises(RecipeError, match="top_k"):
+        fitted(tiny_model, experts=4, top_k=6)
+
+
+def test_listed_by_the_cli():
+    out = subprocess.run([sys.executable, "-m", "core.cli", "techniques", "--json"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    t = next(t for t in json.loads(out) if t["name"] == "moefy")
+    assert t["family"] == "architecture"
+    assert {f["name"] for f in t["fields"]} >= {"experts", "top_k", "samples", "seq_len", "calib_text"}
