@@ -98,11 +98,12 @@ def from_data(data: Any) -> Recipe:
 
 
 RESHAPING = ("structured_prune", "low_rank")  # change the model's shapes: before any packing step
+RUNTIME = ("early_exit", "kv_quant", "kv_window")  # fitted to / wrap the weights as they are: after distill
 
 
 def check_order(steps: list[Step]) -> None:
     """Composition rules, checked before a job starts."""
-    packed_by = factored_by = None
+    packed_by = factored_by = runtime_by = None
     for i, s in enumerate(steps):
         if packed_by is not None and s.name in RESHAPING:
             raise RecipeError(
@@ -117,6 +118,18 @@ def check_order(steps: list[Step]) -> None:
                 field="technique", step=i)
         if s.name == "low_rank":
             factored_by = s.name
+        if s.name == "distill" and packed_by is not None:
+            raise RecipeError(
+                f"technique distill cannot follow {packed_by}: distill trains float weights and {packed_by} has "
+                f"packed them low-bit. Working order: shape changes, then distill, then quantization "
+                f"(e.g. structured_prune → distill → {packed_by}).", field="technique", step=i)
+        if s.name == "distill" and runtime_by is not None:
+            raise RecipeError(
+                f"technique distill cannot follow {runtime_by}: {runtime_by} was set up for the weights before "
+                f"training changes them. Put {runtime_by} after distill (e.g. structured_prune → distill → "
+                f"{runtime_by}).", field="technique", step=i)
+        if s.name in RUNTIME:
+            runtime_by = s.name
         if packed_by is not None and s.technique.packs:
             raise RecipeError(f"technique {s.name} cannot follow {packed_by}: the weights are already packed "
                               f"by {packed_by}; keep one quantization step, last", field="technique", step=i)

@@ -1,6 +1,6 @@
 """The event contract, one for every job:
 
-    started(job_id) -> progress(stage, fraction, eta_s)* and log(level, text)*
+    started(job_id) -> progress(stage, fraction, eta_s)*, log(level, text)* and metric(name, step, value)*
     -> exactly one of result(payload) | error(kind, message) | cancelled() -> finished()
 
 Events are plain dicts {"type": ..., ...}; the worker process writes them as JSON lines.
@@ -50,6 +50,10 @@ class Emitter:
 
     def log(self, text: str, level: str = "info") -> None:
         self.emit("log", level=level, text=text)
+
+    def metric(self, name: str, step: int, value: float) -> None:
+        """One point of a numeric series (e.g. distill_loss per training step), for a live plot."""
+        self.emit("metric", name=name, step=int(step), value=float(value))
 
     def result(self, payload: dict) -> None:
         self.emit("result", payload=payload)

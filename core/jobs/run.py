@@ -62,6 +62,10 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     if not recipe.steps:
         return None, model, tok, base_dir
     ctx = StepContext(cancelled=lambda: check() or False, log=em.log, tokenizer=tok)
+    # distill's teacher is the model before the recipe: reloaded from the model id only when a step
+    # asks for it, so other recipes keep one copy in memory and no technique changes
+    ctx.base_model = lambda: models.load(spec.model)[0]
+    ctx.metric = em.metric  # numeric series (distill's loss curve) as "metric" events
     infos = []
     for i, step in enumerate(recipe.steps):
         n = len(recipe.steps)

@@ -34,6 +34,7 @@ def _load():
     # Importing the family modules registers their techniques.
     from . import (architecture, awq, early_exit, gptq, kv_cache, moefy, pruning, quantization,  # noqa: F401
                    smoothquant, sparse, weight_sharing)
+    from . import distillation  # noqa: F401
 
 
 def get(name: str, step: int | None = None) -> Technique:

@@ -1,0 +1,254 @@
+"""Knowledge distillation: train the model as the preceding steps left it (the student, e.g. after
+`structured_prune` dropped layers) to imitate the model before the recipe (the teacher) on the
+calibration text, never the evaluation text.
+
+Loss per token: T^2 KL(teacher_T || student_T) on the logits softened by the temperature T, plus,
+when `hidden_mse` > 0, that weight times the mean squared error between hidden states, student
+layer j matched to teacher layer round(j * L_teacher / L_student) (layers mapped proportionally;
+skipped when the hidden sizes differ). The decoder layers and the final norm train; the embedding
+and the (tied) LM head stay as they are, which keeps the optimizer state small and the step fast.
+Weights that are exactly zero in a Linear of a pruned student (magnitude_prune, wanda, sparsegpt)
+stay zero: their mask is re-applied after every update.
+
+The teacher comes from `ctx.base_model`, a loader the job sets (core/jobs/run.py): the model is
+reloaded from the job's model id only when a distill step runs, so recipes without distillation
+hold no second copy in memory and no other technique changes. Losses stream as `ctx.log` lines
+("distill: step i/N loss x"), as progress notes with an ETA, and as numeric points through
+`ctx.metric(name, step, value)` when the job provides it (a "metric" event, core/jobs/events.py).
+
+Checkpoints: every `checkpoint_every` steps the trainable weights, the optimizer state, the step
+and the RNG state are written atomically (temp file, then rename) under
+cache_dir()/distill/<key>, key = hash of (ctx.state_key, the config); a run that finds one resumes
+from it (a cancelled or crashed run goes on where it stopped), and it is deleted when training
+completes. The batch order is a function of the step number, so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from .base import StepContext, knob
+from .gptq import samples_knob, seq_len_knob, text_knob
+from .registry import technique
+
+CKPT_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Distillation: train the compressed model to imitate the original one (KL on logits, optional hidden-state MSE)."""
+
+    steps: int = knob(60, min=1, max=5000, step=10, unit="steps",
+                      help="Optimizer steps; the default fits about 15 minutes on 2 CPU cores for a 135M model.")
+    lr: float = knob(1e-4, min=1e-6, max=1e-2, step=1e-5, unit="learning rate",
+                     help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up).")
+    temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="T",
+                              help="Softens both distributions before the KL; the loss is scaled by T^2.")
+    seq_len: int = seq_len_knob(256)
+    batch_size: int = knob(4, min=1, max=64, step=1, unit="sequences", help="Calibration windows per step.")
+    hidden_mse: float = knob(0.0, min=0.0, max=10.0, step=0.1, unit="weight",
+                             help="Weight of the hidden-state MSE (student layers mapped proportionally to the "
+                                  "teacher's); 0 = logits only.")
+    samples: int = samples_knob(128)
+    calib_text: str = text_knob()
+    checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps",
+                                 help="Write a checkpoint every this many steps: a cancelled or crashed run "
+                                      "resumes from the last one.")
+    seed: int = knob(0, min=0, max=2**31 - 1, step=1, help="Seed of the batch order.")
+
+
+def checkpoint_dir(ctx: StepContext, cfg: Distill):
+    from .. import paths
+    raw = json.dumps([ctx.state_key, asdict(cfg)], sort_keys=True, default=str)
+    key = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return paths.cache_dir() / "distill" / key
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Rows of step `step`: consecutive slices of a per-epoch permutation (a function of the step only)."""
+    import torch
+    out = []
+    pos = step * batch
+    while len(out) < batch:
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+        pos += 1
+    return out
+
+
+def lr_at(step: int, total: int, lr: float) -> float:
+    import math
+    warm = max(1, min(10, total // 10))
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def kd_loss(s_logits, t_logits, temperature: float):
+    """T^2 * mean over tokens of KL(teacher_T || student_T)."""
+    import torch
+    T = temperature
+    t = torch.log_softmax(t_logits.float() / T, -1)
+    s = torch.log_softmax(s_logits.float() / T, -1)
+    return (T * T) * (t.exp() * (t - s)).sum(-1).mean()
+
+
+def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """(student hidden-state index, teacher index) pairs, layers matched proportionally (index 0 = embeddings)."""
+    return [(j, round(j * n_teacher / n_student)) for j in range(1, n_student + 1)]
+
+
+def _hidden_loss(s_hidden, t_hidden, pairs):
+    import torch
+    return torch.stack([torch.nn.functional.mse_loss(s_hidden[j].float(), t_hidden[k].float())
+                        for j, k in pairs]).mean()
+
+
+def _trainable(model):
+    frozen = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        frozen.add(id(head.weight))
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in frozen]
+
+
+def _save_atomic(obj, folder) -> None:
+    import torch
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{CKPT_FILE}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, folder / CKPT_FILE)
+
+
+@technique(Distill, name="distill", family="distillation")
+def distill(model, cfg: Distill, ctx: StepContext) -> dict:
+    import shutil
+
+    import torch
+
+    from ..calibration import samples, text_path
+    from ..errors import DataError
+
+    if ctx.tokenizer is None:
+        raise DataError("distill needs the model's tokenizer for its calibration text")
+    load_teacher = getattr(ctx, "base_model", None)
+    if load_teacher is None:
+        raise DataError("distill needs the model before the recipe (the teacher); this job does not provide it")
+    ids = samples(ctx.tokenizer, text_path(cfg.calib_text), cfg.samples, cfg.seq_len, seed=cfg.seed)
+    ctx.progress(0.0, "loading the teacher")
+    teacher = load_teacher()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ctx.check_cancel()
+
+    n_s, n_t = model.config.num_hidden_layers, teacher.config.num_hidden_layers
+    use_hidden = cfg.hidden_mse > 0
+    if use_hidden and model.config.hidden_size != teacher.config.hidden_size:
+        ctx.log(f"distill: hidden sizes differ ({model.config.hidden_size} vs {teacher.config.hidden_size}); "
+                "hidden-state MSE off")
+        use_hidden = False
+    pairs = layer_map(n_s, n_t) if use_hidden else []
+
+    params = _trainable(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    masks = {n: (p != 0) for n, p in params
+             if p.dim() == 2 and (p == 0).float().mean().item() >= 0.01}  # pruned weights stay zero
+    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+
+    folder = checkpoint_dir(ctx, cfg)
+    start, losses = 0, []
+    ck = folder / CKPT_FILE
+    if ck.is_file():
+        try:
+            state = torch.load(ck, map_location="cpu", weights_only=False)
+            named = dict(params)
+            if set(state["weights"]) != set(named) or any(
+                    state["weights"][n].shape != named[n].shape for n in named):
+                raise ValueError("the checkpoint's shapes differ from this model's")
+            with torch.no_grad():
+                for n, p in params:
+                    p.copy_(state["weights"][n])
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            start, losses = int(state["step"]), list(state["losses"])
+            ctx.log(f"distill: resuming from the checkpoint at step {start}/{cfg.steps}")
+        except Exception as e:  # a damaged or stale checkpoint: start over
+            ctx.log(f"distill: checkpoint not usable ({type(e).__name__}: {e}); starting from step 0")
+            start, losses = 0, []
+            opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    # Cancel lands within a layer's forward, not only between steps.
+    hooks = [layer.register_forward_pre_hook(lambda *_: ctx.check_cancel()) for layer in model.model.layers]
+    metric = getattr(ctx, "metric", None)
+    was_training = model.training
+    model.train()
+    t0, done_here = time.perf_counter(), 0
+    every_log = max(1, min(10, cfg.steps // 20))
+    try:
+        with torch.enable_grad():
+            for step in range(start, cfg.steps):
+                ctx.check_cancel()
+                batch = ids[batch_indices(step, len(ids), cfg.batch_size, cfg.seed)]
+                with torch.no_grad():
+                    t_out = teacher(batch, output_hidden_states=use_hidden, use_cache=False)
+                s_out = model(batch, output_hidden_states=use_hidden, use_cache=False)
+                loss = kd_loss(s_out.logits, t_out.logits, cfg.temperature)
+                if use_hidden:
+                    loss = loss + cfg.hidden_mse * _hidden_loss(s_out.hidden_states, t_out.hidden_states, pairs)
+                del t_out
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg.steps, cfg.lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if masks:
+                    with torch.no_grad():
+                        for n, p in params:
+                            if n in masks:
+                                p.mul_(masks[n])
+                value = float(loss.detach())
+                losses.append(value)
+                done_here += 1
+                i = step + 1
+                per_step = (time.perf_counter() - t0) / done_here
+                eta = per_step * (cfg.steps - i)
+                if metric is not None:
+                    metric("distill_loss", i, value)
+                if i % every_log == 0 or i == cfg.steps or i == start + 1:
+                    ctx.log(f"distill: step {i}/{cfg.steps} loss {value:.4f}")
+                ctx.progress(i / cfg.steps, f"step {i}/{cfg.steps} loss {value:.4f}, ETA {_fmt(eta)}")
+                if i % cfg.checkpoint_every == 0 and i < cfg.steps:
+                    _save_atomic({"weights": {n: p.detach().clone() for n, p in params},
+                                  "optimizer": opt.state_dict(), "step": i, "losses": losses,
+                                  "rng": torch.get_rng_state(), "config": asdict(cfg)}, folder)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    del teacher, opt
+    shutil.rmtree(folder, ignore_errors=True)
+    tail = losses[-max(1, min(10, len(losses))):]
+    return {"steps": cfg.steps, "resumed_from": start, "first_loss": round(losses[0], 5) if losses else None,
+            "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+            "last_loss": round(losses[-1], 5) if losses else None,
+            "losses": [round(v, 5) for v in losses],
+            "seconds_per_step": round((time.perf_counter() - t0) / max(1, done_here), 3)}
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"

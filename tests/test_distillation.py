@@ -1,0 +1,131 @@
+"""distill on the tiny Llama: lowers the KL to the teacher after layers are pruned, resumes a
+cancelled run to the same final loss, streams its loss, and is listed with full metadata."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import models
+from core import recipe as rc
+from core.calibration import samples
+from core.errors import Cancelled, RecipeError
+from core.jobs.run import run_job
+from core.jobs.spec import JobSpec
+from core.techniques import registry
+from core.techniques.base import StepContext
+from core.techniques.distillation import CKPT_FILE, checkpoint_dir, kd_loss, layer_map
+
+from conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(samples=16, seq_len=128, batch_size=4, lr=3e-3, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory, tiny_tokenizer_dir) -> str:
+    # a wider init than HF's default gives the random teacher non-flat distributions to imitate
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny4"), tiny_tokenizer_dir, seed=3,
+                               num_hidden_layers=4, initializer_range=0.08))
+
+
+def _pruned_student(model_id: str, key: str = "distill-test"):
+    """(student with half its layers dropped, ctx whose teacher is the unpruned model)."""
+    model, tok, _ = models.load(model_id)
+    ctx = StepContext(tokenizer=tok, state_key=key)
+    prune = registry.get("structured_prune")
+    prune.apply(model, prune.make({"layers": 0.5, "ffn": 0.0, "samples": 8, "seq_len": 128}), ctx)
+    ctx.base_model = lambda: models.load(model_id)[0]
+    return model, tok, ctx
+
+
+def _kl(student, teacher, ids) -> float:
+    with torch.no_grad():
+        return float(kd_loss(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits, 1.0))
+
+
+def test_distill_after_dropping_layers_lowers_the_kl_on_held_out_text(tiny4, home):
+    student, tok, ctx = _pruned_student(tiny4)
+    assert student.config.num_hidden_layers == 2
+    teacher = models.load(tiny4)[0]
+    held_out = samples(tok, ROOT / "resources" / "data" / "calib.txt", 8, 128, seed=12345)  # other windows
+    before = _kl(student, teacher, held_out)
+    tech = registry.get("distill")
+    info = tech.apply(student, tech.make({**FAST, "steps": 40, "hidden_mse": 0.5}), ctx)
+    after = _kl(student, teacher, held_out)
+    assert after < 0.7 * before, (before, after)
+    assert info["final_loss"] < info["first_loss"]
+    assert not checkpoint_dir(ctx, tech.make({**FAST, "steps": 40, "hidden_mse": 0.5})).exists()  # deleted when done
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_cancelled_and_resumed_reaches_the_same_final_loss(tiny4, home):
+    tech = registry.get("distill")
+    cfg = tech.make({**FAST, "steps": 20, "checkpoint_every": 10, "hidden_mse": 0.5})
+
+    student, _, ctx = _pruned_student(tiny4, key="resume")
+    whole = tech.apply(student, cfg, ctx)
+    whole_w = {n: p.detach().clone() for n, p in student.state_dict().items()}
+
+    student, _, ctx = _pruned_student(tiny4, key="resume")
+    ckpt = checkpoint_dir(ctx, cfg) / CKPT_FILE
+    ctx._cancelled = lambda: ckpt.is_file()          # cancel right after the checkpoint at step 10
+    with pytest.raises(Cancelled):
+        tech.apply(student, cfg, ctx)
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == 10
+
+    student, _, ctx = _pruned_student(tiny4, key="resume")  # a fresh process: the model rebuilt
+    logs = []
+    ctx.log = logs.append
+    resumed = tech.apply(student, cfg, ctx)
+    assert resumed["resumed_from"] == 10 and any("resuming from the checkpoint at step 10" in t for t in logs)
+    assert resumed["losses"][:10] == whole["losses"][:10]
+    assert resumed["last_loss"] == pytest.approx(whole["last_loss"], rel=1e-4, abs=1e-6)
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-4, abs=1e-6)
+    for n, p in student.state_dict().items():
+        assert torch.allclose(p, whole_w[n], atol=1e-5), n
+    assert not ckpt.exists()
+
+
+def test_a_job_streams_loss_lines_progress_with_eta_and_metric_points(tiny4, home, tiny_eval):
+    events = []
+    spec = JobSpec(model=tiny4, eval=tiny_eval, evaluate=False, recipe={"steps": [
+        {"technique": "structured_prune", "layers": 0.5, "ffn": 0.0, "samples": 8, "seq_len": 128},
+        {"technique": "distill", **FAST, "steps": 12}]})
+    run_job(spec, events.append)
+    assert [e["type"] for e in events][-2:] == ["result", "finished"], [e for e in events if e["type"] == "error"]
+    lines = [e["text"] for e in events if e["type"] == "log" and e["text"].startswith("distill: step")]
+    assert lines and lines[-1].startswith("distill: step 12/12 loss ")
+    notes = [e["note"] for e in events if e["type"] == "progress" and "distill" in (e.get("note") or "")]
+    assert any("ETA" in n and "loss" in n for n in notes)
+    pts = [e for e in events if e["type"] == "metric"]
+    assert [p["step"] for p in pts] == list(range(1, 13)) and all(p["name"] == "distill_loss" for p in pts)
+    steps = events[-2]["payload"]["steps"]
+    assert steps[-1]["technique"] == "distill" and len(steps[-1]["losses"]) == 12
+
+
+def test_order_rules_and_layer_map():
+    r = rc.of(("structured_prune", {"layers": 0.25}), "distill", ("gptq", {"bits": 4}))
+    assert [s.name for s in r.steps] == ["structured_prune", "distill", "gptq"]
+    with pytest.raises(RecipeError, match="structured_prune → distill → rtn"):
+        rc.of("rtn", "distill")
+    with pytest.raises(RecipeError, match="cannot follow early_exit"):
+        rc.of("early_exit", "distill")
+    assert layer_map(2, 4) == [(1, 2), (2, 4)]
+    assert layer_map(3, 4)[-1] == (3, 4)
+
+
+def test_listed_by_the_cli_with_full_metadata():
+    p = subprocess.run([sys.executable, "-m", "core.cli", "techniques", "--json"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    t = {t["name"]: t for t in json.loads(p.stdout)}["distill"]
+    assert t["family"] == "distillation" and t["summary"]
+    names = {f["name"] for f in t["fields"]}
+    assert {"steps", "lr", "temperature", "seq_len", "batch_size", "hidden_mse", "samples", "calib_text"} <= names
+    for f in t["fields"]:
+        assert f["help"] and f["default"] is not None
+        if f["type"] in ("int", "float") and not f["choices"]:
+            assert None not in (f["min"], f["max"], f["step"])
