@@ -23,6 +23,7 @@ from core.results import fmt_ppl, table_rows
 
 from .widgets.eval_panel import EvalPanel
 from .widgets.export_panel import ExportPanel
+from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
 from .widgets.results_table import ResultsTable
 from .widgets.technique_panel import TechniquePanel
@@ -75,6 +76,7 @@ class MainWindow(QMainWindow):
         self.client = WorkerClient(self)
         self.client.progress.connect(self._on_progress)
         self.client.log.connect(self._on_log)
+        self.client.metric.connect(self._on_metric)
         self.client.result.connect(self._on_result)
         self.client.error.connect(lambda e: self.say(e.get("message", "the job failed"), error=True))
         self.client.cancelled.connect(lambda e: self.say("Cancelled."))
@@ -160,6 +162,8 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.progress, 1)
         rbl.addLayout(buttons)
         rbl.addWidget(self.stage_label)
+        self.loss_curve = LossCurve()  # live: distill's loss, shown while a job sends points
+        rbl.addWidget(self.loss_curve)
         rbl.addWidget(self.message)
 
         left = QWidget()
@@ -383,6 +387,7 @@ class MainWindow(QMainWindow):
             self.say("Measuring the baseline of this model once (cached for these eval settings)…")
         self._log(f"— {what}: {spec.model} · {recipes.from_data(spec.recipe).label()} (job {spec.job_id})")
         self.progress.setValue(0)
+        self.loss_curve.clear()
         self.stage_label.setText("starting the worker…")
         self._busy(True)
         self.refresh()
@@ -404,6 +409,9 @@ class MainWindow(QMainWindow):
         note = e.get("note") or ""
         text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{fmt_eta(e.get('eta_s'))}"
         self.stage_label.setText(text + (f"  ·  {note}" if note and len(note) < 60 else ""))
+
+    def _on_metric(self, e: dict) -> None:
+        self.loss_curve.add(e)
 
     def _on_log(self, e: dict) -> None:
         self._log(e.get("text", ""))

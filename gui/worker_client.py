@@ -17,7 +17,8 @@ class WorkerClient(QObject):
     error = Signal(dict)
     cancelled = Signal(dict)
     finished = Signal(dict)
-    EVENTS = ("started", "progress", "log", "result", "error", "cancelled", "finished")
+    metric = Signal(dict)  # a point of a numeric series (distill's loss per step)
+    EVENTS = ("started", "progress", "log", "result", "error", "cancelled", "finished", "metric")
     _event = Signal(dict)  # emitted from the reader thread; queued to this object's thread
 
     def __init__(self, parent: QObject | None = None):

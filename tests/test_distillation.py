@@ -129,3 +129,18 @@ def test_listed_by_the_cli_with_full_metadata():
         assert f["help"] and f["default"] is not None
         if f["type"] in ("int", "float") and not f["choices"]:
             assert None not in (f["min"], f["max"], f["step"])
+
+
+def test_the_window_plots_metric_points_live(qtbot, home, tiny_model, tiny_eval, tmp_path):
+    from gui.main_window import MainWindow
+    w = MainWindow(model=tiny_model, eval_settings=tiny_eval, auto_baseline=False)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    assert not w.loss_curve.isVisible()
+    for i in range(1, 21):  # as the worker's reader thread delivers them
+        w.client._dispatch({"type": "metric", "job_id": "x", "name": "distill_loss", "step": i, "value": 3.0 / i})
+    assert w.loss_curve.isVisible() and len(w.loss_curve.points) == 20
+    assert not w.loss_curve.grab().toImage().isNull()
+    w.loss_curve.clear()
+    assert not w.loss_curve.isVisible()
