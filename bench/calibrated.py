@@ -245,6 +245,8 @@ slice unless the values say otherwise; results accumulate in `bench/results/cali
 The rows below were measured during development with the same in-memory loop before it moved into
 this script; the `kept fp32` probes quantize every decoder Linear with rtn except those named.
 The machine was shared (load average 5-8 on 2 cores): apply times are not comparable between rows.
+Rows are in the order measured: gptq rows before the one noted "+ range search per group (clip, new
+default)" ran without the range search; later ones with it.
 
 {fmt_table(["technique", "values", "ppl", "fp32", "× fp32", "tokens", "note"], rows)}
 """
