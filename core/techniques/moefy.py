@@ -37,6 +37,8 @@ class MoEfy:
     cluster: str = knob("activation", choices=("activation", "weights"),
                         help="Group neurons that fire together on the calibration text (activation) "
                              "or whose gate/up weight rows are alike (weights).")
+    compensate: bool = knob(True, help="Add each skipped expert's mean output on the calibration text (a constant "
+                                       "vector, no multiplications) in place of computing it.")
     samples: int = samples_knob(16)
     seq_len: int = seq_len_knob(256)
     calib_text: str = text_knob()
@@ -72,8 +74,7 @@ def flops_ratio(hidden: int, inter: int, experts: int, top_k: int) -> float:
 def balanced_kmeans(feats, experts: int, iters: int = 15, seed: int = 0):
     """(n,) expert of each row of feats (n, f), every expert holding the sizes of expert_bounds.
 
-    Lloyd iterations whose assignment step is greedy under capacity: rows in order of how much they
-    lose by not getting their nearest centre, each to its nearest centre with room left."""
+    Lloyd iterations whose assignment step respects the sizes (_capacity_assign)."""
     import torch
     n = feats.shape[0]
     b = expert_bounds(n, experts)
@@ -82,26 +83,33 @@ def balanced_kmeans(feats, experts: int, iters: int = 15, seed: int = 0):
     centres = feats[torch.randperm(n, generator=g)[:experts]].clone()
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
-        d = torch.cdist(feats, centres)                                  # (n, E)
-        srt = d.sort(1)
-        regret = srt.values[:, -1] - srt.values[:, 0]
-        order = regret.argsort(descending=True).tolist()
-        prefs = srt.indices.tolist()
-        cap = cap0.tolist()
-        new = [0] * n
-        for i in order:
-            for e in prefs[i]:
-                if cap[e]:
-                    cap[e] -= 1
-                    new[i] = e
-                    break
-        new = torch.tensor(new)
+        new = _capacity_assign(torch.cdist(feats, centres), cap0)
         if torch.equal(new, assign):
             break
         assign = new
         for e in range(experts):
             centres[e] = feats[assign == e].mean(0)
     return assign
+
+
+def _capacity_assign(d, cap):
+    """Each row to a column, column e taking cap[e] rows: in rounds, every unplaced row proposes to its
+    nearest column with room, and each column accepts its nearest proposers up to its room."""
+    import torch
+    n, E = d.shape
+    out = torch.full((n,), -1, dtype=torch.long)
+    room = cap.clone()
+    while bool((out < 0).any()):
+        free = torch.nonzero(out < 0).flatten()
+        dd = d[free].clone()
+        dd[:, room == 0] = float("inf")
+        best = dd.argmin(1)
+        for e in best.unique().tolist():
+            who = free[best == e]
+            take = who[d[who, e].argsort()[:int(room[e])]]
+            out[take] = e
+            room[e] -= len(take)
+    return out
 
 
 @technique(MoEfy, name="moefy", family="architecture")
@@ -175,7 +183,11 @@ def moefy(model, cfg: MoEfy, ctx: StepContext) -> dict:
             y = torch.stack([(act[:, bounds[e]:bounds[e + 1]] @ Wd[:, bounds[e]:bounds[e + 1]].T).norm(dim=1)
                              for e in range(cfg.experts)], 1)                     # (N, E)
             w, bias = _ridge(X, y)
-            entry["layers"].append({"w": _b64(w), "b": _b64(bias)})
+            le = {"w": _b64(w), "b": _b64(bias)}
+            if cfg.compensate:  # each expert's mean output: what a token that skips it gets instead
+                le["m"] = _b64(torch.stack([act[:, bounds[e]:bounds[e + 1]].mean(0) @ Wd[:, bounds[e]:bounds[e + 1]].T
+                                            for e in range(cfg.experts)]))
+            entry["layers"].append(le)
             pred = (X @ w.T + bias).topk(cfg.top_k, 1).indices
             best = y.topk(cfg.top_k, 1).indices
             hit = (pred[:, :, None] == best[:, None, :]).any(2).float().mean()
@@ -211,6 +223,8 @@ class _Routed:
     def __init__(self, w, b, bounds, top_k):
         self.w, self.b, self.bounds, self.top_k = w, b, bounds, top_k
         self.experts = len(bounds) - 1
+        self.mean = None      # (E, h) each expert's mean output, added for the skipped ones
+        self.oracle = False   # diagnostics only: route by each expert's true output norm (computes all)
         self.expert_tokens = [0] * self.experts
         self.tokens = 0
 
@@ -228,6 +242,8 @@ def attach(model, entry: dict) -> None:
         mlp = layer.mlp
         h = mlp.gate_proj.in_features
         st = _Routed(_unb64(le["w"], (E, h)), _unb64(le["b"], (E,)), bounds, k)
+        if "m" in le:
+            st.mean = _unb64(le["m"], (E, mlp.down_proj.out_features))
         mlp._moefy = st
 
         def forward(x, mlp=mlp, st=st):
@@ -239,14 +255,16 @@ def attach(model, entry: dict) -> None:
             bg, bu = mlp.gate_proj.bias, mlp.up_proj.bias
             bd = mlp.down_proj.bias
             act_fn = mlp.act_fn
-            scores = F.linear(x2, st.w.to(x2.dtype), st.b.to(x2.dtype))          # (n, E)
-            top = scores.topk(st.top_k, 1).indices                               # (n, k)
 
             def part(xe, s, t):
                 g = F.linear(xe, Wg[s:t], None if bg is None else bg[s:t])
                 u = F.linear(xe, Wu[s:t], None if bu is None else bu[s:t])
                 return F.linear(act_fn(g) * u, Wd[:, s:t])
 
+            scores = F.linear(x2, st.w.to(x2.dtype), st.b.to(x2.dtype))          # (n, E)
+            if st.oracle:
+                scores = torch.stack([part(x2, bounds[e], bounds[e + 1]).norm(dim=1) for e in range(st.experts)], 1)
+            top = scores.topk(st.top_k, 1).indices                               # (n, k)
             if n == 1:  # decoding: only this token's k slices
                 out = None
                 for e in top[0].tolist():
@@ -263,6 +281,12 @@ def attach(model, entry: dict) -> None:
                         continue
                     st.expert_tokens[e] += idx.numel()
                     out.index_add_(0, idx, part(x2[idx], bounds[e], bounds[e + 1]))
+            if st.mean is not None and st.top_k < st.experts:
+                m = st.mean.to(x2.dtype)
+                if n == 1:
+                    out = out + (m.sum(0) - m[top[0]].sum(0))
+                else:
+                    out = out + (~chosen).to(x2.dtype) @ m
             if bd is not None:
                 out = out + bd
             return out.reshape(*shape[:-1], Wd.shape[0])

@@ -1,0 +1,113 @@
+"""moefy on the bundled SmolLM2-135M: FFN FLOPs per token, perplexity and decode speed of the
+routed FFN beside fp32 in the same process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/moefy.py [--max-tokens 4096] [--context 1024]
+        [--rows 8:2:activation,8:4:activation,8:2:weights]
+
+Each row (experts:top_k:cluster) is fitted on a fresh copy of the model with moefy's other defaults
+(16 x 256 calibration tokens of the shipped validation slice). Writes the "moefy" section of
+bench/RESULTS.md (through results_md.write_section) and bench/results/moefy.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+MODEL = "bundled:smollm2-135m"
+TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rows", default="8:2:activation,8:4:activation,8:2:weights")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    a = ap.parse_args()
+
+    from core import evaluate as ev
+    from core import models
+    from core.techniques import moefy as mf
+    from core.techniques import registry
+    from core.techniques.base import StepContext
+    from results_md import fmt_table, write_section
+
+    def measure(model, tok):
+        p = ev.perplexity(model, tok, TEXT, a.max_tokens, a.context)
+        mf.experts_per_token(model)
+        s = ev.decode_speed(model, tok, TEXT, 128, a.new_tokens, 3)
+        return {"ppl": p["ppl"], "tokens": p["tokens_scored"], "decode": s["decode_tokens_per_s"],
+                "decode_experts": mf.experts_per_token(model)}
+
+    model, tok, _ = models.load(MODEL)
+    base = measure(model, tok)
+    print(f"fp32: {base}", file=sys.stderr, flush=True)
+    tech = registry.get("moefy")
+    rows, raw = [], []
+    for spec in a.rows.split(","):
+        e, k, cluster = spec.split(":")
+        model, tok, _ = models.load(MODEL)
+        t0 = time.time()
+        ctx = StepContext(tokenizer=tok, state_key="bench-moefy")
+        info = tech.apply(model, tech.make({"experts": int(e), "top_k": int(k), "cluster": cluster}), ctx)
+        apply_s = time.time() - t0
+        r = measure(model, tok)
+        # diagnostics: the same experts with a perfect router (each token's k experts of largest output
+        # norm, which computes them all), and the same router without the skipped experts' mean outputs
+        states = [layer.mlp._moefy for layer in model.model.layers]
+        for st in states:
+            st.oracle = True
+        r["ppl_oracle_router"] = ev.perplexity(model, tok, TEXT, a.max_tokens, a.context)["ppl"]
+        means = [st.mean for st in states]
+        for st in states:
+            st.oracle, st.mean = False, None
+        r["ppl_no_compensation"] = ev.perplexity(model, tok, TEXT, a.max_tokens, a.context)["ppl"]
+        for st, m in zip(states, means):
+            st.mean = m
+        r.update(experts=int(e), top_k=int(k), cluster=cluster, apply_s=apply_s,
+                 ffn_flops_ratio=info["ffn_flops_ratio"], router_recall=info["router_recall"])
+        raw.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        bar = "yes" if (r["ffn_flops_ratio"] <= 0.3 and r["ppl"] <= 1.6 * base["ppl"]) else "no"
+        rows.append([f"top-{k} of {e}", cluster, f"{r['ffn_flops_ratio']:.3f}×", f"{r['router_recall']:.0%}",
+                     f"{r['ppl']:.3f}", f"{r['ppl'] / base['ppl']:.2f}×", f"{r['ppl_no_compensation']:.1f}",
+                     f"{r['ppl_oracle_router']:.1f}", f"{r['decode']:.1f}",
+                     f"{r['decode'] / base['decode']:.2f}×", f"{apply_s:.0f} s",
+                     bar if (int(e), int(k)) == (8, 2) else ""])
+    out = HERE / "results" / "moefy.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"fp32": base, "rows": raw}, indent=2))
+    body = f"""## MoE-fication (issue 5)
+
+Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/moefy.py --max-tokens {a.max_tokens} --context {a.context} --rows {a.rows}`
+(bundled SmolLM2-135M, {base['tokens']:,} tokens of WikiText-2 test, context {a.context}; each row fitted on a
+fresh copy with moefy's defaults otherwise — 16 x 256 calibration tokens of the shipped validation slice,
+balanced k-means, ridge router on each expert's output norm; fp32 of the same process: ppl
+**{base['ppl']:.3f}**, decode {base['decode']:.1f} tok/s ({a.new_tokens} greedy tokens after a 128-token prompt,
+KV cache, median of 3). FFN FLOPs = the k experts' share of gate/up/down plus the router, per token,
+relative to the dense FFN. "router recall" = share of calibration tokens' true top-k experts (by output
+norm) that the router picks; "perfect router" routes each token by its experts' true output norms (all computed:
+a diagnostic of what the clustering allows, not a speed-up). The machine was shared with other jobs: speeds are indicative.)
+
+{fmt_table(["row", "clustering", "FFN FLOPs", "router recall", "ppl", "× fp32", "ppl without mean compensation",
+            "ppl with a perfect router", "decode tok/s", "× fp32",
+            "fit", "bar"], rows)}
+
+Bar (issue 5): top-2 of 8 experts with FFN FLOPs ≤ 0.3× and ppl ≤ 1.6× fp32.
+"""
+    if not a.no_write:
+        write_section("moefy", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
