@@ -129,3 +129,24 @@ def test_listed_by_the_cli():
     t = next(t for t in json.loads(out) if t["name"] == "moefy")
     assert t["family"] == "architecture"
     assert {f["name"] for f in t["fields"]} >= {"experts", "top_k", "samples", "seq_len", "calib_text"}
+
+
+def test_routed_ffn_is_chosen_experts_plus_skipped_means(tiny_model, home):
+    model, _, _, _ = fitted(tiny_model, experts=4, top_k=1)
+    mlp = model.model.layers[1].mlp
+    st = mlp._moefy
+    assert st.mean is not None and st.mean.shape == (4, 96)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(3))
+    b = st.bounds
+    with torch.no_grad():
+        want = []
+        for row in x:
+            e = int((st.w @ row + st.b).argmax())
+            s, t = b[e], b[e + 1]
+            act = torch.nn.functional.silu(mlp.gate_proj.weight[s:t] @ row) * (mlp.up_proj.weight[s:t] @ row)
+            want.append(mlp.down_proj.weight[:, s:t] @ act + st.mean.sum(0) - st.mean[e])
+        want = torch.stack(want)
+        assert torch.allclose(mlp(x[None])[0], want, atol=1e-5)            # many tokens: gathered per expert
+        assert torch.allclose(mlp(x[2:3][None])[0, 0], want[2], atol=1e-5)  # one token: its expert's slices
+    plain, _, _, _ = fitted(tiny_model, experts=4, top_k=1, compensate=False)
+    assert plain.model.layers[1].mlp._moefy.mean is None
