@@ -150,3 +150,29 @@ def test_routed_ffn_is_chosen_experts_plus_skipped_means(tiny_model, home):
         assert torch.allclose(mlp(x[2:3][None])[0, 0], want[2], atol=1e-5)  # one token: its expert's slices
     plain, _, _, _ = fitted(tiny_model, experts=4, top_k=1, compensate=False)
     assert plain.model.layers[1].mlp._moefy.mean is None
+
+
+def test_unsliceable_projections_fall_back_to_masked_neurons(tiny_model, home):
+    model, _, _, _ = fitted(tiny_model, experts=4, top_k=2)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 7, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = mlp(x)
+        got = mf._masked(mlp, mlp._moefy, x)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_moefy_then_dynamic_int8_runs_the_same_experts(tiny_model, home):
+    from core.techniques.quantization import to_dynamic_int8
+    model, _, ctx, _ = fitted(tiny_model, experts=4, top_k=2)
+    tech = registry.get("dynamic_int8")
+    tech.apply(model, tech.make({}), ctx)
+    x = ids(20, seed=6)
+    with torch.no_grad():
+        sim = model(x).logits          # float (dequantized) weights: sliced experts
+        to_dynamic_int8(model, ctx.packed)
+        assert not isinstance(getattr(model.model.layers[0].mlp.gate_proj, "weight", None), torch.Tensor)
+        q = model(x).logits            # int8 kernels: masked neurons
+    assert torch.isfinite(q).all()
+    assert (q - sim).abs().max() < 0.05 * sim.abs().max()
+    assert mf.experts_per_token(model) == 2.0

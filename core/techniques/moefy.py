@@ -247,6 +247,9 @@ def attach(model, entry: dict) -> None:
         mlp._moefy = st
 
         def forward(x, mlp=mlp, st=st):
+            if not all(isinstance(getattr(m, "weight", None), torch.Tensor)
+                       for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+                return _masked(mlp, st, x)  # e.g. dynamic int8 Linears: no weight slices to take
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             n = x2.shape[0]
@@ -292,6 +295,25 @@ def attach(model, entry: dict) -> None:
             return out.reshape(*shape[:-1], Wd.shape[0])
 
         mlp.forward = forward
+
+
+def _masked(mlp, st: _Routed, x):
+    """The routed FFN for projections whose weights cannot be sliced (quantized kernels): every neuron
+    computed, the skipped experts' zeroed (same numbers, no speed-up)."""
+    import torch
+    a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)                             # (..., I)
+    flat = x.reshape(-1, x.shape[-1])
+    top = (flat @ st.w.T.to(x.dtype) + st.b.to(x.dtype)).topk(st.top_k, -1).indices
+    chosen = torch.zeros(flat.shape[0], st.experts, dtype=torch.bool).scatter_(1, top, True)
+    sizes = torch.tensor([st.bounds[e + 1] - st.bounds[e] for e in range(st.experts)])
+    keep = chosen.repeat_interleave(sizes, dim=1).reshape(*a.shape).to(a.dtype)
+    st.tokens += flat.shape[0]
+    for e, c in enumerate(chosen.sum(0).tolist()):
+        st.expert_tokens[e] += c
+    out = mlp.down_proj(a * keep)
+    if st.mean is not None and st.top_k < st.experts:
+        out = out + ((~chosen).to(x.dtype) @ st.mean.to(x.dtype)).reshape(out.shape)
+    return out
 
 
 def attach_from(model, entry: str) -> None:
