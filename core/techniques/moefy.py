@@ -255,6 +255,10 @@ def attach(model, entry: dict) -> None:
             n = x2.shape[0]
             st.tokens += n
             Wg, Wu, Wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+            if Wg.shape[0] != bounds[-1]:
+                from ..errors import ModelError
+                raise ModelError(f"moefy's experts cover {bounds[-1]} FFN neurons but the layer now has "
+                                 f"{Wg.shape[0]}: change the FFN's width before moefy, not after")
             bg, bu = mlp.gate_proj.bias, mlp.up_proj.bias
             bd = mlp.down_proj.bias
             act_fn = mlp.act_fn
