@@ -176,3 +176,20 @@ def test_moefy_then_dynamic_int8_runs_the_same_experts(tiny_model, home):
     assert torch.isfinite(q).all()
     assert (q - sim).abs().max() < 0.05 * sim.abs().max()
     assert mf.experts_per_token(model) == 2.0
+
+
+def test_a_job_reports_the_flops_ratio_and_measures_the_saved_variant(tiny_model, tiny_eval, home):
+    from pathlib import Path
+
+    from core import recipe as rc
+    from core.jobs.client import run_inline
+    from core.jobs.spec import JobSpec
+    r = run_inline(JobSpec(model=tiny_model, recipe=rc.of(("moefy", {**FAST, "experts": 4, "top_k": 1})).to_dict(),
+                           eval=tiny_eval, evaluate=True))
+    assert r.outcome == "done", r.error
+    step = r.result["steps"][0]
+    assert step["technique"] == "moefy"
+    assert step["ffn_flops_ratio"] == pytest.approx(1 / 4 + 4 / (3 * 160), abs=1e-4)
+    assert r.result["ppl"] > 1 and r.result["decode_tokens_per_s"] > 0
+    man = json.loads((Path(r.result["variant_dir"]) / "squeeze.json").read_text())
+    assert any(e.startswith("moefy:") for e in man["runtime"])
