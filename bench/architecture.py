@@ -15,13 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-MODEL = "bundled:smollm2-135m"
-TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
 
 # key, name, what the issue asks (without the distill step that follows in its rows), steps
 ROWS = [
@@ -66,7 +60,6 @@ def main() -> None:
         write(a, saved["fp32"], done, speed)
         return
 
-    from calibrated import isolated_home
     from core.jobs.client import run_inline
     from core.jobs.spec import JobSpec
 

@@ -16,17 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-MODEL = "bundled:smollm2-135m"
-TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
 
 G4 = {"bits": 4, "group_size": 64, "symmetric": True}
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
@@ -58,16 +51,6 @@ ROWS = [
      [{"technique": "sparsegpt", "sparsity": 0.5, **SGPT}, {"technique": "gptq", **G4, **GPTQ}],
      "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
 ]
-
-
-def isolated_home() -> Path:
-    """A fresh SQUEEZE_HOME sharing the converted bundled model (so nothing else is reused)."""
-    from core import paths
-    user_models = paths.cache_dir() / "models"
-    home = Path(tempfile.mkdtemp(prefix="squeeze-bench-calib-"))
-    (home / "cache").mkdir()
-    (home / "cache" / "models").symlink_to(user_models, target_is_directory=True)
-    return home
 
 
 def quality(a) -> None:

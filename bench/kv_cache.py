@@ -16,17 +16,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-MODEL = "bundled:smollm2-135m"
-TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
 # name, recipe steps, ppl bar (x full cache), bytes bar (x full cache; None: flat in length)
 ROWS = [
     ("kv_quant int8", [{"technique": "kv_quant", "bits": 8}], 1.01, 0.5),
@@ -34,15 +27,6 @@ ROWS = [
     ("kv_window 4 sinks + 256 recent", [{"technique": "kv_window", "sinks": 4, "window": 256}], 1.2, None),
 ]
 FLAT_AT = (512, 1024, 2048)
-
-
-def isolated_home() -> Path:
-    from core import paths
-    user_models = paths.cache_dir() / "models"
-    home = Path(tempfile.mkdtemp(prefix="squeeze-bench-kv-"))
-    (home / "cache").mkdir()
-    (home / "cache" / "models").symlink_to(user_models, target_is_directory=True)
-    return home
 
 
 def flat_bytes(variant_dir: str, text: Path) -> dict[int, int]:

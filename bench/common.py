@@ -1,0 +1,25 @@
+"""What every benchmark shares: the repository root on sys.path, the bundled model's id, the
+evaluation text beside the project, and a fresh SQUEEZE_HOME that reuses the converted model."""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODEL = "bundled:smollm2-135m"
+TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def isolated_home(prefix: str = "squeeze-bench-") -> Path:
+    """A fresh SQUEEZE_HOME sharing the converted bundled model (so nothing else is reused)."""
+    from core import paths
+    user_models = paths.cache_dir() / "models"
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    (home / "cache").mkdir()
+    (home / "cache" / "models").symlink_to(user_models, target_is_directory=True)
+    return home
