@@ -247,7 +247,7 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
         awq_s = {}
         if cfg.awq_scaling:
             from .awq import scale_layer
-            awq_s = scale_layer(layers[i], st_layer, cfg.bits, cfg.group_size, cfg.symmetric, 10, cfg.outliers)
+            awq_s = scale_layer(layers[i], st_layer, cfg.bits, cfg.group_size, cfg.symmetric, 10)
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             H = st.hessian(cfg.bos_weight)
