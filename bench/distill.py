@@ -17,13 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-MODEL = "bundled:smollm2-135m"
-TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
 PRUNE = {"technique": "structured_prune", "layers": 0.25, "heads": 0.0, "ffn": 0.0}
 
 
