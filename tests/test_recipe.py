@@ -30,6 +30,8 @@ def test_every_field_has_complete_slider_metadata():
             if f["type"] in ("int", "float") and not f["choices"]:
                 assert None not in (f["min"], f["max"], f["step"]), (t.name, f)
                 assert f["min"] <= f["default"] <= f["max"]
+                pos = (f["default"] - f["min"]) / f["step"]  # the GUI slider must be able to show it
+                assert abs(pos - round(pos)) < 1e-6, (t.name, f["name"], "default is off the slider's grid")
             if f["choices"]:
                 assert f["default"] in f["choices"]
 

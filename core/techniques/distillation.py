@@ -42,9 +42,9 @@ CKPT_FILE = "state.pt"
 class Distill:
     """Distillation: train the compressed model to imitate the original one (KL on logits, optional hidden-state MSE)."""
 
-    steps: int = knob(80, min=1, max=5000, step=10, unit="steps",
+    steps: int = knob(80, min=10, max=5000, step=10, unit="steps",
                       help="Optimizer steps; the default fits about 15 minutes on 2 CPU cores for a 135M model.")
-    lr: float = knob(2e-4, min=1e-6, max=1e-2, step=1e-5, unit="learning rate",
+    lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="learning rate",
                      help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up).")
     temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="T",
                               help="Softens both distributions before the KL; the loss is scaled by T^2.")

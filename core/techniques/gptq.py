@@ -44,6 +44,11 @@ def sequential_knob(default=False):
                               "produce, so later layers correct earlier errors; slower, and not reused by a sweep.")
 
 
+def damping_knob():
+    return knob(0.01, min=0.001, max=1.0, step=0.001, unit="x mean diag",
+                help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
+
+
 def outliers_knob(default):
     return knob(default, min=0, max=32, step=1, unit="columns",
                 help="Input channels per Linear kept in fp16: those with the largest calibration "
@@ -62,8 +67,7 @@ class GPTQ:
     bits: int = bits_knob()
     group_size: int = group_knob()
     symmetric: bool = symmetric_knob()
-    damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
-                          help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
+    damping: float = damping_knob()
     act_order: bool = knob(True, help="Quantize the columns with the largest activations first "
                                       "(their error is then spread over the others).")
     outliers: int = outliers_knob(4)

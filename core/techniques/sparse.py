@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import _inverse_cholesky, layer_error, samples_knob, seq_len_knob, sequential_knob, text_knob
+from .gptq import _inverse_cholesky, damping_knob, layer_error, samples_knob, seq_len_knob, sequential_knob, text_knob
 from .registry import technique
 
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -41,8 +41,7 @@ class SparseGPT:
     sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
                            help="Fraction of each Linear weight set to zero (unstructured pattern).")
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
-    damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
-                          help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
+    damping: float = damping_knob()
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import StepContext, knob
-from .gptq import (keep_zeros_of, layer_error, outlier_cols, outliers_knob, samples_knob, seq_len_knob,
+from .gptq import (damping_knob, keep_zeros_of, layer_error, outlier_cols, outliers_knob, samples_knob, seq_len_knob,
                    sequential_knob, solve, text_knob)
 from .registry import technique
 
@@ -24,8 +24,7 @@ class WeightSharing:
                            help="Weights sharing one codebook along a row: the whole row, or groups of it.")
     error_feedback: bool = knob(True, help="Assign indices column by column, pushing each rounding error onto "
                                            "the columns still to come (GPTQ's update); off = plain nearest entry.")
-    damping: float = knob(0.01, min=0.0001, max=1.0, step=0.01, unit="x mean diag",
-                          help="Added to the Hessian's diagonal, as a fraction of its mean.")
+    damping: float = damping_knob()
     outliers: int = outliers_knob(0)
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
