@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
+from common import HERE, MODEL, ROOT, TEXT, eval_settings, isolated_home, run_recipe  # noqa: E402, F401 (repo root on sys.path)
 
 # key, name, what the issue asks (without the distill step that follows in its rows), steps
 ROWS = [
@@ -60,19 +60,13 @@ def main() -> None:
         write(a, saved["fp32"], done, speed)
         return
 
-    from core.jobs.client import run_inline
-    from core.jobs.spec import JobSpec
 
     os.environ["SQUEEZE_HOME"] = str(a.home or isolated_home())
-    ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
-              new_tokens=32, repeats=3)
+    ev = eval_settings(a)
 
     def measure(label, steps):
         t0 = time.time()
-        r = run_inline(JobSpec(model=MODEL, recipe={"steps": steps}, eval=ev))
-        if r.outcome != "done":
-            raise SystemExit(f"{label}: {r.error}")
-        res = r.result
+        res = run_recipe(label, steps, ev)
         out = {"label": label, "steps": steps, "ppl": res["ppl"], "size_bytes": res["size_bytes"],
                "params": res["params"], "decode": res["decode_tokens_per_s"],
                "prefill": res["prefill_tokens_per_s"], "tokens": res["tokens_scored"],

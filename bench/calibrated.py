@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
+from common import HERE, MODEL, ROOT, TEXT, eval_settings, isolated_home, run_recipe  # noqa: E402, F401 (repo root on sys.path)
 
 G4 = {"bits": 4, "group_size": 64, "symmetric": True}
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
@@ -54,13 +54,10 @@ ROWS = [
 
 
 def quality(a) -> None:
-    from core.jobs.client import run_inline
-    from core.jobs.spec import JobSpec
     from results_md import fmt_table, write_section
 
     os.environ["SQUEEZE_HOME"] = str(a.home or isolated_home())
-    ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
-              new_tokens=32, repeats=3)
+    ev = eval_settings(a)
     done: dict[str, dict] = {}
     out_json = HERE / "results" / f"calibrated{'-' + a.part if a.part else ''}.json"
 
@@ -69,10 +66,7 @@ def quality(a) -> None:
         if key in done:
             return done[key]
         t0 = time.time()
-        r = run_inline(JobSpec(model=MODEL, recipe={"steps": steps}, eval=ev))
-        if r.outcome != "done":
-            raise SystemExit(f"{label}: {r.error}")
-        res = r.result
+        res = run_recipe(label, steps, ev)
         done[key] = {"label": label, "steps": steps, "ppl": res["ppl"], "size_bytes": res["size_bytes"],
                      "theoretical_bytes": res["theoretical_bytes"], "nonzero_params": res["nonzero_params"],
                      "decode": res["decode_tokens_per_s"], "tokens": res["tokens_scored"],

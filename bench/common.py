@@ -23,3 +23,19 @@ def isolated_home(prefix: str = "squeeze-bench-") -> Path:
     (home / "cache").mkdir()
     (home / "cache" / "models").symlink_to(user_models, target_is_directory=True)
     return home
+
+
+def eval_settings(a) -> dict:
+    """The job's evaluation settings from a benchmark's --text / --max-tokens / --context."""
+    return dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
+                new_tokens=32, repeats=3)
+
+
+def run_recipe(label: str, steps: list, ev: dict) -> dict:
+    """The result of `squeeze eval MODEL --recipe steps` (apply, save, load back, evaluate), in process."""
+    from core.jobs.client import run_inline
+    from core.jobs.spec import JobSpec
+    r = run_inline(JobSpec(model=MODEL, recipe={"steps": steps}, eval=ev))
+    if r.outcome != "done":
+        raise SystemExit(f"{label}: {r.error}")
+    return r.result

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, MODEL, ROOT, TEXT, isolated_home  # noqa: E402, F401 (repo root on sys.path)
+from common import HERE, MODEL, ROOT, TEXT, eval_settings, isolated_home, run_recipe  # noqa: E402, F401 (repo root on sys.path)
 # name, recipe steps, ppl bar (x full cache), bytes bar (x full cache; None: flat in length)
 ROWS = [
     ("kv_quant int8", [{"technique": "kv_quant", "bits": 8}], 1.01, 0.5),
@@ -107,21 +107,15 @@ def main() -> None:
     p.add_argument("--home", type=Path)
     a = p.parse_args()
 
-    from core.jobs.client import run_inline
-    from core.jobs.spec import JobSpec
     from results_md import fmt_table, write_section
 
     os.environ["SQUEEZE_HOME"] = str(a.home or isolated_home())
-    ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128,
-              new_tokens=32, repeats=3)
+    ev = eval_settings(a)
     t_start = time.time()
 
     def measure(label, steps):
         t0 = time.time()
-        r = run_inline(JobSpec(model=MODEL, recipe={"steps": steps}, eval=ev))
-        if r.outcome != "done":
-            raise SystemExit(f"{label}: {r.error}")
-        res = r.result
+        res = run_recipe(label, steps, ev)
         print(f"{label}: ppl {res['ppl']:.3f}, KV {res['kv_bytes_per_token']:.0f} B/token "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         return {"label": label, "steps": steps, "seconds": round(time.time() - t0, 1),
