@@ -189,9 +189,10 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
         for name, (m, stat) in lin.items():
             ctx.check_cancel()
             s = scales[name.split(f".{i}.", 1)[1]]
-            H = stat.hessian() / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
+            H0 = stat.hessian()
+            H = H0 / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
             W = m.weight.data
-            cols = outlier_cols(stat.hessian(), cfg.outliers)  # as the scale search assumed
+            cols = outlier_cols(H0, cfg.outliers)  # as the scale search assumed
             Wg = W.clone()
             if cols is not None:  # fp16 columns do not stretch their groups' grids
                 Wg[:, cols] = 0.0

@@ -105,13 +105,13 @@ class Grid:
         from ..packing import grid_params
         valid = torch.ones(1, 1, cur.shape[1], dtype=torch.bool)
         best, best_err = None, None
+        imp = self.importance[g * self.gs:g * self.gs + cur.shape[1]] if self.importance is not None else 1.0
         for p in (self.SHRINK if self.clip else (1.0,)):
             s, z = grid_params((cur * p).unsqueeze(1), valid, self.bits, self.symmetric)
             params = (s[:, 0], z[:, 0] if z is not None else None)  # (out,), (out,) or None
             if not self.clip:
                 return params
             wq = self.quant(cur, (params[0][:, None], None if params[1] is None else params[1][:, None]))
-            imp = self.importance[g * self.gs:g * self.gs + cur.shape[1]] if self.importance is not None else 1.0
             err = ((cur - wq) ** 2 * imp).sum(1)  # (out,)
             if best is None:
                 best, best_err = params, err
