@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core import evaluate as ev, models  # noqa: E402
-from core.export import int8  # noqa: E402
+from core.export import quantize as int8  # noqa: E402
 from core.export.onnx import INT8_PPL_LIMIT, INT8_SIZE_LIMIT, export_onnx  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def main() -> int:
         lines.append(f"| {name} | {method} | {f(ppl, '.3f')} | {f(ppl / p_t if ppl else None, '.3f')} | "
                      f"{f(size / 1e6 if size else None, '.1f')} | {f(size / fs if size else None, '.3f')} | "
                      f"{f(pre, '.0f')} | {f(dec, '.1f')} | {f(dec / d_t if dec else None, '.2f')} | {verdict} |")
-    lines += ["", f"Chosen by the export: **{q['int8_path']}**" if q["ok"] else f"No path passed: {q['failure']}",
+    lines += ["", f"Chosen by the export: **{q['quant_path']}**" if q["ok"] else f"No path passed: {q['failure']}",
               "", "Produced by:", "", "```", command, "```", ""]
     Path(a.out).write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

@@ -68,7 +68,7 @@ def main() -> None:
         if r.outcome != "done":
             raise SystemExit(f"onnx int8: {r.error}")
         res = r.result
-        rows.append({"name": f"ONNX int8 ({res.get('int8_path')})", "recipe": [], "ppl": res["ppl_onnx"],
+        rows.append({"name": f"ONNX int8 ({res.get('quant_path')})", "recipe": [], "ppl": res["ppl_onnx"],
                      "size_bytes": res["size_bytes"], "theoretical_bytes": None,
                      "decode": res["decode_tokens_per_s_onnx"], "prefill": res.get("prefill_tokens_per_s_onnx"),
                      "tokens": res.get("tokens_scored_onnx"), "fp32_onnx_bytes": res.get("fp32_size_bytes"),

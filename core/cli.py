@@ -137,6 +137,25 @@ def cmd_export(a) -> int:
     return 0 if r.get("ok", True) else 1
 
 
+def cmd_generate(a) -> int:
+    """Greedy continuation, exactly as the export's parity check and generate.py compute it."""
+    from .evaluate import greedy
+    from .variant import MANIFEST, load_variant
+    if Path(a.model, MANIFEST).is_file():
+        model, tok = load_variant(Path(a.model))
+    else:
+        from .models import load
+        model, tok, _ = load(a.model)
+    ids = tok(a.prompt)["input_ids"]
+    new = greedy(model, ids, a.new_tokens, eos=tok.eos_token_id)
+    text = a.prompt + tok.decode(new, skip_special_tokens=True)  # as tokenizers does in generate.py
+    if a.json:
+        _print_json({"prompt": a.prompt, "prompt_ids": ids, "new_ids": new, "text": text})
+    else:
+        print(text)
+    return 0
+
+
 def cmd_runs(a) -> int:
     from .ledger import Ledger
     rows = Ledger().rows(a.model)
@@ -191,11 +210,17 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="export to ONNX and verify the exported file")
     sp.add_argument("model")
     sp.add_argument("--format", default="onnx")
-    sp.add_argument("--quantize", choices=["int8"], default=None)
+    sp.add_argument("--quantize", choices=["int8", "int4"], default=None)
     sp.add_argument("--opset", type=int, default=None)
     sp.add_argument("--out", required=True, help="output folder (new or empty)")
     common(sp)
     sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("generate", help="greedy continuation of a prompt (a model id or a saved variant folder)")
+    sp.add_argument("model")
+    sp.add_argument("prompt")
+    sp.add_argument("--new-tokens", type=int, default=40)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_generate)
     sp = sub.add_parser("runs", help="the ledger's rows")
     sp.add_argument("--model")
     common(sp, evals=False)

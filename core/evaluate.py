@@ -158,6 +158,24 @@ def decode_speed(model, tokenizer, text_file: Path, prompt_tokens: int, new_toke
             "kv_bytes_per_token": cache_bytes(cache) / cache.get_seq_length(), "kv_tokens": cache.get_seq_length()}
 
 
+def greedy(model, ids: list[int], new_tokens: int, eos: int | None = None) -> list[int]:
+    """The app's greedy continuation of `ids` with the KV cache (the model's own cache technique)."""
+    import torch
+
+    from .techniques.kv_cache import forward, make_cache
+
+    out_ids: list[int] = []
+    with torch.inference_mode():
+        out = forward(model, torch.tensor([ids]), make_cache(model))
+        for _ in range(new_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            out_ids.append(nxt)
+            if nxt == eos or len(out_ids) == new_tokens:
+                break
+            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return out_ids
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024

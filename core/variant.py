@@ -129,6 +129,7 @@ def load_variant(d: Path):
         raise ModelError(f"the variant in {d} does not match its config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
+    model.squeeze_packed = packed  # the stored codes: export writes low-bit ONNX nodes from them
     if "dynamic_int8" in man.get("runtime", []):
         from .techniques.quantization import to_dynamic_int8
         to_dynamic_int8(model, packed)

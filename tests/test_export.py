@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_tiny_llama
-from core.export import int8
+from core.export import quantize as int8
 from core.export import ort_runner as rt
 from core.jobs.client import run_inline
 from core.jobs.spec import JobSpec
@@ -42,7 +42,7 @@ def fp32_export(tiny_model, short_text, tmp_path_factory):
 
 def test_fp32_export_is_written_whole_and_verified_against_torch(fp32_export):
     out, r = fp32_export
-    assert r["ok"] is True and r["failure"] is None and r["quantize"] is None and r["int8_path"] is None
+    assert r["ok"] is True and r["failure"] is None and r["quantize"] is None and r["quant_path"] is None
     assert Path(r["path"]) == out / "model.onnx" and Path(r["path"]).is_file()
     assert r["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
     assert r["tokens_scored_onnx"] == 512  # the torch evaluation's windows: 4 x 128, BOS unscored
@@ -73,14 +73,33 @@ def test_ort_runner_matches_torch_logits_with_and_without_the_cache(fp32_export,
     assert np.abs(stepped - ref).max() < 1e-3
 
 
-def test_generate_py_runs_the_export_without_torch(fp32_export):
+def test_generate_py_runs_the_export_without_torch_and_matches_the_app(fp32_export, tiny_model):
     out, _ = fp32_export
     code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-            f"sys.argv = ['generate.py', 'The tower', '--new-tokens', '5']; "
+            f"sys.argv = ['generate.py', 'The tower', '--new-tokens', '6']; "
             f"runpy.run_path({str(out / 'generate.py')!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=out)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The tower") and len(r.stdout.strip()) > len("The tower")
+    from core import cli
+    app = subprocess.run([sys.executable, "-m", "core.cli", "generate", tiny_model, "The tower", "--new-tokens", "6"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert app.returncode == 0, app.stderr
+    assert r.stdout == app.stdout  # the app's greedy continuation, token for token
+    assert cli  # imported: the command is the engine's
+
+
+def test_every_export_reports_its_roofline_and_generation_parity(fp32_export, home):
+    from core import roofline
+    out, r = fp32_export
+    assert r["generation_match"] == 1.0 and r["generation_first_diff"] == [None, None, None]
+    assert r["generation_onnx"] == r["generation_torch"] and all(len(g) == 8 for g in r["generation_torch"])
+    # an fp32 graph reads every weight once per token, as torch does: the tied table via the LM head
+    assert r["bytes_per_token"] == pytest.approx(r["torch_bytes_per_token"], rel=0.02)
+    assert r["bytes_per_token"] <= r["size_bytes"]
+    assert r["roofline_tokens_per_s"] == pytest.approx(r["bandwidth_bytes_per_s"] / r["bytes_per_token"])
+    assert r["roofline_fraction"] == pytest.approx(r["decode_tokens_per_s_onnx"] / r["roofline_tokens_per_s"])
+    assert roofline.bandwidth() == roofline.bandwidth() > 1e8  # measured once, then cached
 
 
 def test_int8_export_tries_every_path_and_is_smaller(tiny_model, tiny_eval, home, tmp_path):
@@ -96,7 +115,7 @@ def test_int8_export_tries_every_path_and_is_smaller(tiny_model, tiny_eval, home
         assert c["reason"] and isinstance(c["accepted"], bool)
     # 96-wide layers: the graph's own bytes weigh more than a 0.3x size bound allows; said so
     if not r["ok"]:
-        assert r["int8_path"] is None and "size" in r["failure"] and "limit 0.3x" in r["failure"]
+        assert r["quant_path"] is None and "size" in r["failure"] and "limit 0.3x" in r["failure"]
     assert leftovers(out) == [] and not (out / ".candidates").exists()
 
 
@@ -122,7 +141,7 @@ def test_int8_quantizes_the_tied_embedding_and_lm_head_once(wide_model, tiny_eva
     r = rec.result
     assert r["ok"] is True, r["failure"]
     chosen = [c for c in r["candidates"] if c["accepted"]]
-    assert len(chosen) == 1 and r["int8_path"] == chosen[0]["name"]
+    assert len(chosen) == 1 and r["quant_path"] == chosen[0]["name"]
     assert r["size_bytes"] <= 0.3 * r["fp32_size_bytes"] and r["ppl_onnx"] <= 1.05 * r["ppl_torch"]
     g = onnx.load(str(out / "model.onnx")).graph
     ops = [n.op_type for n in g.node]
@@ -168,6 +187,83 @@ def test_a_failed_parity_check_is_reported_not_hidden(tiny_model, tiny_eval, hom
     assert rec.outcome == "done"
     r = rec.result
     assert r["ok"] is False and "6.0 % off the torch model's" in r["failure"] and "(limit 1 %)" in r["failure"]
+
+
+def test_a_lossless_export_whose_generation_differs_is_failed_with_the_reason(tiny_model, tiny_eval, home, tmp_path,
+                                                                              monkeypatch):
+    real = rt.greedy
+    monkeypatch.setattr(rt, "greedy", lambda lm, ids, n, eos=None: [t + 1 for t in real(lm, ids, n, eos)])
+    rec = export(tiny_model, tmp_path / "bad", tiny_eval)
+    assert rec.outcome == "done"
+    r = rec.result
+    assert r["ok"] is False and r["generation_match"] == 0.0
+    assert "greedy generation differs from the torch model's at token 1 of 8 for 3 of 3 prompts" in r["failure"]
+
+
+def test_nbits_layout_dequantizes_to_the_engines_weights():
+    import torch
+
+    from core.export.quantize import nbits_arrays
+    from core.packing import quantize
+    w = torch.randn(40, 200)  # K = 200: the last block is partial
+    for bits, gs, sym in ((4, 64, True), (4, 32, False), (3, 64, True), (2, 16, False)):
+        qt = quantize(w, bits, gs, sym)
+        b, scales, zp = nbits_arrays(qt)
+        kb = -(-200 // gs)
+        assert b.shape == (40, kb, gs // 2) and scales.shape == (40, kb)
+        codes = np.stack([b & 15, b >> 4], -1).reshape(40, kb, gs).astype(np.float32)
+        z = np.full((40, kb), 8.0) if zp is None else np.stack([zp & 15, zp >> 4], -1).reshape(40, -1)[:, :kb]
+        deq = ((codes - z[..., None]) * scales[..., None]).reshape(40, kb * gs)[:, :200]
+        assert np.array_equal(deq, qt.dequantize().numpy()), (bits, gs, sym)
+
+
+@pytest.fixture(scope="module")
+def gptq4_variant(wide_model, short_text, tmp_path_factory):
+    """The wide model after gptq 4-bit g64 with 2 fp16 outlier columns per Linear, saved."""
+    from core.recipe import Recipe
+    home = tmp_path_factory.mktemp("home-gptq")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SQUEEZE_HOME", str(home))
+        recipe = {"steps": [{"technique": "gptq", "bits": 4, "group_size": 64, "outliers": 2, "samples": 8,
+                             "seq_len": 128, "calib_text": str(short_text)}]}
+        rec = run_inline(JobSpec(model=wide_model, recipe=recipe,
+                                 eval=dict(text=str(short_text), max_tokens=512, context=128, prompt_tokens=16,
+                                           new_tokens=8, repeats=1)))
+    assert rec.outcome == "done", rec.error
+    return rec.result["variant_dir"], home
+
+
+def test_int4_export_writes_the_variants_own_codes_not_rtn(gptq4_variant, tiny_eval, tmp_path, monkeypatch):
+    import onnx
+
+    variant, home = gptq4_variant
+    monkeypatch.setenv("SQUEEZE_HOME", str(home))
+    out = tmp_path / "int4"
+    spec = JobSpec(model=str(variant), kind="export", eval=tiny_eval,
+                   export={"out": str(out), "quantize": "int4", "variant_dir": str(variant)})
+    rec = run_inline(spec)
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["quantize"] == "int4" and r["engine_matmuls"] == 2 * 7 and r["rtn_matmuls"] == 0
+    g = onnx.load(str(out / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # 14 from gptq's codes (4-bit) + the int8 LM head
+    assert {a.i for n in g.node if n.op_type == "MatMulNBits" and n.name.endswith("_Q4")
+            for a in n.attribute if a.name == "block_size"} == {64}
+    assert big_float_weights(out / "model.onnx") == []
+    # float compute on the same codes = the torch variant's numbers; int8 compute stays close
+    exact = next(c for c in r["candidates"] if c["name"] == "wo4")
+    assert exact["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
+    assert r["ppl_onnx"] <= 1.03 * r["ppl_torch"] and r["size_bytes"] < 0.25 * r["fp32_size_bytes"]
+
+
+def test_int4_of_a_float_model_falls_back_to_rtn_and_says_what_to_do(wide_model, tiny_eval, home, tmp_path):
+    rec = export(wide_model, tmp_path / "int4", tiny_eval, quantize="int4")
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["engine_matmuls"] == 0 and r["rtn_matmuls"] == 2 * 7
+    if not r["ok"]:
+        assert "re-quantized by onnxruntime's RTN; apply gptq" in r["failure"]
 
 
 @pytest.mark.parametrize("stage", ["export", "verify"])

@@ -14,37 +14,51 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Cancelled, ExportError, SqueezeError
-from . import int8
+from . import quantize as qz
+from .. import roofline
 from . import ort_runner as rt
 
 PARITY_LIMIT = 0.01        # unquantized export: verified ppl within 1 % of the torch model's
-INT8_PPL_LIMIT = 1.05      # int8: verified ppl <= 1.05x the fp32 (torch) ppl ...
+INT8_PPL_LIMIT = 1.05      # int8: verified ppl <= 1.05x the torch model's ppl ...
 INT8_SIZE_LIMIT = 0.30     # ... and model files <= 0.3x the fp32 ONNX export
+INT4_PPL_LIMIT = 1.03      # int4: the variant's own 4-bit codes, so close to its torch ppl ...
+INT4_SIZE_LIMIT = 0.22     # ... and model files <= 0.22x the fp32 ONNX export
+LIMITS = {"int8": (INT8_PPL_LIMIT, INT8_SIZE_LIMIT), "int4": (INT4_PPL_LIMIT, INT4_SIZE_LIMIT)}
 SAME_QUALITY = PARITY_LIMIT  # int8 paths within 1 % ppl of the best count as equally good: the
                              # parity limit, what the export already treats as "the same model"
 MODEL_FILE = "model.onnx"
+# Greedy-generation parity: the export must continue these prompts exactly as the torch model does
+# for the first PARITY_TOKENS tokens (a lossless export fails otherwise; a quantized one reports it).
+PARITY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,")
+PARITY_TOKENS = 8
 
 
 def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None = None, settings=None,
                 torch_numbers: dict | None = None, progress: Callable | None = None,
                 check_cancel: Callable[[], None] | None = None, log: Callable | None = None,
-                candidates: tuple = int8.CANDIDATES) -> dict:
+                candidates: tuple | None = None) -> dict:
     """Export `model` (float32 causal LM, eval mode) with `tok` into the folder `out` and verify the
     written file in onnxruntime on `settings`' text. Returns path, folder, size_bytes (model.onnx +
     external data), fp32_size_bytes, ppl_onnx, tokens_scored_onnx, decode/prefill_tokens_per_s_onnx,
-    quantize, int8_path (chosen candidate or None), candidates (one row per int8 path tried), ok and
+    quantize, quant_path (chosen candidate or None), candidates (one row per quantized path tried), ok and
     failure. A quality failure is reported (ok False, failure says why), not raised; anything that
     stops the export raises ExportError with one line (or Cancelled), leaving nothing at `out`."""
     from ..evaluate import EvalSettings
 
-    if quantize not in (None, "int8"):
-        raise ExportError(f"unknown quantization {quantize!r} for ONNX export; use int8 or none")
+    if quantize not in (None, "int8", "int4"):
+        raise ExportError(f"unknown quantization {quantize!r} for ONNX export; use int8, int4 or none")
     settings = settings or EvalSettings()
     torch_numbers = torch_numbers or {}
     progress = progress or (lambda stage, f, note="": None)
     check = check_cancel or (lambda: None)
     log = log or (lambda text, level="info": None)
     out = Path(out)
+    from ..evaluate import greedy
+
+    prompts = [tok(p)["input_ids"] for p in PARITY_PROMPTS]  # as generate.py encodes a prompt
+    parity = {"prompts": prompts, "torch": [greedy(model, p, PARITY_TOKENS) for p in prompts]}
+    bw = roofline.bandwidth()
+    torch_bpt = roofline.torch_bytes_per_token(model)
     stage, made = _staging_dir(out)
     try:
         progress("export", 0.0, "tracing the model to ONNX")
@@ -55,11 +69,20 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
         progress("export", 1.0, f"{fp32_size / 1e6:.1f} MB fp32")
         windows, bos, prompt = _verification_tokens(tok, settings)
         if quantize is None:
-            res = _verify_fp32(fp32_file, windows, bos, prompt, settings, torch_numbers, progress, check)
+            res = _verify_fp32(fp32_file, windows, bos, prompt, parity, settings, torch_numbers, progress, check)
         else:
-            res = _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_numbers,
-                        progress, check, log)
-        res.update(fp32_size_bytes=fp32_size, quantize=quantize)
+            res = _quantized(quantize, fp32_file, stage, candidates or qz.CANDIDATES_FOR[quantize],
+                             getattr(model, "squeeze_packed", None), windows, bos, prompt, parity, settings,
+                             torch_numbers, progress, check, log)
+        res.update(fp32_size_bytes=fp32_size, quantize=quantize, bandwidth_bytes_per_s=bw,
+                   torch_bytes_per_token=torch_bpt, roofline_tokens_per_s_torch=bw / torch_bpt,
+                   parity_prompts=list(PARITY_PROMPTS), generation_torch=parity["torch"])
+        res["bytes_per_token"] = roofline.onnx_bytes_per_token(stage / MODEL_FILE)  # the file kept
+        for r in [res] + [c for c in res["candidates"] if c.get("bytes_per_token")]:
+            r["roofline_tokens_per_s"] = bw / r["bytes_per_token"]
+            r["roofline_fraction"] = r["decode_tokens_per_s_onnx"] / r["roofline_tokens_per_s"]
+        if torch_numbers.get("decode_tokens_per_s"):
+            res["roofline_fraction_torch"] = torch_numbers["decode_tokens_per_s"] / res["roofline_tokens_per_s_torch"]
         shutil.copyfile(Path(rt.__file__), stage / "generate.py")  # runs the export without torch
         (stage / "verification.json").write_text(json.dumps(
             {**res, "ppl_torch": torch_numbers.get("ppl"), "settings": settings.to_dict()}, indent=2, default=str))
@@ -125,27 +148,35 @@ def _verification_tokens(tok, settings):
     return windows, bos, prompt
 
 
-def verify(path: Path, windows, bos, prompt, settings, progress=None, check=None) -> dict:
-    """Runs the model file in onnxruntime: ppl on `windows`, then prefill/decode speed."""
+def verify(path: Path, windows, bos, prompt, settings, progress=None, check=None, parity=None) -> dict:
+    """Runs the model file in onnxruntime: ppl on `windows`, greedy continuations of the parity
+    prompts (compared with torch's), then prefill/decode speed."""
     try:
         lm = rt.CausalLM(path)
     except Exception as e:  # a file onnxruntime refuses is an export failure, said in one line
         raise ExportError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from None
     p = rt.perplexity(lm, windows, bos, progress=(lambda f: progress(0.8 * f)) if progress else None,
                       check_cancel=check)
+    gen = {}
+    if parity:
+        got = [rt.greedy(lm, ids, PARITY_TOKENS) for ids in parity["prompts"]]
+        first = [next((i for i, (a, b) in enumerate(zip(g, t)) if a != b), None) for g, t in zip(got, parity["torch"])]
+        gen = {"generation_onnx": got, "generation_first_diff": first,
+               "generation_match": sum(f is None for f in first) / len(first)}
     s = rt.decode_speed(lm, prompt, settings.new_tokens, settings.repeats, check_cancel=check)
     if progress:
         progress(1.0)
-    return {"ppl_onnx": p["ppl"], "tokens_scored_onnx": p["tokens_scored"],
+    return {**gen, "ppl_onnx": p["ppl"], "tokens_scored_onnx": p["tokens_scored"],
             "decode_tokens_per_s_onnx": s["decode_tokens_per_s"],
             "prefill_tokens_per_s_onnx": s["prefill_tokens_per_s"]}
 
 
-def _verify_fp32(fp32_file, windows, bos, prompt, settings, torch_numbers, progress, check) -> dict:
+def _verify_fp32(fp32_file, windows, bos, prompt, parity, settings, torch_numbers, progress, check) -> dict:
     progress("verify", 0.0, "onnxruntime: perplexity")
-    res = verify(fp32_file, windows, bos, prompt, settings, lambda f: progress("verify", f, "onnxruntime"), check)
-    failure = _parity_failure(res, torch_numbers)
-    return {**res, "int8_path": None, "candidates": [], "ok": failure is None, "failure": failure}
+    res = verify(fp32_file, windows, bos, prompt, settings, lambda f: progress("verify", f, "onnxruntime"), check,
+                 parity)
+    failure = _parity_failure(res, torch_numbers) or _generation_failure(res)
+    return {**res, "quant_path": None, "candidates": [], "ok": failure is None, "failure": failure}
 
 
 def _parity_failure(res: dict, torch_numbers: dict) -> str | None:
@@ -162,10 +193,22 @@ def _parity_failure(res: dict, torch_numbers: dict) -> str | None:
     return None
 
 
-def _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_numbers, progress, check, log) -> dict:
+def _generation_failure(res: dict) -> str | None:
+    """A lossless export must continue every parity prompt exactly as torch does."""
+    bad = [(PARITY_PROMPTS[i], f) for i, f in enumerate(res.get("generation_first_diff") or []) if f is not None]
+    if not bad:
+        return None
+    p, f = bad[0]
+    return (f"greedy generation differs from the torch model's at token {f + 1} of {PARITY_TOKENS} for "
+            f"{len(bad)} of {len(PARITY_PROMPTS)} prompts (first: {p!r})")
+
+
+def _quantized(target, fp32_file, stage, candidates, packed, windows, bos, prompt, parity, settings, torch_numbers,
+               progress, check, log) -> dict:
     """Quantizes with every candidate, verifies each, keeps the chosen one as model.onnx."""
     if not candidates:
-        raise ExportError("no int8 candidates to try")
+        raise ExportError(f"no {target} candidates to try")
+    ppl_limit, size_limit = LIMITS[target]
     fp32_size = model_bytes(fp32_file)
     ref_ppl = torch_numbers.get("ppl")
     work = stage / ".candidates"
@@ -177,31 +220,33 @@ def _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_nu
         dst = work / c.name / MODEL_FILE
         dst.parent.mkdir(parents=True)
         try:
-            int8.quantize(fp32_file, dst, c)
+            how = qz.quantize(fp32_file, dst, c, packed)
             check()
             f(0.15, "verifying")
-            m = verify(dst, windows, bos, prompt, settings, lambda x, f=f: f(0.15 + 0.85 * x, "verifying"), check)
+            m = verify(dst, windows, bos, prompt, settings, lambda x, f=f: f(0.15 + 0.85 * x, "verifying"), check,
+                       parity)
         except (Cancelled, MemoryError):
             raise
         except Exception as e:  # one path that breaks is a rejected path, not a failed export
             rows.append({"name": c.name, "method": c.describe(), "ppl_onnx": None, "size_bytes": None,
                          "decode_tokens_per_s_onnx": None, "ppl_ratio": None, "size_ratio": None, "accepted": False,
                          "reason": f"failed: {type(e).__name__}: {_first_line(e)}"})
-            log(f"int8 candidate {c.name}: {rows[-1]['reason']}", "warning")
+            log(f"{target} candidate {c.name}: {rows[-1]['reason']}", "warning")
             continue
         size = model_bytes(dst)
-        row = {"name": c.name, "method": c.describe(), **m, "size_bytes": size,
+        m["bytes_per_token"] = roofline.onnx_bytes_per_token(dst)
+        row = {"name": c.name, "method": c.describe(), **m, **how, "size_bytes": size,
                "ppl_ratio": m["ppl_onnx"] / ref_ppl if ref_ppl else None, "size_ratio": size / fp32_size}
-        row["reason"] = _int8_reason(row)
+        row["reason"] = _bounds_reason(row, ppl_limit, size_limit)
         row["accepted"] = False
         rows.append(row)
         verified[c.name] = dst
-        log(f"int8 candidate {c.name}: ppl {m['ppl_onnx']:.4g}"
+        log(f"{target} candidate {c.name}: ppl {m['ppl_onnx']:.4g}"
             + (f" ({row['ppl_ratio']:.3f}x fp32)" if ref_ppl else "")
             + f", {size / 1e6:.1f} MB ({row['size_ratio']:.3f}x), decode {m['decode_tokens_per_s_onnx']:.1f} tok/s: "
             + (row["reason"] or "passes"))
     if not verified:
-        raise ExportError("int8 quantization failed on every path: " + "; ".join(r["reason"] for r in rows))
+        raise ExportError(f"{target} quantization failed on every path: " + "; ".join(r["reason"] for r in rows))
     chosen = choose(rows)
     keep = chosen or _closest(rows)
     if chosen:
@@ -214,23 +259,35 @@ def _int8(fp32_file, stage, candidates, windows, bos, prompt, settings, torch_nu
             r["reason"] = "passes, not chosen: " + _why_not(r, chosen)
     _replace_model(stage, verified[keep["name"]])
     shutil.rmtree(work)
-    failure = None if chosen else ("no int8 path passed both bounds (ppl <= "
-                                   f"{INT8_PPL_LIMIT}x fp32, size <= {INT8_SIZE_LIMIT}x fp32 ONNX): "
-                                   + "; ".join(f"{r['name']}: {r['reason']}" for r in rows))
-    res = {k: keep[k] for k in ("ppl_onnx", "tokens_scored_onnx", "decode_tokens_per_s_onnx", "prefill_tokens_per_s_onnx")}
-    return {**res, "int8_path": chosen["name"] if chosen else None, "candidates": rows,
+    failure = None if chosen else (f"no {target} path passed both bounds (ppl <= "
+                                   f"{ppl_limit}x the torch model, size <= {size_limit}x fp32 ONNX): "
+                                   + "; ".join(f"{r['name']}: {r['reason']}" for r in rows)
+                                   + _rtn_hint(target, keep))
+    res = {k: keep[k] for k in ("ppl_onnx", "tokens_scored_onnx", "decode_tokens_per_s_onnx", "prefill_tokens_per_s_onnx",
+                                "generation_onnx", "generation_first_diff", "generation_match",
+                                "engine_matmuls", "rtn_matmuls")}
+    return {**res, "quant_path": chosen["name"] if chosen else None, "candidates": rows,
             "ok": chosen is not None, "failure": failure, "ppl_ratio_fp32": keep["ppl_ratio"],
             "size_ratio_fp32": keep["size_ratio"]}
 
 
-def _int8_reason(row: dict) -> str | None:
+def _bounds_reason(row: dict, ppl_limit: float = INT8_PPL_LIMIT, size_limit: float = INT8_SIZE_LIMIT) -> str | None:
     """Why a candidate fails the bounds, or None if it passes."""
     why = []
-    if row["ppl_ratio"] is not None and not row["ppl_ratio"] <= INT8_PPL_LIMIT:
-        why.append(f"ppl {row['ppl_ratio']:.3f}x fp32 (limit {INT8_PPL_LIMIT}x)")
-    if not row["size_ratio"] <= INT8_SIZE_LIMIT:
-        why.append(f"size {row['size_ratio']:.3f}x fp32 ONNX (limit {INT8_SIZE_LIMIT}x)")
+    if row["ppl_ratio"] is not None and not row["ppl_ratio"] <= ppl_limit:
+        why.append(f"ppl {row['ppl_ratio']:.3f}x the torch model (limit {ppl_limit}x)")
+    if not row["size_ratio"] <= size_limit:
+        why.append(f"size {row['size_ratio']:.3f}x fp32 ONNX (limit {size_limit}x)")
     return ("rejected: " + ", ".join(why)) if why else None
+
+
+def _rtn_hint(target: str, row: dict) -> str:
+    """What to do when int4 had to re-quantize float weights by RTN."""
+    if target != "int4" or not row.get("rtn_matmuls"):
+        return ""
+    return (f". {row['rtn_matmuls']} MatMuls had no 4-bit codes in the variant and were re-quantized by "
+            "onnxruntime's RTN; apply gptq (or awq / rtn) 4-bit in the recipe first so the export keeps "
+            "that quality")
 
 
 def choose(rows: list[dict]) -> dict | None:

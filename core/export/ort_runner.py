@@ -163,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from tokenizers import Tokenizer
 
+    import json
+
     tok = Tokenizer.from_file(a.tokenizer)
     lm = CausalLM(a.model)
+    eos = None
+    if (here / "config.json").is_file():  # stop at end-of-text, as the app does
+        eos = json.loads((here / "config.json").read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
     ids = tok.encode(a.prompt).ids
-    print(a.prompt + tok.decode(greedy(lm, ids, a.new_tokens)))
+    print(a.prompt + tok.decode(greedy(lm, ids, a.new_tokens, eos)))
     return 0
 
 

@@ -1,5 +1,12 @@
-"""Int8 paths for an exported fp32 ONNX model. Each candidate is a recipe; the caller verifies
-every one (perplexity, size, speed) and keeps the one that passes.
+"""Weight-only int8 / int4 paths for an exported fp32 ONNX model. Each candidate is a recipe; the
+caller verifies every one (perplexity, size, speed) and keeps the one that passes.
+
+Int4 from the engine: a variant quantized by gptq / awq / rtn carries its codes and scales
+(`model.squeeze_packed`); each exported MatMul whose weight is exactly such a dequantized tensor
+becomes a MatMulNBits node written from those codes, so GPTQ/AWQ quality is kept, not
+re-quantized by RTN. fp16 outlier columns ride beside it as a small exact MatMul. MatMuls with no
+engine codes (an fp32 variant) fall back to onnxruntime's own 4-bit RTN quantizer, and the
+result says so.
 
 Why weight-only: onnxruntime's dynamic int8 (`quantize_dynamic`) also quantizes activations per
 tensor, and small LMs have activation outliers: 1.65-1.80x the fp32 perplexity on SmolLM2-135M.
@@ -31,8 +38,13 @@ class Candidate:
     accuracy_level: int = 0         # weight_only: 0 = float compute, 4 = int8 compute (activations in blocks)
     embedding: str = "tied8"        # weight_only: tied8 | int4 | fp32 (how the embedding / LM head is stored)
     per_channel: bool = False       # dynamic
+    bits: int = 8                   # weight_only: 8, or 4 (engine codes where the variant has them)
 
     def describe(self) -> str:
+        if self.bits == 4:
+            acc = ", int8 compute" if self.accuracy_level == 4 else ", float compute"
+            return (f"MatMulNBits 4-bit from the variant's own codes (else RTN block {self.block_size}){acc}; "
+                    "embedding + LM head int8, one shared tensor")
         if self.method == "dynamic":
             return f"quantize_dynamic int8, {'per-channel' if self.per_channel else 'per-tensor'} weights, int8 activations"
         emb = {"tied8": "embedding + LM head int8, one shared tensor",
@@ -61,29 +73,43 @@ REFERENCE_CANDIDATES = (
 )
 
 
+# int4: the embedding / LM head stays 8-bit (4-bit RTN on the LM head alone costs several % ppl).
+INT4_CANDIDATES = (
+    Candidate("wo4-acc4", "weight_only", 32, 4, "tied8", bits=4),
+    Candidate("wo4", "weight_only", 32, 0, "tied8", bits=4),
+)
+CANDIDATES_FOR = {"int8": CANDIDATES, "int4": INT4_CANDIDATES}
+
+
 def by_name(name: str) -> Candidate:
-    for c in CANDIDATES + REFERENCE_CANDIDATES:
+    for c in CANDIDATES + REFERENCE_CANDIDATES + INT4_CANDIDATES:
         if c.name == name:
             return c
     raise KeyError(name)
 
 
-def quantize(src: Path, dst: Path, cand: Candidate) -> None:
-    """fp32 model file `src` -> quantized model file `dst` (plus dst.name + '_data' if large)."""
+def quantize(src: Path, dst: Path, cand: Candidate, packed: dict | None = None) -> dict:
+    """fp32 model file `src` -> quantized model file `dst` (plus dst.name + '_data' if large).
+    packed: the variant's {param name: QTensor}, used by 4-bit candidates. -> {"engine_matmuls":
+    MatMuls written from the engine's codes, "rtn_matmuls": MatMuls quantized by onnxruntime}."""
     import onnx
 
     if cand.method == "dynamic":
         _dynamic(src, dst, cand)
-        return
+        return {"engine_matmuls": 0, "rtn_matmuls": None}
     model = onnx.load(str(src))
     if cand.embedding == "tied8":
         _embedding_int8(model, cand)
     elif cand.embedding == "int4":
         _untie_lm_head(model)
-    _matmul_nbits(model, cand, ("MatMul",), bits=8)
+    engine, keep = (_from_engine(model, packed or {}, cand) if cand.bits == 4 else (0, []))
+    rtn = _weight_matmuls(model.graph, exclude=keep)
+    if rtn:
+        _matmul_nbits(model, cand, ("MatMul",), bits=cand.bits, exclude=keep)
     if cand.embedding == "int4":
         _matmul_nbits(model, cand, ("Gather",), bits=4)
     save(model, dst)
+    return {"engine_matmuls": engine, "rtn_matmuls": rtn}
 
 
 def save(model, dst: Path) -> None:
@@ -221,12 +247,123 @@ def _block_quant_8bit(e: np.ndarray, bs: int):
     return packed, scales, zp
 
 
+# --------------------------------------------------------------- int4 from the engine's codes
+
+NBITS_BLOCKS = (16, 32, 64, 128, 256)  # block sizes MatMulNBits accepts
+
+
+def _weight_matmuls(graph, exclude=()) -> int:
+    """MatMuls whose B is a constant 2-D float initializer (what a weight quantizer rewrites)."""
+    inits = _initializers(graph)
+    return sum(1 for n in graph.node if n.op_type == "MatMul" and n.name not in exclude
+               and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == 1)
+
+
+def _fingerprint(a: np.ndarray) -> str:
+    import hashlib
+    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _engine_tensors(packed: dict) -> dict:
+    """{fingerprint of W^T (K, N) as the exporter writes it: QTensor} for codes MatMulNBits can
+    carry: 2-4 bits (4-bit nibbles, the zero point says where the grid sits) in blocks it accepts."""
+    out = {}
+    for qt in packed.values():
+        if getattr(qt, "kind", None) not in (None, "outliers") or not hasattr(qt, "codes"):
+            continue
+        if qt.bits > 4 or qt.group_size not in NBITS_BLOCKS:
+            continue
+        out[_fingerprint(qt.dequantize().T.numpy())] = qt
+    return out
+
+
+def nbits_arrays(qt) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """QTensor (N=out, K=in) -> MatMulNBits 4-bit inputs: B (N, kb, bs/2) uint8 (element 2j in the
+    low nibble), scales (N, kb) float32, zero points (N, ceil(kb/2)) uint8 or None for the
+    default 8 (4-bit symmetric)."""
+    import torch
+
+    from ..packing import unpack_bits
+    n, k = qt.shape
+    bs = qt.group_size
+    kb = -(-k // bs)
+    q = unpack_bits(qt.codes, qt.bits, n * k).view(n, k).numpy()
+    if qt.symmetric:
+        zp = np.full((n, kb), 2 ** (qt.bits - 1), dtype=np.uint8)
+    else:
+        zp = unpack_bits(qt.zeros, qt.bits, n * kb).view(n, kb).numpy().astype(np.uint8)
+    codes = np.repeat(zp, bs, axis=1)                       # padding = the zero point: dequantizes to 0
+    codes[:, :k] = q
+    codes = codes.reshape(n, kb, bs)
+    b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = qt.scales.to(torch.float32).numpy().reshape(n, kb).copy()
+    if qt.symmetric and qt.bits == 4:
+        return b, scales, None
+    zpp = np.zeros((n, kb + kb % 2), dtype=np.uint8)
+    zpp[:, :kb] = zp
+    return b, scales, (zpp[:, 0::2] | (zpp[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _from_engine(model, packed: dict, cand: Candidate) -> tuple[int, list[str]]:
+    """Rewrites every MatMul whose weight matches one of the engine's low-bit tensors as
+    MatMulNBits from those codes (+ an exact MatMul for fp16 outlier columns). -> (count, names
+    of the new nodes the RTN pass must leave alone)."""
+    from onnx import helper, numpy_helper
+
+    table = _engine_tensors(packed)
+    if not table:
+        return 0, []
+    g = model.graph
+    inits = _initializers(g)
+    done, keep, used = 0, [], set()
+    for m in list(g.node):
+        if m.op_type != "MatMul" or m.input[1] not in inits or len(inits[m.input[1]].dims) != 2:
+            continue
+        init = inits[m.input[1]]
+        qt = table.get(_fingerprint(numpy_helper.to_array(init)))
+        if qt is None:
+            continue
+        b, scales, zp = nbits_arrays(qt)
+        n, k = qt.shape
+        p = f"{m.name or m.output[0]}_Q4"
+        g.initializer.extend([numpy_helper.from_array(b, p + "_B"), numpy_helper.from_array(scales, p + "_scales")])
+        ins = [m.input[0], p + "_B", p + "_scales"]
+        if zp is not None:
+            g.initializer.append(numpy_helper.from_array(zp, p + "_zp"))
+            ins.append(p + "_zp")
+        acc = {"accuracy_level": cand.accuracy_level} if cand.accuracy_level else {}
+        cols = list(getattr(qt, "cols", []) or [])
+        y = m.output[0] if not cols else p + "_main"
+        nodes = [helper.make_node("MatMulNBits", ins, [y], name=p, domain="com.microsoft", K=k, N=n, bits=4,
+                                  block_size=qt.group_size, **acc)]
+        if cols:  # y += x[..., cols] @ (patch - grid value)^T: exact fp16 columns
+            from ..packing import QTensor
+            grid = QTensor.dequantize(qt)[:, cols]                                 # (N, k_out)
+            delta = (qt.patch.float() - grid).T.contiguous().numpy()               # (k_out, N)
+            g.initializer.extend([numpy_helper.from_array(np.array(cols, np.int64), p + "_cols"),
+                                  numpy_helper.from_array(delta, p + "_delta")])
+            nodes += [helper.make_node("Gather", [m.input[0], p + "_cols"], [p + "_xc"], name=p + "_gather", axis=-1),
+                      helper.make_node("MatMul", [p + "_xc", p + "_delta"], [p + "_patch"], name=p + "_patch"),
+                      helper.make_node("Add", [y, p + "_patch"], [m.output[0]], name=p + "_add")]
+            keep.append(p + "_patch")
+        _replace(g, m, nodes)
+        used.add(init.name)
+        done += 1
+    still = {i for n in g.node for i in n.input}
+    for name in used - still:  # the fp32 weights now unused
+        g.initializer.remove(inits[name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done, keep
+
+
 # --------------------------------------------------------------- onnxruntime's quantizers
 
-def _matmul_nbits(model, cand: Candidate, op_types: tuple, bits: int) -> None:
+def _matmul_nbits(model, cand: Candidate, op_types: tuple, bits: int, exclude=()) -> None:
     MatMulNBitsQuantizer = _import_quietly()
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=cand.block_size, is_symmetric=False,
                              accuracy_level=cand.accuracy_level or None, op_types_to_quantize=op_types,
+                             nodes_to_exclude=list(exclude),
                              quant_axes=(("MatMul", 0), ("Gather", 1)))
     q.process()  # edits `model` in place
 
