@@ -28,9 +28,14 @@ def _ratio(a, b) -> float | None:
 
 
 def table_rows(runs: list[dict]) -> list[dict]:
-    """One flat row per eval run (exports are shown with their parent run, not here)."""
+    """One flat row per eval run, each followed by the rows of its ONNX exports (their numbers are
+    those verified in onnxruntime, compared with the same baseline)."""
     base = baselines(runs)
     out = []
+    exports: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("kind") == "export" and r.get("parent_id"):
+            exports.setdefault(r["parent_id"], []).append(r)
     for r in runs:
         if r.get("kind") != "eval":
             continue
@@ -61,11 +66,41 @@ def table_rows(runs: list[dict]) -> list[dict]:
             "decode_tokens_per_s": res.get("decode_tokens_per_s"),
             "x_faster": _ratio(res.get("decode_tokens_per_s"), bres.get("decode_tokens_per_s")),
             "kv_bytes_per_token": res.get("kv_bytes_per_token"),
+            "roofline_fraction": res.get("roofline_fraction"),
             "peak_rss_bytes": res.get("peak_rss_bytes"),
             "seconds": res.get("seconds"),
             "created": r.get("created"),
         })
+        out += [export_row(x, out[-1], bres) for x in exports.get(r["id"], [])]
     return out
+
+
+def export_row(x: dict, parent: dict, bres: dict) -> dict:
+    """The row of an ONNX export under its parent run: the numbers verified in onnxruntime."""
+    res = x.get("result") or {}
+    q = (((x.get("settings") or {}).get("export") or {}).get("quantize")) or "fp32"
+    ppl, bppl = res.get("ppl_onnx"), bres.get("ppl")
+    failure = res.get("failure") if res and not res.get("ok", True) else None
+    return {
+        **{k: parent[k] for k in ("model", "recipe", "eval", "eval_key", "variant_dir")},
+        "id": x["id"], "parent_id": parent["id"], "export": True, "baseline": False,
+        "status": x["status"] if x["status"] != "done" or not failure else "failed check",
+        "label": f"↳ ONNX {q} · {parent['label']}",
+        "error": x.get("error") or failure,
+        "ppl": ppl,
+        "delta_ppl_pct": (ppl / bppl - 1) * 100 if ppl is not None and bppl else None,
+        "size_bytes": res.get("size_bytes"),
+        "x_smaller": _ratio(bres.get("size_bytes"), res.get("size_bytes")),
+        "theoretical_bytes": None, "params": parent.get("params"), "nonzero_params": parent.get("nonzero_params"),
+        "prefill_tokens_per_s": res.get("prefill_tokens_per_s_onnx"),
+        "decode_tokens_per_s": res.get("decode_tokens_per_s_onnx"),
+        "x_faster": _ratio(res.get("decode_tokens_per_s_onnx"), bres.get("decode_tokens_per_s")),
+        "kv_bytes_per_token": None,
+        "roofline_fraction": res.get("roofline_fraction"),
+        "peak_rss_bytes": res.get("peak_rss_bytes"),
+        "seconds": res.get("seconds"),
+        "created": x.get("created"),
+    }
 
 
 # ---------------------------------------------------------------- formatting
@@ -89,6 +124,14 @@ def fmt_count(n) -> str:
         if abs(n) >= div:
             return f"{n / div:.1f} {unit}"
     return str(n)
+
+
+def fmt_duration(seconds) -> str:
+    """e.g. "40 s", "2 min 05 s"."""
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def fmt_rate(r) -> str:
@@ -130,6 +173,9 @@ COLUMNS = [
     Column("x_faster", "× faster", fmt_x, "decode speed / baseline decode speed"),
     Column("kv_bytes_per_token", "KV kB/tok", lambda b: "" if b is None else f"{b / 1000:,.1f}",
            "bytes the KV cache holds per token seen (at the end of an eval window), in kB"),
+    Column("roofline_fraction", "% of bound", lambda f: "" if f is None else f"{f * 100:.0f} %",
+           "decode speed as a share of what this machine's memory bandwidth allows for the weight bytes "
+           "read per token (the roofline)"),
     Column("peak_rss_bytes", "peak RAM MB", fmt_mb, "peak resident memory of the worker"),
     Column("eval", "eval", fmt_eval, "eval text, tokens × context", False),
     Column("error", "note", lambda e: e or "", "why a run failed, was cancelled or interrupted", False),

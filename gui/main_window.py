@@ -19,7 +19,7 @@ from core import recipe as recipes
 from core.errors import SqueezeError
 from core.jobs.spec import JobSpec
 from core.ledger import Ledger
-from core.results import fmt_ppl, table_rows
+from core.results import fmt_duration, fmt_ppl, table_rows
 
 from .widgets.eval_panel import EvalPanel
 from .widgets.export_panel import ExportPanel
@@ -53,8 +53,7 @@ class Store:
 def fmt_eta(eta) -> str:
     if eta is None:
         return ""
-    eta = int(round(eta))
-    return f" — ETA {eta // 60} min {eta % 60:02d} s" if eta >= 60 else f" — ETA {eta} s"
+    return f" — ETA {fmt_duration(eta)}"
 
 
 class MainWindow(QMainWindow):
@@ -352,9 +351,10 @@ class MainWindow(QMainWindow):
         self.ensure_baseline()  # when missing, it runs first
         self._next()
 
-    def export_selected(self, out: str | None = None, quantize: str | None = None) -> JobSpec | None:
+    def export_selected(self, out: str | None = None, quantize: str | None = None,
+                        opset: int | None = None) -> JobSpec | None:
         row = self.table.selected_row()
-        if not row or row["status"] != "done":
+        if not row or row["status"] != "done" or row.get("export"):
             self.say("Select a finished run to export.", error=True)
             return None
         if self.client.running:
@@ -362,14 +362,14 @@ class MainWindow(QMainWindow):
             return None
         out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}")
         spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export",
-                       export={"out": out, "quantize": quantize, "opset": None, "variant_dir": row["variant_dir"]},
+                       export={"out": out, "quantize": quantize, "opset": opset, "variant_dir": row["variant_dir"]},
                        parent_id=row["id"])
         self.queue.append(spec)
         self._next()
         return spec
 
-    def _export_clicked(self, out: str, quantize) -> None:
-        self.export_selected(out or None, quantize)
+    def _export_clicked(self, out: str, quantize, opset) -> None:
+        self.export_selected(out or None, quantize, opset)
 
     def _next(self) -> None:
         if self.client.running or not self.queue:
@@ -451,9 +451,13 @@ class MainWindow(QMainWindow):
 
     def _row_selected(self, run_id: str) -> None:
         self.plot.select(run_id)
-        exports = [r for r in self.runs if r["kind"] == "export" and r["parent_id"] == run_id]
-        self.export_panel.show_run(self.table.selected_row(), exports[-1] if exports else None,
-                                   self.client.running)
+        picked = next((r for r in self.runs if r["id"] == run_id), None)
+        if picked and picked["kind"] == "export":  # an export's own row: its numbers
+            export = picked
+        else:
+            exports = [r for r in self.runs if r["kind"] == "export" and r["parent_id"] == run_id]
+            export = exports[-1] if exports else None
+        self.export_panel.show_run(self.table.selected_row(), export, self.client.running)
 
     def _point_clicked(self, run_id: str) -> None:
         self.table.select_id(run_id)

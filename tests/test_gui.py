@@ -264,6 +264,8 @@ def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_windo
     base = rows_by_label(w)["baseline"]
     w.table.select_id(base["id"])
     assert w.export_panel.button.isEnabled()
+    w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData("int4"))
+    assert "MB" in w.export_panel.estimate.text() and "estimate" in w.export_panel.estimate.text()
     out = tmp_path / "onnx"
     w.export_panel.out.setText(str(out))
     w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData(None))
@@ -279,7 +281,15 @@ def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_windo
     shown = w.export_panel.numbers.text()
     assert "onnxruntime" in shown or "verification failed" in shown
     assert "perplexity" in shown and "decode tok/s" in shown and "file MB" in shown
-    assert all(r["id"] != exports[0]["id"] for r in w.table.results.rows)  # exports are not table rows
+    assert "memory bound" in shown and "prompts identical" in shown
+    # the export is its own row, right under the run it came from, with onnxruntime's numbers
+    ids = [r["id"] for r in w.table.results.rows]
+    erow = w.table.results.rows[ids.index(exports[0]["id"])]
+    assert ids.index(exports[0]["id"]) == ids.index(base["id"]) + 1 and erow["label"].startswith("↳ ONNX fp32")
+    assert erow["ppl"] == res["ppl_onnx"] and erow["decode_tokens_per_s"] == res["decode_tokens_per_s_onnx"]
+    assert erow["roofline_fraction"] == pytest.approx(res["roofline_fraction"])
+    w.table.select_id(exports[0]["id"])  # selecting it shows its numbers; an export is not exported again
+    assert not w.export_panel.button.isEnabled() and "memory bound" in w.export_panel.numbers.text()
 
 
 def _studio(*args, env_home: Path) -> subprocess.CompletedProcess:

@@ -107,6 +107,10 @@ def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: st
     speed = ev.decode_speed(model, tok, text, settings.prompt_tokens, settings.new_tokens,
                             settings.repeats, check_cancel=check)
     exits["decode_layers_per_token"] = layers_per_token(model, "decode")
+    from .. import roofline
+    bpt = roofline.torch_bytes_per_token(model)
+    speed.update(bytes_per_token=bpt, roofline_tokens_per_s=roofline.bound(bpt))
+    speed["roofline_fraction"] = speed["decode_tokens_per_s"] / speed["roofline_tokens_per_s"]
     em.progress(stage, 1.0)
     return {**speed, **ppl, **{k: v for k, v in exits.items() if v is not None}}  # a KV technique's bytes per token: ppl's (a whole window) over decode's
 

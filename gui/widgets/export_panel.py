@@ -1,5 +1,7 @@
-"""Export the selected run to ONNX, and the verified numbers of its latest export: perplexity
-and decode speed in onnxruntime next to torch's, file size; a failed verification in red."""
+"""Export the selected run to ONNX: target (fp32 / CPU int8 / CPU int4) and opset, a size and
+time estimate before starting, then the verified numbers of its latest export: perplexity,
+prefill and decode speed in onnxruntime next to torch's, the share of the memory-bandwidth
+bound, greedy-generation parity, file size; a failed verification in red."""
 from __future__ import annotations
 
 import html
@@ -9,14 +11,23 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
                                QSizePolicy, QToolButton, QVBoxLayout)
 
-from core.results import fmt_mb, fmt_pct, fmt_ppl, fmt_rate
+from core.evaluate import EvalSettings
+from core.export.onnx import estimate
+from core.results import fmt_duration, fmt_mb, fmt_pct, fmt_ppl, fmt_rate
 
-QUANTIZE = (("fp32", None), ("int8", "int8"))
+QUANTIZE = (("fp32 (lossless)", None), ("CPU int8 (weight-only)", "int8"), ("CPU int4 (from the variant's codes)", "int4"))
+QUANTIZE_TIPS = {
+    None: "The variant as it is, in float32: must match torch's perplexity and greedy output.",
+    "int8": "8-bit weights in onnxruntime's MatMulNBits (embedding and LM head too); each path verified.",
+    "int4": "4-bit MatMulNBits written from the variant's own gptq / awq / rtn codes (so their quality is "
+            "kept); a float variant is re-quantized by RTN and the result says so.",
+}
+OPSETS = (("auto", None), ("14", 14), ("17", 17), ("18", 18))
 
 
 class ExportPanel(QGroupBox):
-    """Emits `export(out_dir, quantize)`; the window builds the job."""
-    export = Signal(str, object)
+    """Emits `export(out_dir, quantize, opset)`; the window builds the job."""
+    export = Signal(str, object, object)
 
     def __init__(self, parent=None):
         super().__init__("Export to ONNX", parent)
@@ -29,7 +40,13 @@ class ExportPanel(QGroupBox):
         for text, value in QUANTIZE:
             self.quantize.addItem(text, value)
         self.quantize.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.quantize.setToolTip("fp32: the variant as is; int8: quantized for onnxruntime, then verified")
+        for i, (_, value) in enumerate(QUANTIZE):
+            self.quantize.setItemData(i, QUANTIZE_TIPS[value], Qt.ToolTipRole)
+        self.quantize.currentIndexChanged.connect(self._update_estimate)
+        self.opset = QComboBox()
+        for text, value in OPSETS:
+            self.opset.addItem(text, value)
+        self.opset.setToolTip("ONNX opset; auto = what optimum-onnx picks for the architecture")
         self.out = QLineEdit()
         self.out.setPlaceholderText("default: workspace/exports/…")
         self.out.setToolTip("An empty or new folder for model.onnx")
@@ -37,12 +54,17 @@ class ExportPanel(QGroupBox):
         browse.setText("…")
         browse.clicked.connect(self._pick)
         form = QFormLayout()
-        form.addRow("weights", self.quantize)
+        form.addRow("target", self.quantize)
+        form.addRow("opset", self.opset)
         row = QHBoxLayout()
         row.addWidget(self.out, 1)
         row.addWidget(browse)
         form.addRow("folder", row)
         lay.addLayout(form)
+        self.estimate = QLabel()
+        self.estimate.setStyleSheet("color: gray")
+        self.estimate.setWordWrap(True)
+        lay.addWidget(self.estimate)
         self.button = QPushButton("Export && verify")
         self.button.setEnabled(False)
         self.button.clicked.connect(self._export_clicked)
@@ -53,9 +75,22 @@ class ExportPanel(QGroupBox):
         lay.addWidget(self.numbers)
         lay.addStretch(1)
         self.can_export = False
+        self.row: dict | None = None
 
     def _export_clicked(self) -> None:
-        self.export.emit(self.out.text().strip(), self.quantize.currentData())
+        self.export.emit(self.out.text().strip(), self.quantize.currentData(), self.opset.currentData())
+
+    def _update_estimate(self, *_) -> None:
+        r = self.row
+        if not (self.can_export and r and r.get("params")):
+            self.estimate.setText("")
+            return
+        settings = EvalSettings(**{k: v for k, v in (r.get("eval") or {}).items()
+                                   if k in EvalSettings.__dataclass_fields__})
+        e = estimate(r["params"], self.quantize.currentData(), settings, r.get("prefill_tokens_per_s"),
+                     r.get("decode_tokens_per_s"))
+        self.estimate.setText(f"estimate: ≈ {fmt_mb(e['size_bytes'])} MB, ≈ {fmt_duration(e['seconds'])}"
+                              " (export + verification)")
 
     def _pick(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Export into a new folder under…")
@@ -64,10 +99,14 @@ class ExportPanel(QGroupBox):
 
     def show_run(self, row: dict | None, export: dict | None, busy: bool) -> None:
         """`row`: the selected table row; `export`: the ledger row of its latest export."""
-        self.can_export = bool(row and row["status"] == "done")
+        self.row = row
+        self.can_export = bool(row and row["status"] == "done" and not row.get("export"))
         self.button.setEnabled(self.can_export and not busy)
+        self._update_estimate()
         if not row:
             self.run_label.setText("Select a finished run in the table.")
+        elif row.get("export"):
+            self.run_label.setText(f"<b>{html.escape(row['label'])}</b>")
         else:
             self.run_label.setText(f"<b>{html.escape(row['label'])}</b>"
                                    + ("" if self.can_export else f" — {row['status']}, nothing to export"))
@@ -87,13 +126,24 @@ def describe(e: dict) -> str:
     head = (f"<span style='color:#2e7d32'><b>ONNX {q}: verified in onnxruntime</b></span>" if r.get("ok", True)
             else f"<span style='color:#c62828'><b>ONNX {q}: verification failed</b> — "
                  f"{html.escape(str(r.get('failure') or ''))}</span>")
+    frac = r.get("roofline_fraction")
+    bound = (f"{frac * 100:.0f} % of the {fmt_rate(r['roofline_tokens_per_s'])} tok/s memory bound"
+             if frac is not None and r.get("roofline_tokens_per_s") else "")
+    match = r.get("generation_match")
+    gen = ("" if match is None else f"{round(match * len(r.get('generation_first_diff') or [1]))}/"
+           f"{len(r.get('generation_first_diff') or [1])} prompts identical")
     cells = "".join(
         f"<tr><td>{name}</td><td align=right>{o}</td><td align=right>{t}</td><td>{extra}</td></tr>"
         for name, o, t, extra in (
             ("perplexity", fmt_ppl(ppl_o), fmt_ppl(ppl_t), delta),
             ("decode tok/s", fmt_rate(r.get("decode_tokens_per_s_onnx")),
-             fmt_rate(r.get("decode_tokens_per_s_torch")), ""),
-            ("file MB", fmt_mb(r.get("size_bytes")), "", ""),
+             fmt_rate(r.get("decode_tokens_per_s_torch")), bound),
+            ("prefill tok/s", fmt_rate(r.get("prefill_tokens_per_s_onnx")),
+             fmt_rate(r.get("prefill_tokens_per_s_torch")), ""),
+            ("greedy, 8 tokens", gen, "", ""),
+            ("file MB", fmt_mb(r.get("size_bytes")), "", f"{r['size_bytes'] / r['fp32_size_bytes']:.2f}× fp32 ONNX"
+             if r.get("size_bytes") and r.get("fp32_size_bytes") and q != "fp32" else ""),
         ))
+    path = f"<br>path: {html.escape(r['quant_path'])}" if r.get("quant_path") else ""
     return (f"{head}<table cellspacing=4><tr><th></th><th align=right>ONNX</th><th align=right>torch</th><th></th></tr>"
-            f"{cells}</table><span style='color:gray'>{html.escape(str(r.get('path') or ''))}</span>")
+            f"{cells}</table><span style='color:gray'>{html.escape(str(r.get('path') or ''))}{path}</span>")

@@ -1,0 +1,82 @@
+"""Renders the screenshots in docs/screenshots that need a job to have run (offscreen, on a tiny
+random Llama so it takes seconds):
+
+    QT_QPA_PLATFORM=offscreen .venv/bin/python docs/screens.py export
+
+export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ["SQUEEZE_HOME"] = tempfile.mkdtemp(prefix="squeeze-screens-")
+OUT = ROOT / "docs" / "screenshots"
+
+
+def _tiny_model(tmp: Path) -> str:
+    """The tests' tiny Llama, wider so weights dominate as in real models."""
+    import conftest
+
+    class Factory:  # the bits of pytest's tmp_path_factory the fixture uses
+        def mktemp(self, name):
+            p = tmp / name
+            p.mkdir()
+            return p
+    tok = conftest.tiny_tokenizer_dir.__wrapped__(Factory())
+    return str(conftest.make_tiny_llama(tmp / "llama", tok, hidden_size=256, intermediate_size=704,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def wait(app, cond, timeout=300):
+    import time
+    t0 = time.time()
+    while not cond():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+    app.processEvents()
+
+
+def export_screen() -> Path:
+    from PySide6.QtWidgets import QApplication
+
+    from gui.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication([])
+    text = ROOT / "resources" / "data" / "eval.txt"
+    model = _tiny_model(Path(tempfile.mkdtemp()))
+    w = MainWindow(model=model, eval_settings=dict(text=str(text), max_tokens=1024, context=128, prompt_tokens=16,
+                                                   new_tokens=16, repeats=1))
+    w.resize(1500, 950)
+    w.show()
+    idle = lambda: not w.client.running and not w.queue  # noqa: E731
+    wait(app, lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows) and idle())
+    from core.recipe import from_data
+    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 4, "group_size": 64}]}))
+    w.run()
+    wait(app, lambda: idle() and any(r["label"].startswith("rtn") and r["status"] == "done"
+                                     for r in w.table.results.rows))
+    rtn = next(r for r in w.table.results.rows if r["label"].startswith("rtn"))
+    w.table.select_id(rtn["id"])
+    w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData("int4"))
+    w.export_selected(None, "int4")
+    wait(app, idle)
+    w.table.select_id(rtn["id"])
+    app.processEvents()
+    OUT.mkdir(parents=True, exist_ok=True)
+    f = OUT / "export-int4.png"
+    w.grab().save(str(f))
+    return f
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["export"]
+    for name in which:
+        print({"export": export_screen}[name]())
