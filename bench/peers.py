@@ -7,6 +7,14 @@ layers only (the LM head / tied embedding stays float, as in our rows).
     .venv/bin/python bench/peers.py [--max-tokens 32768] [--context 1024]
 
 Writes its section of bench/RESULTS.md ("peers") and bench/results/peers.json.
+
+With --onnx (issue 6): the deployment table instead. Our exports (`squeeze export`: fp32, int8,
+int4 from gptq, int8 of smoothquant, fp32 of a layer-pruned model) beside the ONNX paths a user
+would pick instead (onnxruntime quantize_dynamic, stock MatMulNBits int8 / int4, optimum's
+ORTQuantizer), all verified the same way in one process; ratios to torch fp32 eager measured in
+the same run. Section "peers-onnx", bench/results/peers-onnx.json.
+
+    .venv/bin/python bench/peers.py --onnx [--max-tokens 8192] [--context 1024]
 """
 from __future__ import annotations
 
@@ -102,13 +110,160 @@ def torch_ao_dynamic(fp, tok, a, tmp: Path) -> dict:
     return {**measure_model(m, tok, a), "size_bytes": f.stat().st_size}
 
 
+GPTQ4 = [{"technique": "gptq", "bits": 4, "group_size": 64, "symmetric": True, "outliers": 16, "act_order": True,
+          "clip": True, "awq_scaling": True, "sequential": True, "samples": 128}]
+OURS_ONNX = [  # name, recipe steps, --quantize, bar kind
+    ("ours: ONNX fp32", [], None, "fp32"),
+    ("ours: ONNX int8", [], "int8", "int8"),
+    ("ours: ONNX int4 from gptq 4-bit g64", GPTQ4, "int4", "int4"),
+    ("ours: ONNX int8 of smoothquant", [{"technique": "smoothquant", "sequential": True}], "int8", "int8"),
+    ("ours: ONNX fp32 of structured_prune 25 % layers", [{"technique": "structured_prune", "layers": 0.25, "ffn": 0.0}], None, None),
+]
+# bar kind -> (ppl x torch fp32 <=, decode x torch fp32 >=, file x fp32 ONNX <=)
+BARS = {"fp32": (1.005, 1.1, None), "int8": (1.03, 3.0, 0.30), "int4": (1.12, 4.0, 0.22)}
+ROOFLINE_BAR = 0.60
+
+
+def onnx_peers(fp32_dir: Path, tmp: Path):
+    """(name, how, function(dst folder) -> model file) of the ONNX paths a user would pick instead."""
+    from core.export import quantize as qz
+
+    def stock(cand):
+        def run(dst: Path) -> Path:
+            f = dst / "model.onnx"
+            qz.quantize(fp32_dir / "model.onnx", f, cand)
+            return f
+        return run
+
+    def ort_quantizer(dst: Path) -> Path:
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+        q = ORTQuantizer.from_pretrained(fp32_dir, file_name="model.onnx")
+        q.quantize(save_dir=dst, quantization_config=AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True))
+        return next(dst.glob("*quantized*.onnx"))
+
+    return [
+        ("onnxruntime quantize_dynamic int8 per-channel", "quantize_dynamic(per_channel=True), MatMul + Gather",
+         stock(qz.by_name("dynamic-per-channel"))),
+        ("optimum ORTQuantizer avx512_vnni", "dynamic, per-channel", ort_quantizer),
+        ("onnxruntime MatMulNBits int8 weight-only", "stock quantizer, block 128, LM head fp32",
+         stock(qz.Candidate("stock-wo8", "weight_only", 128, 0, "fp32"))),
+        ("onnxruntime MatMulNBits int4 RTN b64 sym", "stock quantizer, accuracy level 4, LM head fp32",
+         stock(qz.Candidate("stock-wo4", "weight_only", 64, 4, "fp32", bits=4, symmetric=True))),
+    ]
+
+
+def onnx_main(a) -> None:
+    """The deployment table (issue 6): our exports and the ONNX peers, verified alike."""
+    from importlib.metadata import version
+
+    from core import models, roofline
+    from core.evaluate import EvalSettings, greedy
+    from core.export import onnx as ox
+    from core.jobs.client import run_inline
+    from core.jobs.spec import JobSpec
+    from results_md import fmt_table, write_section
+
+    ev = dict(text=str(a.text), max_tokens=a.max_tokens, context=a.context, prompt_tokens=128, new_tokens=128,
+              repeats=3)
+    tmp = Path(tempfile.mkdtemp(prefix="squeeze-peers-onnx-"))
+    rows, t_start = [], time.time()
+    for name, steps, q, bar in OURS_ONNX:
+        t0 = time.time()
+        out = tmp / name.split(": ")[1].replace(" ", "-").replace("%", "pct")
+        r = run_inline(JobSpec(model=a.model, recipe={"steps": steps}, eval=ev, kind="export",
+                               export={"out": str(out), "quantize": q}))
+        if r.outcome != "done":
+            rows.append({"name": name, "error": str(r.error)})
+            continue
+        res = r.result
+        rows.append({"name": name, "how": f"squeeze export --quantize {q or 'none'}" + (f" ({res.get('quant_path')})"
+                                                                                       if res.get("quant_path") else ""),
+                     "bar": bar, "folder": str(out), **{k: v for k, v in res.items() if k != "candidates"}})
+        print(f"{name}: ppl {res['ppl_onnx']:.3f} (torch {res['ppl_torch']:.3f}), decode "
+              f"{res['decode_tokens_per_s_onnx']:.1f} (torch {res['decode_tokens_per_s_torch']:.1f}) "
+              f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    ref = rows[0]  # torch fp32 eager and the fp32 ONNX file: the reference of every ratio
+    settings = EvalSettings(**ev)
+    fp, tok, _ = models.load(a.model)
+    windows, bos, prompt = ox._verification_tokens(tok, settings)
+    prompts = [tok(p)["input_ids"] for p in ox.PARITY_PROMPTS]
+    parity = {"prompts": prompts, "torch": [greedy(fp, p, ox.PARITY_TOKENS) for p in prompts]}
+    del fp
+    bw = roofline.bandwidth()
+    for name, how, fn in onnx_peers(Path(ref["folder"]), tmp):
+        t0 = time.time()
+        dst = tmp / name.replace(" ", "-")
+        dst.mkdir()
+        try:
+            f = fn(dst)
+            m = ox.verify(f, windows, bos, prompt, settings, parity=parity)
+            bpt = roofline.onnx_bytes_per_token(f)
+            rows.append({"name": name, "how": how, "bar": None, **m, "size_bytes": ox.model_bytes(f),
+                         "bytes_per_token": bpt, "roofline_tokens_per_s": bw / bpt,
+                         "roofline_fraction": m["decode_tokens_per_s_onnx"] * bpt / bw})
+        except Exception as e:  # a peer that cannot run here is reported, not hidden
+            rows.append({"name": name, "how": how, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        print(f"{name}: {rows[-1].get('ppl_onnx', rows[-1].get('error'))} ({time.time() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    t_ppl, t_dec, f_size = ref["ppl_torch"], ref["decode_tokens_per_s_torch"], ref["size_bytes"]
+    table = [["torch fp32 eager (reference)", "transformers", f"{t_ppl:.3f}", "1.000×", "–", "–", "–",
+              f"{t_dec:.1f}", "1.00×", f"{t_dec / ref['roofline_tokens_per_s_torch'] * 100:.0f} %", "–", "–", ""]]
+    for r in rows:
+        if "error" in r:
+            table.append([r["name"], r.get("how", ""), "–", "–", "–", "–", "–", "–", "–", "–", "–", "–", r["error"]])
+            continue
+        x_ppl, x_dec, x_size = r["ppl_onnx"] / t_ppl, r["decode_tokens_per_s_onnx"] / t_dec, r["size_bytes"] / f_size
+        verdict = []
+        if r["bar"]:
+            p_max, d_min, s_max = BARS[r["bar"]]
+            verdict += [f"ppl {'ok' if x_ppl <= p_max else 'MISSED'} (≤ {p_max}×)",
+                        f"decode {'ok' if x_dec >= d_min else 'MISSED'} (≥ {d_min}×)"]
+            if s_max:
+                verdict.append(f"file {'ok' if x_size <= s_max else 'MISSED'} (≤ {s_max}×)")
+        if r["name"].startswith("ours"):
+            verdict.append(f"roofline {'ok' if r['roofline_fraction'] >= ROOFLINE_BAR else 'MISSED'} (≥ 60 %)")
+        n_ok = round(r["generation_match"] * len(r["generation_first_diff"]))
+        table.append([r["name"], r["how"], f"{r['ppl_onnx']:.3f}", f"{x_ppl:.3f}×", f"{r['size_bytes'] / 1e6:.1f}",
+                      f"{x_size:.3f}×", f"{r['prefill_tokens_per_s_onnx']:.0f}", f"{r['decode_tokens_per_s_onnx']:.1f}",
+                      f"{x_dec:.2f}×", f"{r['roofline_fraction'] * 100:.0f} %",
+                      f"{r['bytes_per_token'] / 1e6:.0f}", f"{n_ok}/{len(r['generation_first_diff'])}",
+                      "; ".join(verdict)])
+    body = f"""## Deployment: our ONNX exports beside the ONNX peers (issue 6)
+
+Command: `.venv/bin/python bench/peers.py --onnx --max-tokens {a.max_tokens} --context {a.context}`
+({ref['tokens_scored_onnx']:,} tokens of WikiText-2 test, context {a.context}, the same windows for every row;
+decode = 128 greedy tokens after a 128-token prompt with the KV cache, median of 3 after a warm-up; one process,
+{(time.time() - t_start) / 60:.0f} min. Ratios: ppl and decode to torch fp32 eager measured in this run, file to
+our fp32 ONNX export. Roofline: measured copy bandwidth {bw / 1e9:.1f} GB/s over the weight bytes read per
+token (MB/tok). Greedy: prompts whose first {ox.PARITY_TOKENS} greedy tokens equal torch fp32's (the
+exported variant's torch model for our rows). onnxruntime {version('onnxruntime')}, optimum-onnx
+{version('optimum-onnx')}, torch {version('torch')}.)
+
+{fmt_table(["path", "how", "ppl", "× torch fp32", "file MB", "× fp32 ONNX", "prefill tok/s", "decode tok/s",
+            "× torch fp32", "% roofline", "MB/tok", "greedy", "bar"], table)}
+"""
+    print(body)
+    if a.model == MODEL:  # a smoke run on another model does not replace the table
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "peers-onnx.json").write_text(json.dumps(rows, indent=2, default=str))
+        write_section("peers-onnx", body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 32768 (8192 with --onnx)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--text", type=Path, default=TEXT)
+    ap.add_argument("--onnx", action="store_true", help="the deployment table of issue 6")
+    ap.add_argument("--model", default=MODEL, help="(a smoke run on another model; the table is for the bundled one)")
     a = ap.parse_args()
+    a.max_tokens = a.max_tokens or (8192 if a.onnx else 32768)
     os.environ["SQUEEZE_HOME"] = str(isolated_home())
+    if a.onnx:
+        onnx_main(a)
+        return
 
     from core import models
     from core.jobs.client import run_inline

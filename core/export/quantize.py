@@ -39,6 +39,7 @@ class Candidate:
     embedding: str = "tied8"        # weight_only: tied8 | int4 | fp32 (how the embedding / LM head is stored)
     per_channel: bool = False       # dynamic
     bits: int = 8                   # weight_only: 8, or 4 (engine codes where the variant has them)
+    symmetric: bool = False         # weight_only: the RTN grid onnxruntime's quantizer writes
 
     def describe(self) -> str:
         if self.bits == 4:
@@ -361,7 +362,7 @@ def _from_engine(model, packed: dict, cand: Candidate) -> tuple[int, list[str]]:
 
 def _matmul_nbits(model, cand: Candidate, op_types: tuple, bits: int, exclude=()) -> None:
     MatMulNBitsQuantizer = _import_quietly()
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=cand.block_size, is_symmetric=False,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=cand.block_size, is_symmetric=cand.symmetric,
                              accuracy_level=cand.accuracy_level or None, op_types_to_quantize=op_types,
                              nodes_to_exclude=list(exclude),
                              quant_axes=(("MatMul", 0), ("Gather", 1)))
