@@ -79,6 +79,35 @@ class CausalLM:
         return out[0], present
 
 
+    # Decoding through IO binding: the cache stays in onnxruntime's memory between steps (each
+    # present.* output is fed back as the next past_key_values.* input as an OrtValue), so no step
+    # copies the growing cache out to numpy and back.
+    def start(self, ids: np.ndarray):
+        """Prefill: ids (1, T) -> (logits (1, T, V) numpy, cache as OrtValues, cache length)."""
+        past = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.empty_past(1).items()}
+        return self._bound(np.asarray(ids, dtype=np.int64), past, 0)
+
+    def step(self, ids: np.ndarray, past: dict, p: int):
+        """One decode step on an OrtValue cache of length p -> (logits, cache, p + T)."""
+        return self._bound(np.asarray(ids, dtype=np.int64), past, p)
+
+    def _bound(self, ids: np.ndarray, past: dict, p: int):
+        b, t = ids.shape
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        if "attention_mask" in self.input_names:
+            io.bind_cpu_input("attention_mask", np.ones((b, p + t), dtype=np.int64))
+        if "position_ids" in self.input_names:
+            io.bind_cpu_input("position_ids", np.arange(p, p + t, dtype=np.int64)[None, :].repeat(b, 0))
+        for n, v in past.items():
+            io.bind_ortvalue_input(n, v)
+        for n in self.output_names:
+            io.bind_output(n, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return outs[0].numpy(), dict(zip(self.past_names, outs[1:])), p + t
+
+
 def _layer_order(name: str):
     # past_key_values.{i}.key / .value: numeric layer order, key before value
     _, i, kv = name.split(".")
@@ -113,14 +142,14 @@ def perplexity(lm: CausalLM, windows: list[list[int]], bos: int | None,
 
 def greedy(lm: CausalLM, prompt: list[int], new_tokens: int, eos: int | None = None) -> list[int]:
     """Greedy continuation with the KV cache: the prompt once, then one token per step."""
-    logits, past = lm.forward(np.array([prompt], dtype=np.int64))
+    logits, past, p = lm.start(np.array([prompt], dtype=np.int64))
     out = []
     for _ in range(new_tokens):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        if nxt == eos:
+        if nxt == eos or len(out) == new_tokens:
             break
-        logits, past = lm.forward(np.array([[nxt]], dtype=np.int64), past)
+        logits, past, p = lm.step(np.array([[nxt]], dtype=np.int64), past, p)
     return out
 
 
@@ -134,11 +163,11 @@ def decode_speed(lm: CausalLM, prompt: list[int], new_tokens: int, repeats: int,
         if check_cancel:
             check_cancel()
         t0 = time.perf_counter()
-        logits, past = lm.forward(ids)
+        logits, past, p = lm.start(ids)
         t1 = time.perf_counter()
         nxt = logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            logits, past = lm.forward(nxt, past)
+            logits, past, p = lm.step(nxt, past, p)
             nxt = logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
         if r:  # the first run warms up
