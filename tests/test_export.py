@@ -368,3 +368,16 @@ def test_cli_exits_1_when_verification_fails(tiny_model, short_text, home, tmp_p
                      "--repeats", "1", "--json", "-q"])
     res = json.loads(capsys.readouterr().out)
     assert code == 1 and res["ok"] is False and "off the torch model's" in res["failure"]
+
+
+def test_a_pruned_export_says_the_zeros_are_dense_in_onnx_and_shows_the_zipped_size(tiny_model, tiny_eval, home,
+                                                                                     tmp_path):
+    spec = JobSpec(model=tiny_model, kind="export", eval=tiny_eval,
+                   recipe={"steps": [{"technique": "magnitude_prune", "sparsity": 0.6}]},
+                   export={"out": str(tmp_path / "sparse"), "quantize": None})
+    rec = run_inline(spec)
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["zero_fraction"] == pytest.approx(0.6, abs=0.02)
+    assert "do not exploit unstructured sparsity" in r["note"]
+    assert r["zip_size_bytes"] < 0.8 * r["size_bytes"]  # the zeros compress; the ONNX file keeps them dense

@@ -145,5 +145,7 @@ def describe(e: dict) -> str:
              if r.get("size_bytes") and r.get("fp32_size_bytes") and q != "fp32" else ""),
         ))
     path = f"<br>path: {html.escape(r['quant_path'])}" if r.get("quant_path") else ""
+    if r.get("note"):
+        path += f"<br>{html.escape(r['note'])}"
     return (f"{head}<table cellspacing=4><tr><th></th><th align=right>ONNX</th><th align=right>torch</th><th></th></tr>"
             f"{cells}</table><span style='color:gray'>{html.escape(str(r.get('path') or ''))}{path}</span>")
