@@ -4,6 +4,7 @@ random Llama so it takes seconds):
     QT_QPA_PLATFORM=offscreen .venv/bin/python docs/screens.py export
 
 export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
+compare: side-by-side generation of the baseline and an rtn 3-bit variant, tokens coloured by KL.
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def wait(app, cond, timeout=300):
     app.processEvents()
 
 
-def export_screen() -> Path:
+def window_with_run(steps: list):
+    """A shown window on the tiny model with its baseline and one run of `steps` done."""
     from PySide6.QtWidgets import QApplication
 
+    from core.recipe import from_data
     from gui.main_window import MainWindow
 
     app = QApplication.instance() or QApplication([])
@@ -58,12 +61,14 @@ def export_screen() -> Path:
     w.show()
     idle = lambda: not w.client.running and not w.queue  # noqa: E731
     wait(app, lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows) and idle())
-    from core.recipe import from_data
-    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 4, "group_size": 64}]}))
+    w.techniques.set_recipe(from_data({"steps": steps}))
     w.run()
-    wait(app, lambda: idle() and any(r["label"].startswith("rtn") and r["status"] == "done"
-                                     for r in w.table.results.rows))
-    rtn = next(r for r in w.table.results.rows if r["label"].startswith("rtn"))
+    wait(app, lambda: idle() and any(not r["baseline"] and r["status"] == "done" for r in w.table.results.rows))
+    return app, w, idle, next(r for r in w.table.results.rows if not r["baseline"])
+
+
+def export_screen() -> Path:
+    app, w, idle, rtn = window_with_run([{"technique": "rtn", "bits": 4, "group_size": 64}])
     w.table.select_id(rtn["id"])
     w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData("int4"))
     w.export_selected(None, "int4")
@@ -76,7 +81,19 @@ def export_screen() -> Path:
     return f
 
 
+def compare_screen() -> Path:
+    app, w, idle, run = window_with_run([{"technique": "rtn", "bits": 3, "group_size": 0}])
+    cv = w.compare_view
+    cv.prompt.setText("The history of the tower")
+    cv.new_tokens.setValue(40)
+    cv._clicked()
+    wait(app, idle)
+    f = OUT / "side-by-side.png"
+    w.grab().save(str(f))
+    return f
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["export"]
+    which = sys.argv[1:] or ["export", "compare"]
     for name in which:
-        print({"export": export_screen}[name]())
+        print({"export": export_screen, "compare": compare_screen}[name]())

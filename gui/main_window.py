@@ -12,7 +12,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
-                               QProgressBar, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget)
+                               QProgressBar, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from core import models, paths
 from core import recipe as recipes
@@ -22,6 +22,7 @@ from core.ledger import Ledger
 from core.results import fmt_duration, fmt_ppl, table_rows
 
 from .widgets.eval_panel import EvalPanel
+from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
 from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
@@ -177,8 +178,13 @@ class MainWindow(QMainWindow):
         self.plot.point_clicked.connect(self._point_clicked)
         self.export_panel = ExportPanel()
         self.export_panel.export.connect(self._export_clicked)
+        self.compare_view = CompareView()
+        self.compare_view.compare.connect(self.compare)
+        self.views = QTabWidget()
+        self.views.addTab(self.plot, "Trade-off")
+        self.views.addTab(self.compare_view, "Side by side")
         bottom = QSplitter(Qt.Horizontal)
-        bottom.addWidget(self.plot)
+        bottom.addWidget(self.views)
         bottom.addWidget(self.export_panel)
         bottom.setStretchFactor(0, 1)
         bottom.setStretchFactor(1, 0)
@@ -368,6 +374,27 @@ class MainWindow(QMainWindow):
         self._next()
         return spec
 
+    def compare(self, reference_id: str, variant_id: str, prompt: str, new_tokens: int = 32) -> JobSpec | None:
+        """Side-by-side generation of two finished runs, in the worker."""
+        rows = {r["id"]: r for r in self.table.results.rows}
+        ref, var = rows.get(reference_id), rows.get(variant_id)
+        if not (ref and var):
+            self.say("Pick two finished runs to compare.", error=True)
+            return None
+        if not prompt.strip():
+            self.say("Type a prompt for both models to continue.", error=True)
+            return None
+        if self.client.running:
+            self.say("Wait for the running job to finish.", error=True)
+            return None
+        spec = JobSpec(self.model, kind="compare", eval=ref["eval"] or self.eval_panel.settings().to_dict(),
+                       compare={"prompt": prompt, "new_tokens": new_tokens,
+                                "reference": {"label": ref["label"], "variant_dir": ref["variant_dir"]},
+                                "variant": {"label": var["label"], "variant_dir": var["variant_dir"]}})
+        self.queue.append(spec)
+        self._next()
+        return spec
+
     def _export_clicked(self, out: str, quantize, opset) -> None:
         self.export_selected(out or None, quantize, opset)
 
@@ -382,7 +409,8 @@ class MainWindow(QMainWindow):
             self.queue.clear()
             return
         self.current = spec
-        what = "Export" if spec.kind == "export" else ("Baseline" if not spec.recipe.get("steps") else "Run")
+        what = {"export": "Export", "compare": "Side by side"}.get(spec.kind) or (
+            "Baseline" if not spec.recipe.get("steps") else "Run")
         if what == "Baseline":
             self.say("Measuring the baseline of this model once (cached for these eval settings)…")
         self._log(f"— {what}: {spec.model} · {recipes.from_data(spec.recipe).label()} (job {spec.job_id})")
@@ -421,7 +449,12 @@ class MainWindow(QMainWindow):
 
     def _on_result(self, e: dict) -> None:
         p = e.get("payload") or {}
-        if self.current and self.current.kind == "export":
+        if self.current and self.current.kind == "compare":
+            self.compare_view.show_result(p)
+            self.views.setCurrentWidget(self.compare_view)
+            self.say(f"Side by side: mean KL {p.get('mean_kl', 0):.3f}"
+                     + ("" if p.get("first_diff") is None else f", first difference at token {p['first_diff'] + 1}"))
+        elif self.current and self.current.kind == "export":
             self.say("Export verified." if p.get("ok", True) else f"Export failed verification: {p.get('failure')}",
                      error=not p.get("ok", True))
         else:
@@ -433,7 +466,7 @@ class MainWindow(QMainWindow):
         self.stage_label.setText("idle")
         self._busy(False)
         self.refresh()
-        if done is not None:
+        if done is not None and done.kind != "compare":
             self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
         if self.model_panel.info is not None and self.model_panel.info.params is None:
             self.model_panel.refresh_facts()  # the first job converted the model
@@ -447,6 +480,7 @@ class MainWindow(QMainWindow):
         rows = table_rows(self.runs)
         self.table.set_rows(rows, self.eval_key)
         self.plot.set_rows(rows, self.eval_key)
+        self.compare_view.set_rows(rows)
         self._row_selected(self.table.selected_id())
 
     def _row_selected(self, run_id: str) -> None:

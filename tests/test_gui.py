@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QPointF, Qt
+from PySide6.QtCore import QPointF, Qt, QUrl
 
 from core.ledger import Ledger
 from gui.main_window import MainWindow
@@ -352,3 +352,29 @@ def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot)
     g.setChecked(True)
     assert g.body.isVisible() and g.editors["bits"].isVisible()
     assert panel.recipe_data()["steps"][0]["technique"] == "gptq"
+
+
+def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_window):
+    from core.recipe import from_data
+    w = open_window()
+    wait_baseline(qtbot, w)
+    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 2, "group_size": 0}]}))
+    w.run()
+    wait_idle(qtbot, w)
+    rows = rows_by_label(w)
+    variant = next(r for label, r in rows.items() if label.startswith("rtn"))
+    cv = w.compare_view
+    assert cv.reference.currentData() == rows["baseline"]["id"] and cv.variant.currentData() == variant["id"]
+    cv.prompt.setText("The tower is")
+    cv.new_tokens.setValue(6)
+    qtbot.mouseClick(cv.button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    r = cv.result
+    assert r is not None and len(r["reference"]["ids"]) == len(r["variant"]["ids"]) == 6
+    assert w.views.currentWidget() is cv
+    assert "baseline" in cv.ref_out.toPlainText() and "The tower is" in cv.var_out.toPlainText()
+    assert "mean KL" in cv.var_out.toPlainText() and r["mean_kl"] > 0
+    assert cv.var_out.toHtml().count("background-color") >= 6  # every variant token coloured
+    cv.var_out.anchorClicked.emit(QUrl("tok:2"))  # a click on the third token: both models' top-5 there
+    assert "reference" in cv.top.text() and "variant" in cv.top.text() and cv.top.text().count("%") >= 10
+    assert all(row["kind"] != "compare" or row["status"] == "done" for row in Ledger().rows())

@@ -19,16 +19,20 @@ from .spec import JobSpec
 
 EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
 EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
+COMPARE_WEIGHTS = {"load": 0.4, "generate": 0.6}
+WEIGHTS = {"eval": EVAL_WEIGHTS, "export": EXPORT_WEIGHTS, "compare": COMPARE_WEIGHTS}
 
 
 def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[], bool] = lambda: False) -> None:
-    em = Emitter(sink, spec.job_id, EVAL_WEIGHTS if spec.kind == "eval" else EXPORT_WEIGHTS)
+    em = Emitter(sink, spec.job_id, WEIGHTS.get(spec.kind, EVAL_WEIGHTS))
     em.started()
     try:
         if spec.kind == "eval":
             payload = evaluate_job(spec, em, cancelled)
         elif spec.kind == "export":
             payload = export_job(spec, em, cancelled)
+        elif spec.kind == "compare":
+            payload = compare_job(spec, em, cancelled)
         else:
             raise SqueezeError(f"unknown job kind {spec.kind!r}")
         em.result(payload)
@@ -167,6 +171,33 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
                ppl_torch=torch_numbers["ppl"], decode_tokens_per_s_torch=torch_numbers["decode_tokens_per_s"],
                prefill_tokens_per_s_torch=torch_numbers["prefill_tokens_per_s"],
                peak_rss_bytes=ev.peak_rss_bytes(), seconds=round(time.perf_counter() - t0, 2))
+    return res
+
+
+def compare_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
+    """Side-by-side generation of two runs' models (a saved variant, or the base model)."""
+    from ..compare import side_by_side
+    check = _checker(cancelled)
+    c = dict(spec.compare or {})
+    if not (c.get("prompt") or "").strip():
+        raise SqueezeError("type a prompt to compare the two models on")
+    loaded = {}
+    for i, side in enumerate(("reference", "variant")):
+        d = (c.get(side) or {}).get("variant_dir")
+        em.progress("load", i / 2, side)
+        if d and Path(d, "squeeze.json").is_file():
+            loaded[side] = load_variant(Path(d))
+        elif d:
+            raise SqueezeError(f"the {side}'s saved variant is gone ({d}); run it again")
+        else:
+            model, tok, _ = models.load(spec.model)
+            loaded[side] = (model, tok)
+        check()
+    em.progress("generate", 0.0, "both models, greedy")
+    res = side_by_side(loaded["reference"][0], loaded["variant"][0], loaded["reference"][1], c["prompt"],
+                       int(c.get("new_tokens") or 32), check)
+    em.progress("generate", 1.0)
+    res["labels"] = {s: (c.get(s) or {}).get("label") for s in ("reference", "variant")}
     return res
 
 

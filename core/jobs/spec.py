@@ -12,8 +12,9 @@ class JobSpec:
     model: str
     recipe: dict = field(default_factory=lambda: {"steps": []})
     eval: dict = field(default_factory=lambda: EvalSettings().to_dict())
-    kind: str = "eval"                 # eval | export
-    export: dict | None = None         # {"out": dir, "quantize": None|"int8", "opset": int|None}
+    kind: str = "eval"                 # eval | export | compare
+    export: dict | None = None         # {"out": dir, "quantize": None|"int8"|"int4", "opset": int|None}
+    compare: dict | None = None        # {"prompt", "new_tokens", "reference"/"variant": {"label", "variant_dir"}}
     parent_id: str | None = None       # export: the eval run whose variant is exported
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     evaluate: bool = True              # eval jobs: measure (False = only build and save the variant)
