@@ -216,3 +216,38 @@ def trade_off(rows: list[dict], axis: str = "size", eval_key: str | None = None)
            if r["status"] == "done" and r.get("ppl") is not None and r.get(key) is not None
            and (eval_key is None or r["eval_key"] == eval_key)]
     return pts, pareto_front([(p["id"], p["x"], p["y"]) for p in pts], lower)
+
+
+# ---------------------------------------------------------------- recommendation
+
+TARGETS = {
+    # kind -> (what the user bounds, row key, unit, bound is a maximum)
+    "size": ("size on disk", "size_bytes", "MB", True),
+    "decode": ("decode speed", "decode_tokens_per_s", "tok/s", False),
+    "delta_ppl": ("perplexity change", "delta_ppl_pct", "%", True),
+}
+
+
+def recommend(rows: list[dict], kind: str, bound: float, eval_key: str | None = None) -> tuple[dict | None, str]:
+    """The row to ship for a target: of the finished rows that meet `bound` (size ≤ MB, decode ≥
+    tok/s, or Δppl ≤ %), the best on the other axis — lowest perplexity for a size or speed
+    target, smallest file for a quality target. -> (row or None, one sentence saying why)."""
+    what, key, unit, is_max = TARGETS[kind]
+    scale = MB if kind == "size" else 1.0
+    done = [r for r in rows if r["status"] == "done" and r.get("ppl") is not None and r.get(key) is not None
+            and (eval_key is None or r.get("eval_key") == eval_key)]
+    ok = [r for r in done if (r[key] / scale <= bound if is_max else r[key] / scale >= bound)]
+    if not ok:
+        closest = (min if is_max else max)(done, key=lambda r: r[key], default=None)
+        near = f"; the closest is {closest['label']} at {closest[key] / scale:,.1f} {unit}" if closest else ""
+        return None, f"No run has {what} {'≤' if is_max else '≥'} {bound:g} {unit}{near}."
+    if kind == "delta_ppl":
+        best = min(ok, key=lambda r: (r["size_bytes"] or float("inf"), r["ppl"]))
+        why = (f"{best['label']} is the smallest file ({fmt_mb(best['size_bytes'])} MB) of the {len(ok)} runs "
+               f"within {bound:g} % perplexity of the baseline ({fmt_pct(best['delta_ppl_pct'])}).")
+    else:
+        best = min(ok, key=lambda r: (r["ppl"], r["size_bytes"] or 0))
+        why = (f"{best['label']} has the lowest perplexity ({fmt_ppl(best['ppl'])}, {fmt_pct(best['delta_ppl_pct'])}) "
+               f"of the {len(ok)} runs with {what} {'≤' if is_max else '≥'} {bound:g} {unit} "
+               f"({best[key] / scale:,.1f} {unit}).")
+    return best, why

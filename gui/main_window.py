@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
+from PySide6.QtWidgets import (QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
                                QProgressBar, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from core import models, paths
@@ -19,7 +19,7 @@ from core import recipe as recipes
 from core.errors import SqueezeError
 from core.jobs.spec import JobSpec
 from core.ledger import Ledger
-from core.results import fmt_duration, fmt_ppl, table_rows
+from core.results import TARGETS, fmt_duration, fmt_ppl, recommend, table_rows
 
 from .widgets.eval_panel import EvalPanel
 from .widgets.compare_view import CompareView
@@ -194,7 +194,26 @@ class MainWindow(QMainWindow):
         tl = QVBoxLayout(table_box)
         tl.setContentsMargins(0, 0, 0, 0)
         self.results_title = QLabel("<b>Results</b>")
-        tl.addWidget(self.results_title)
+        head = QHBoxLayout()
+        head.addWidget(self.results_title, 1)
+        head.addWidget(QLabel("recommend for"))
+        self.target_kind = QComboBox()
+        for kind, (what, _, unit, is_max) in TARGETS.items():
+            self.target_kind.addItem(f"{what} {'≤' if is_max else '≥'} ({unit})", kind)
+        self.target_value = QDoubleSpinBox()
+        self.target_value.setRange(0.0, 1e6)
+        self.target_value.setDecimals(2)
+        self.target_value.setValue(200.0)
+        self.recommend_button = QPushButton("Recommend")
+        self.recommend_button.setToolTip("Select the run to ship for this target, and say why")
+        self.recommend_button.clicked.connect(self.recommend)
+        for wdg in (self.target_kind, self.target_value, self.recommend_button):
+            head.addWidget(wdg)
+        tl.addLayout(head)
+        self.recommendation = QLabel()
+        self.recommendation.setWordWrap(True)
+        self.recommendation.hide()
+        tl.addWidget(self.recommendation)
         tl.addWidget(self.table)
         right.addWidget(table_box)
         right.addWidget(bottom)
@@ -394,6 +413,16 @@ class MainWindow(QMainWindow):
         self.queue.append(spec)
         self._next()
         return spec
+
+    def recommend(self) -> dict | None:
+        """Selects the run that best meets the target (table and plot) and says why in one line."""
+        best, why = recommend(self.table.results.rows, self.target_kind.currentData(), self.target_value.value(),
+                              self.eval_key)
+        self.recommendation.setText(("✔ " if best else "✘ ") + why)
+        self.recommendation.show()
+        if best:
+            self.table.select_id(best["id"])
+        return best
 
     def _export_clicked(self, out: str, quantize, opset) -> None:
         self.export_selected(out or None, quantize, opset)

@@ -378,3 +378,22 @@ def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_w
     cv.var_out.anchorClicked.emit(QUrl("tok:2"))  # a click on the third token: both models' top-5 there
     assert "reference" in cv.top.text() and "variant" in cv.top.text() and cv.top.text().count("%") >= 10
     assert all(row["kind"] != "compare" or row["status"] == "done" for row in Ledger().rows())
+
+
+def test_recommend_selects_the_run_to_ship_and_says_why(qtbot, open_window):
+    from core.recipe import from_data
+    w = open_window()
+    wait_baseline(qtbot, w)
+    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]}))
+    w.run()
+    wait_idle(qtbot, w)
+    rows = rows_by_label(w)
+    small = next(r for label, r in rows.items() if label.startswith("rtn"))
+    w.target_kind.setCurrentIndex(w.target_kind.findData("size"))
+    import math
+    w.target_value.setValue(math.ceil(small["size_bytes"] / 1e4 + 1) / 100)  # only the int8 run fits
+    qtbot.mouseClick(w.recommend_button, Qt.LeftButton)
+    assert w.table.selected_id() == small["id"] and w.recommendation.text().startswith("✔ rtn")
+    w.target_value.setValue(0.01)
+    qtbot.mouseClick(w.recommend_button, Qt.LeftButton)
+    assert w.recommendation.text().startswith("✘ No run has size on disk ≤ 0.01 MB")

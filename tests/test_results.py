@@ -90,3 +90,21 @@ def test_formatting():
     row = results.table_rows([run("base", ppl=20.0, size_bytes=100)])[0]
     assert [results.cell(row, c) for c in results.COLUMNS][:3] == ["done", "base", "20.000"]
     assert results.fmt_eval({"text": "/a/b/wiki.txt", "max_tokens": 512, "context": 128}) == "wiki.txt 512 tok × 128"
+
+
+def _row(i, label, ppl, size_mb, decode, delta):
+    return {"id": i, "label": label, "status": "done", "ppl": ppl, "size_bytes": size_mb * 1e6,
+            "decode_tokens_per_s": decode, "delta_ppl_pct": delta, "eval_key": "k"}
+
+
+def test_recommend_picks_the_best_row_that_meets_the_target_and_says_why():
+    rows = [_row("b", "baseline", 20.0, 500, 10, 0.0), _row("q8", "rtn 8", 20.1, 140, 12, 0.5),
+            _row("q4", "gptq 4", 21.5, 90, 14, 7.5), _row("q2", "rtn 2", 90.0, 60, 15, 350.0)]
+    best, why = results.recommend(rows, "size", 100)
+    assert best["id"] == "q4" and "lowest perplexity" in why and "≤ 100 MB" in why
+    best, why = results.recommend(rows, "delta_ppl", 1.0)
+    assert best["id"] == "q8" and "smallest file" in why
+    best, why = results.recommend(rows, "decode", 11)
+    assert best["id"] == "q8"
+    best, why = results.recommend(rows, "size", 10)
+    assert best is None and "No run has size on disk ≤ 10 MB" in why and "rtn 2 at 60.0 MB" in why
