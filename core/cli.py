@@ -169,6 +169,17 @@ def cmd_runs(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .ledger import Ledger
+    from .report import write
+    runs = Ledger().rows(a.model)
+    if not runs:
+        raise SqueezeError("the ledger has no runs" + (f" of {a.model}" if a.model else "") + "; run something first")
+    out = write(Path(a.out).expanduser(), runs)
+    print(f"wrote {out} ({len(runs)} ledger rows)")
+    return 0
+
+
 def cmd_recipe(a) -> int:
     from . import recipe as rc
     r = rc.load(a.file)
@@ -221,6 +232,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--new-tokens", type=int, default=40)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_generate)
+    sp = sub.add_parser("report", help="the study as one offline HTML file (or the ledger as .csv / .json)")
+    sp.add_argument("out", help="study.html, runs.csv or runs.json")
+    sp.add_argument("--model", help="only this model's runs")
+    sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("runs", help="the ledger's rows")
     sp.add_argument("--model")
     common(sp, evals=False)

@@ -243,6 +243,7 @@ class MainWindow(QMainWindow):
                                 ("Open .&gguf…", self.model_panel.pick_gguf, None),
                                 ("&Open recipe…", self.open_recipe, QKeySequence.Open),
                                 ("&Save recipe…", self.save_recipe, QKeySequence.Save),
+                                ("Export &report…", self.save_report, "Ctrl+Shift+R"),
                                 ("&Quit", self.close, QKeySequence.Quit)):
             a = QAction(text, self)
             a.triggered.connect(slot)
@@ -413,6 +414,22 @@ class MainWindow(QMainWindow):
         self.queue.append(spec)
         self._next()
         return spec
+
+    def save_report(self, path: str | None = None) -> str | None:
+        """The study (this model's runs) as one offline HTML file, or the ledger as CSV / JSON."""
+        from core.report import write
+        if not path:
+            path, _ = QFileDialog.getSaveFileName(self, "Export the study", str(paths.workspace_dir() / "study.html"),
+                                                  "HTML report (*.html);;CSV (*.csv);;JSON (*.json)")
+        if not path:
+            return None
+        try:
+            write(Path(path), self.runs)
+        except (OSError, SqueezeError) as e:
+            self.say(f"cannot write the report: {e}", error=True)
+            return None
+        self.say(f"Report written to {path}")
+        return path
 
     def recommend(self) -> dict | None:
         """Selects the run that best meets the target (table and plot) and says why in one line."""

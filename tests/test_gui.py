@@ -380,7 +380,7 @@ def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_w
     assert all(row["kind"] != "compare" or row["status"] == "done" for row in Ledger().rows())
 
 
-def test_recommend_selects_the_run_to_ship_and_says_why(qtbot, open_window):
+def test_recommend_selects_the_run_to_ship_and_says_why_and_the_study_exports(qtbot, open_window, tmp_path):
     from core.recipe import from_data
     w = open_window()
     wait_baseline(qtbot, w)
@@ -397,3 +397,6 @@ def test_recommend_selects_the_run_to_ship_and_says_why(qtbot, open_window):
     w.target_value.setValue(0.01)
     qtbot.mouseClick(w.recommend_button, Qt.LeftButton)
     assert w.recommendation.text().startswith("✘ No run has size on disk ≤ 0.01 MB")
+    page = w.save_report(str(tmp_path / "study.html"))  # File → Export report…
+    assert page and "<svg" in Path(page).read_text() and small["label"] in Path(page).read_text()
+    assert w.save_report(str(tmp_path / "study.pdf")) is None and "use .html, .csv or .json" in w.message.text()
