@@ -96,6 +96,9 @@ def main(argv=None) -> int:
             screenshot(window, app, shot)
             window.close()
             return 0
+        from . import crash
+        crash.install()  # log file, faulthandler, error dialog instead of a silent exit
+        crash.log.info("squeeze-studio %s starting", version())
         window = MainWindow(model=args.model)
         window.show()
         return app.exec()

@@ -22,6 +22,7 @@ from core.ledger import Ledger
 from core.results import TARGETS, fmt_duration, fmt_ppl, recommend, table_rows
 
 from .widgets.eval_panel import EvalPanel
+from .crash import log as crash_log
 from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
 from .widgets.loss_curve import LossCurve
@@ -492,6 +493,7 @@ class MainWindow(QMainWindow):
 
     def _log(self, text: str) -> None:
         self.logs.appendPlainText(text.rstrip())
+        crash_log.info("%s", text.rstrip())  # the dock live, the log file for later
 
     def _on_result(self, e: dict) -> None:
         p = e.get("payload") or {}

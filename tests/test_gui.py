@@ -400,3 +400,24 @@ def test_recommend_selects_the_run_to_ship_and_says_why_and_the_study_exports(qt
     page = w.save_report(str(tmp_path / "study.html"))  # File → Export report…
     assert page and "<svg" in Path(page).read_text() and small["label"] in Path(page).read_text()
     assert w.save_report(str(tmp_path / "study.pdf")) is None and "use .html, .csv or .json" in w.message.text()
+
+
+def test_an_unhandled_error_shows_a_dialog_with_copyable_details_and_is_logged(qtbot, home):
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    from gui import crash
+    f = crash.setup_logging(faults=False)  # (pytest keeps its own faulthandler)
+    try:
+        raise RuntimeError("injected for the test")
+    except RuntimeError:
+        box = crash.show_error(*sys.exc_info())
+    assert isinstance(box, QMessageBox) and box.isVisible()
+    assert "RuntimeError: injected for the test" in box.text() and "Traceback" in box.detailedText()
+    copy = next(b for b in box.buttons() if b.text() == "Copy details")
+    copy.click()
+    assert "injected for the test" in QApplication.clipboard().text() and box.isVisible()
+    assert "injected for the test" in f.read_text()
+    box.close()
+    for h in [h for h in crash.log.handlers if getattr(h, "baseFilename", "") == str(f)]:
+        crash.log.removeHandler(h)
+        h.close()
