@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -63,26 +62,6 @@ def _svg_plot(points: list[dict], front: list, x_label: str, log_x: bool = False
     return "".join(out)
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for pkg in ("squeeze-studio", "torch", "transformers", "optimum-onnx", "onnxruntime", "PySide6-Essentials"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _machine() -> dict:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return {"system": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
-            "processor": platform.processor() or "?", "cores": cores}
-
-
 def _yaml(recipe: dict) -> str:
     import yaml
     return yaml.safe_dump(recipe, sort_keys=False).strip()
@@ -104,7 +83,8 @@ def html_report(runs: list[dict], title: str = "Squeeze Studio study") -> str:
         f"<h3>{html.escape(r['label'])}</h3><p class=meta>{html.escape(r['model'])} · {html.escape(fmt_eval(r['eval']))}"
         f" · {r['status']}</p><pre>{html.escape(_yaml(r['recipe']))}</pre>"
         for r in rows if not r["baseline"] and not r.get("export"))
-    info = {**{f"machine: {k}": v for k, v in _machine().items()}, **{f"version: {k}": v for k, v in _versions().items()}}
+    from .about import machine, versions
+    info = {**{f"machine: {k}": v for k, v in machine().items()}, **{f"version: {k}": v for k, v in versions().items()}}
     info_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
     models = sorted({r["model"] for r in rows})
     return f"""<!DOCTYPE html>

@@ -35,6 +35,8 @@ def parse(argv):
     p.add_argument("--screenshot", metavar="FILE.png", help="render the main window to FILE.png and exit "
                    "(default model: the bundled one; starts no job)")
     p.add_argument("--version", action="version", version=f"squeeze-studio {version()}")
+    p.add_argument("--info", action="store_true", help="print versions, folders, machine and model cache as JSON "
+                   "and exit")
     return p.parse_args(argv)
 
 
@@ -76,6 +78,12 @@ def screenshot(window, app, out_path) -> None:
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.info:
+        import json
+
+        from core import about
+        print(json.dumps(about.info(), indent=2))
+        return 0
     try:
         shot = check_png(args.screenshot) if args.screenshot else None
         from PySide6.QtWidgets import QApplication

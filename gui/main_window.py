@@ -252,6 +252,9 @@ class MainWindow(QMainWindow):
                 a.setShortcut(key)
             m.addAction(a)
         self.menuBar().addMenu("&View").addAction(self.log_dock.toggleViewAction())
+        about_action = QAction("&About Squeeze Studio", self)
+        about_action.triggered.connect(self.show_about)
+        self.menuBar().addMenu("&Help").addAction(about_action)
         self._recipe_changed()
 
     # ------------------------------------------------------------------ messages
@@ -415,6 +418,12 @@ class MainWindow(QMainWindow):
         self.queue.append(spec)
         self._next()
         return spec
+
+    def show_about(self):
+        from .widgets.about import AboutDialog
+        self.about_dialog = AboutDialog(self)
+        self.about_dialog.open()
+        return self.about_dialog
 
     def save_report(self, path: str | None = None) -> str | None:
         """The study (this model's runs) as one offline HTML file, or the ledger as CSV / JSON."""

@@ -2,6 +2,7 @@
 fast eval settings and a fresh SQUEEZE_HOME. Jobs run in the real worker process."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -421,3 +422,17 @@ def test_an_unhandled_error_shows_a_dialog_with_copyable_details_and_is_logged(q
     for h in [h for h in crash.log.handlers if getattr(h, "baseFilename", "") == str(f)]:
         crash.log.removeHandler(h)
         h.close()
+
+
+def test_about_lists_versions_and_the_shipped_licenses_and_info_prints_json(qtbot, open_window, home):
+    w = open_window()
+    d = w.show_about()
+    qtbot.waitExposed(d)
+    text = d.text.toPlainText()
+    assert "Squeeze Studio" in text and "torch" in text and "onnxruntime" in text
+    assert "CC BY-SA 3.0" in text and "Apache-2.0" in text and "SmolLM2" in text  # the data's and the model's
+    d.close()
+    r = _studio("--info", env_home=home)
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and info["versions"]["torch"].startswith("2.13")
+    assert str(home) in info["folders"]["data (ledger, settings, logs)"] and info["machine"]["cores"] >= 1
