@@ -5,6 +5,7 @@ random Llama so it takes seconds):
 
 export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
 compare: side-by-side generation of the baseline and an rtn 3-bit variant, tokens coloured by KL.
+themes: the main window in light and dark mode (a tiny run and its int8 export in the table).
 """
 from __future__ import annotations
 
@@ -93,7 +94,21 @@ def compare_screen() -> Path:
     return f
 
 
+def themes_screen() -> Path:
+    app, w, idle, run = window_with_run([{"technique": "rtn", "bits": 4, "group_size": 64}])
+    w.table.select_id(run["id"])
+    w.export_selected(None, "int8")
+    wait(app, idle)
+    w.table.select_id(run["id"])
+    for mode in ("light", "dark"):
+        w.set_theme(mode)
+        for _ in range(5):
+            app.processEvents()
+        w.grab().save(str(OUT / f"main-{mode}.png"))
+    return OUT / "main-dark.png"
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["export", "compare"]
+    which = sys.argv[1:] or ["export", "compare", "themes"]
     for name in which:
-        print({"export": export_screen, "compare": compare_screen}[name]())
+        print({"export": export_screen, "compare": compare_screen, "themes": themes_screen}[name]())

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
+from PySide6.QtGui import QAction, QActionGroup, QKeySequence
+from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
                                QProgressBar, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from core import models, paths
@@ -22,6 +22,7 @@ from core.ledger import Ledger
 from core.results import TARGETS, fmt_duration, fmt_ppl, recommend, table_rows
 
 from .widgets.eval_panel import EvalPanel
+from . import theme
 from .crash import log as crash_log
 from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
@@ -63,6 +64,7 @@ class MainWindow(QMainWindow):
                  auto_baseline: bool = True, ledger: Ledger | None = None):
         super().__init__()
         self.setWindowTitle("Squeeze Studio")
+        self.setAcceptDrops(True)  # a model folder or .gguf dropped on the window opens it
         self.ledger = ledger or Ledger()
         self.ledger.mark_interrupted()  # runs left 'running' by an app that is gone
         self.store = Store()
@@ -251,7 +253,26 @@ class MainWindow(QMainWindow):
             if key is not None:
                 a.setShortcut(key)
             m.addAction(a)
-        self.menuBar().addMenu("&View").addAction(self.log_dock.toggleViewAction())
+        view = self.menuBar().addMenu("&View")
+        view.addAction(self.log_dock.toggleViewAction())
+        themes = view.addMenu("&Theme")
+        self.theme_actions = {}
+        group = QActionGroup(self)
+        for mode in theme.MODES:
+            a = QAction({"system": "Follow the &system", "light": "&Light", "dark": "&Dark"}[mode], self, checkable=True)
+            a.triggered.connect(lambda _=False, m=mode: self.set_theme(m))
+            group.addAction(a)
+            themes.addAction(a)
+            self.theme_actions[mode] = a
+        run_menu = self.menuBar().addMenu("&Run")
+        for text, slot, key in (("&Run the recipe", self.run, "Ctrl+Return"), ("&Cancel", self.cancel, "Ctrl+."),
+                                ("&Export the selected run", lambda: self.export_panel._export_clicked(), "Ctrl+E")):
+            a = QAction(text, self)
+            a.triggered.connect(slot)
+            a.setShortcut(key)
+            run_menu.addAction(a)
+        QApplication.instance().styleHints().colorSchemeChanged.connect(lambda *_: self.set_theme(self.theme))
+        self.set_theme(self.store.get("theme", "system"))
         about_action = QAction("&About Squeeze Studio", self)
         about_action.triggered.connect(self.show_about)
         self.menuBar().addMenu("&Help").addAction(about_action)
@@ -418,6 +439,34 @@ class MainWindow(QMainWindow):
         self.queue.append(spec)
         self._next()
         return spec
+
+    def set_theme(self, mode: str) -> None:
+        """Light, dark, or following the system (kept in the settings)."""
+        self.theme = mode if mode in theme.MODES else "system"
+        self.dark = theme.apply(QApplication.instance(), self.theme)
+        self.plot.set_dark(self.dark)
+        self.theme_actions[self.theme].setChecked(True)
+        self.store.set("theme", self.theme)
+
+    # drag a model folder or a .gguf file onto the window to open it
+    def dragEnterEvent(self, ev) -> None:
+        if self._dropped_model(ev.mimeData()):
+            ev.acceptProposedAction()
+
+    def dropEvent(self, ev) -> None:
+        path = self._dropped_model(ev.mimeData())
+        if path:
+            ev.acceptProposedAction()
+            self.model_panel.add_models([path])
+            self.set_model(path)
+
+    @staticmethod
+    def _dropped_model(mime) -> str | None:
+        urls = [u.toLocalFile() for u in mime.urls() if u.isLocalFile()] if mime.hasUrls() else []
+        if len(urls) != 1:
+            return None
+        p = Path(urls[0])
+        return str(p) if p.is_dir() or p.suffix.lower() == ".gguf" else None
 
     def show_about(self):
         from .widgets.about import AboutDialog

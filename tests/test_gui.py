@@ -436,3 +436,33 @@ def test_about_lists_versions_and_the_shipped_licenses_and_info_prints_json(qtbo
     info = json.loads(r.stdout)
     assert r.returncode == 0 and info["versions"]["torch"].startswith("2.13")
     assert str(home) in info["folders"]["data (ledger, settings, logs)"] and info["machine"]["cores"] >= 1
+
+
+def test_theme_override_and_window_settings_persist_across_restarts(qtbot, open_window, tiny_model):
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QApplication
+    w = open_window(auto_baseline=False)
+    w.theme_actions["dark"].trigger()
+    assert w.dark and QApplication.instance().palette().color(QPalette.Window).lightness() < 80
+    w.resize(1333, 888)
+    w.close()
+    w2 = open_window(auto_baseline=False)  # a restart: same settings file
+    assert w2.theme == "dark" and w2.theme_actions["dark"].isChecked()
+    assert w2.store.q.value("geometry") == w.saveGeometry()  # (offscreen clamps sizes to its screen)
+    assert w2.model == tiny_model
+    w2.theme_actions["light"].trigger()
+    assert not w2.dark and QApplication.instance().palette().color(QPalette.Window).lightness() > 180
+
+
+def test_dropping_a_model_folder_on_the_window_opens_it(qtbot, open_window, tiny_model, tmp_path):
+    from PySide6.QtCore import QMimeData, QPoint
+    from PySide6.QtGui import QDropEvent
+    w = open_window(model="bundled:smollm2-135m", auto_baseline=False)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(tiny_model)])
+    ev = QDropEvent(QPoint(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    w.dropEvent(ev)
+    assert w.model == tiny_model and w.model_panel.combo.currentData() == tiny_model
+    (tmp_path / "notes.txt").write_text("x")
+    mime.setUrls([QUrl.fromLocalFile(str(tmp_path / "notes.txt"))])
+    assert w._dropped_model(mime) is None  # not a model: not accepted

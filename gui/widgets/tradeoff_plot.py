@@ -82,6 +82,13 @@ class TradeoffPlot(QWidget):
         lay.addWidget(self.view, 1)
         self._redraw()
 
+    def set_dark(self, dark: bool) -> None:
+        """Plot colours for the app's light or dark palette."""
+        self.view.setBackground("#1e1f22" if dark else "w")
+        pi = self.view.getPlotItem()
+        for side in ("left", "bottom"):
+            pi.getAxis(side).setTextPen("#dfe1e5" if dark else "#333")
+
     def set_rows(self, rows: list[dict], eval_key: str | None) -> None:
         """Table rows (core.results.table_rows); only runs of `eval_key` are comparable."""
         self.rows, self.eval_key = rows, eval_key
