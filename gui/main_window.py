@@ -149,6 +149,11 @@ class MainWindow(QMainWindow):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        self.rerun_button = QPushButton("Re-run")
+        self.rerun_button.setToolTip("Run the selected interrupted, failed or cancelled run again (a distillation "
+                                     "resumes from its last checkpoint)")
+        self.rerun_button.setEnabled(False)
+        self.rerun_button.clicked.connect(self.rerun_selected)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setTextVisible(False)
@@ -162,6 +167,7 @@ class MainWindow(QMainWindow):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.rerun_button)
         buttons.addWidget(self.progress, 1)
         rbl.addLayout(buttons)
         rbl.addWidget(self.stage_label)
@@ -589,8 +595,24 @@ class MainWindow(QMainWindow):
         self.compare_view.set_rows(rows)
         self._row_selected(self.table.selected_id())
 
+    RERUNNABLE = ("interrupted", "failed", "cancelled")
+
+    def rerun_selected(self) -> JobSpec | None:
+        """One click: the selected run that did not finish, again, with its own recipe and eval settings."""
+        row = self.table.selected_row()
+        if not row or row["status"] not in self.RERUNNABLE or row.get("export"):
+            self.say("Select an interrupted, failed or cancelled run to run it again.", error=True)
+            return None
+        spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"] or self.eval_panel.settings().to_dict())
+        self.queue.append(spec)
+        self._next()
+        return spec
+
     def _row_selected(self, run_id: str) -> None:
         self.plot.select(run_id)
+        row = self.table.selected_row()
+        self.rerun_button.setEnabled(bool(row and row["status"] in self.RERUNNABLE and not row.get("export")
+                                          and not self.client.running))
         picked = next((r for r in self.runs if r["id"] == run_id), None)
         if picked and picked["kind"] == "export":  # an export's own row: its numbers
             export = picked

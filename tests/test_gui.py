@@ -251,8 +251,10 @@ def test_killing_the_worker_marks_the_run_failed_and_the_app_goes_on(qtbot, open
     assert "died" in w.message.text() and w.run_button.isEnabled()
     assert killed not in {p["id"] for p in w.plot.points}
 
-    # the window still works: the same recipe runs to the end
-    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    # the window still works: one click runs the failed run again, to the end
+    w.table.select_id(killed)
+    assert w.rerun_button.isEnabled()
+    qtbot.mouseClick(w.rerun_button, Qt.LeftButton)
     wait_idle(qtbot, w)
     done = [r for r in w.table.results.rows if r["label"].startswith("magnitude_prune") and r["status"] == "done"]
     assert len(done) == 1 and done[0]["nonzero_params"] < rows[base_id]["nonzero_params"]
@@ -466,3 +468,17 @@ def test_dropping_a_model_folder_on_the_window_opens_it(qtbot, open_window, tiny
     (tmp_path / "notes.txt").write_text("x")
     mime.setUrls([QUrl.fromLocalFile(str(tmp_path / "notes.txt"))])
     assert w._dropped_model(mime) is None  # not a model: not accepted
+
+
+def test_a_run_left_running_by_a_gone_app_shows_as_interrupted_and_reruns(qtbot, open_window, tiny_model, tiny_eval):
+    from core.jobs.spec import JobSpec
+    spec = JobSpec(tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]}, eval=tiny_eval)
+    Ledger().start(spec, pid=2**22 + 12345)  # a worker pid that no longer exists: the app crashed mid-run
+    w = open_window(auto_baseline=False)
+    rows = {r["id"]: r for r in w.table.results.rows}
+    assert rows[spec.job_id]["status"] == "interrupted"
+    w.table.select_id(spec.job_id)
+    qtbot.mouseClick(w.rerun_button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    again = [r for r in w.table.results.rows if r["label"] == rows[spec.job_id]["label"] and r["status"] == "done"]
+    assert len(again) == 1 and again[0]["ppl"] > 1
