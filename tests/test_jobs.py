@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import ROOT
 from core.jobs.client import WorkerJob, run_inline
 from core.jobs.spec import JobSpec
 from core.ledger import Ledger
@@ -95,3 +96,37 @@ def test_bad_input_fails_the_job_with_one_clear_message_and_writes_nothing(tiny_
     assert "\n" not in err[0]["message"]
     assert not list((home / "workspace").glob("variants/*"))
     assert Ledger().get(spec.job_id)["status"] == "failed"
+
+
+def test_killing_a_process_mid_write_leaves_the_ledger_readable_with_every_committed_row(home, tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+    code = """
+import sys, time
+from core.jobs.spec import JobSpec
+from core.ledger import Ledger
+led = Ledger()
+i = 0
+while True:
+    s = JobSpec("m", recipe={"steps": [{"technique": "rtn", "bits": 4, "pad": "x" * 20000}]})
+    led.start(s)
+    led.finish(s.job_id, "done", result={"ppl": float(i), "blob": "y" * 50000})
+    print(i, flush=True)
+    i += 1
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = 0
+    t0 = time.time()
+    while seen < 30 and time.time() - t0 < 60:  # let it commit some rows, then kill it mid-stream
+        p.stdout.readline()
+        seen += 1
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stdout.close()
+    rows = Ledger().rows()
+    assert len(rows) >= seen  # every row it reported committed is there ...
+    for r in rows:             # ... whole: a finished row has its full result
+        assert r["status"] in ("running", "done") and (r["status"] != "done" or len(r["result"]["blob"]) == 50000)
+    with sqlite3.connect(Ledger().path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
