@@ -35,6 +35,7 @@ def parse(argv):
     p.add_argument("--screenshot", metavar="FILE.png", help="render the main window to FILE.png and exit "
                    "(default model: the bundled one; starts no job)")
     p.add_argument("--version", action="version", version=f"squeeze-studio {version()}")
+    p.add_argument("--teach", action="store_true", help="open in teaching mode (explainers and the guided lab)")
     p.add_argument("--info", action="store_true", help="print versions, folders, machine and model cache as JSON "
                    "and exit")
     return p.parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
         app.setApplicationVersion(version())
         app.setWindowIcon(icon())
         if shot:
-            window = MainWindow(model=args.model or DEFAULT_MODEL, auto_baseline=False)
+            window = MainWindow(model=args.model or DEFAULT_MODEL, auto_baseline=False,
+                                teach=True if args.teach else None)
             window.resize(1440, 900)
             window.show()
             screenshot(window, app, shot)
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         from . import crash
         crash.install()  # log file, faulthandler, error dialog instead of a silent exit
         crash.log.info("squeeze-studio %s starting", version())
-        window = MainWindow(model=args.model)
+        window = MainWindow(model=args.model, teach=True if args.teach else None)
         window.show()
         return app.exec()
     except (SqueezeError, ValueError, OSError) as e:

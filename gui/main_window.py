@@ -26,6 +26,7 @@ from . import theme
 from .crash import log as crash_log
 from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
+from .widgets.teach import TeachPanel
 from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
 from .widgets.results_table import ResultsTable
@@ -61,7 +62,7 @@ def fmt_eta(eta) -> str:
 
 class MainWindow(QMainWindow):
     def __init__(self, model: str | None = None, eval_settings: dict | None = None,
-                 auto_baseline: bool = True, ledger: Ledger | None = None):
+                 auto_baseline: bool = True, ledger: Ledger | None = None, teach: bool | None = None):
         super().__init__()
         self.setWindowTitle("Squeeze Studio")
         self.setAcceptDrops(True)  # a model folder or .gguf dropped on the window opens it
@@ -95,6 +96,7 @@ class MainWindow(QMainWindow):
                                     + sorted({r["model"] for r in self.ledger.rows()}))
         self._update_eval_key()
         self.set_model(model or self.store.get("model") or models.DEFAULT_MODEL)
+        self.set_teaching(self.store.get("teach", False) if teach is None else teach)
         self.resize(1440, 900)
         geo = self.store.q.value("geometry")
         if geo is not None:
@@ -259,8 +261,23 @@ class MainWindow(QMainWindow):
             if key is not None:
                 a.setShortcut(key)
             m.addAction(a)
+        self.teach = TeachPanel(list(self.techniques.groups))
+        self.teach.larger_fonts.connect(self.set_larger_fonts)
+        for name, g in self.techniques.groups.items():  # the explainer follows the technique just ticked
+            g.toggled.connect(lambda on, n=name: on and self.teach.show_technique(n))
+        self.teach_dock = QDockWidget("Teaching mode", self)
+        self.teach_dock.setObjectName("teach")
+        self.teach_dock.setWidget(self.teach)
+        self.addDockWidget(Qt.RightDockWidgetArea, self.teach_dock)
+        self.teach_dock.hide()
+        self.teach_dock.visibilityChanged.connect(lambda on: self.teach_action.setChecked(on))
         view = self.menuBar().addMenu("&View")
         view.addAction(self.log_dock.toggleViewAction())
+        self.teach_action = QAction("&Teaching mode", self, checkable=True)
+        self.teach_action.setShortcut("Ctrl+T")
+        self.teach_action.setToolTip("Explainers per technique and a guided lab with a checklist")
+        self.teach_action.triggered.connect(self.set_teaching)
+        view.addAction(self.teach_action)
         themes = view.addMenu("&Theme")
         self.theme_actions = {}
         group = QActionGroup(self)
@@ -446,6 +463,23 @@ class MainWindow(QMainWindow):
         self._next()
         return spec
 
+    def set_teaching(self, on: bool) -> None:
+        """Teaching mode: the explainer and lab dock (kept in the settings)."""
+        self.teach_dock.setVisible(bool(on))
+        self.teach_action.setChecked(bool(on))
+        self.store.set("teach", bool(on))
+        if on:
+            self.teach.update_progress(self.ledger.rows())
+
+    def set_larger_fonts(self, on: bool) -> None:
+        app = QApplication.instance()
+        if not hasattr(self, "_base_font"):
+            self._base_font = app.font()
+        f = self._base_font.__class__(self._base_font)
+        if on:
+            f.setPointSizeF(self._base_font.pointSizeF() * 1.35)
+        app.setFont(f)
+
     def set_theme(self, mode: str) -> None:
         """Light, dark, or following the system (kept in the settings)."""
         self.theme = mode if mode in theme.MODES else "system"
@@ -593,6 +627,8 @@ class MainWindow(QMainWindow):
         self.table.set_rows(rows, self.eval_key)
         self.plot.set_rows(rows, self.eval_key)
         self.compare_view.set_rows(rows)
+        if hasattr(self, "teach") and self.teach_dock.isVisible():
+            self.teach.update_progress(self.ledger.rows())  # every model's runs count for the lab
         self._row_selected(self.table.selected_id())
 
     RERUNNABLE = ("interrupted", "failed", "cancelled")

@@ -482,3 +482,28 @@ def test_a_run_left_running_by_a_gone_app_shows_as_interrupted_and_reruns(qtbot,
     wait_idle(qtbot, w)
     again = [r for r in w.table.results.rows if r["label"] == rows[spec.job_id]["label"] and r["status"] == "done"]
     assert len(again) == 1 and again[0]["ppl"] > 1
+
+
+def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qtbot, open_window):
+    from PySide6.QtWidgets import QApplication
+    w = open_window(teach=True)
+    assert w.teach_dock.isVisible() and w.teach_action.isChecked()
+    wait_baseline(qtbot, w)
+    items = {w.teach.checklist.item(k).data(Qt.UserRole): w.teach.checklist.item(k) for k in range(7)}
+    assert items["baseline"].checkState() == Qt.Checked and items["int8"].checkState() == Qt.Unchecked
+    assert "Next: " in w.teach.hint.text() and "8-bit" in w.teach.hint.text()
+    w.techniques.groups["gptq"].setChecked(True)  # ticking a technique opens its explainer
+    assert w.teach.technique.currentData() == "gptq" and w.teach.text.toPlainText().startswith("gptq")
+    w.techniques.groups["gptq"].setChecked(False)
+    rtn = w.techniques.groups["rtn"]
+    rtn.setChecked(True)
+    rtn.editors["bits"].set_value(8)
+    w.run()
+    wait_idle(qtbot, w)
+    assert items["int8"].checkState() == Qt.Checked and "2 of 7 done" in w.teach.hint.text()
+    size = QApplication.instance().font().pointSizeF()
+    w.teach.fonts.setChecked(True)
+    assert QApplication.instance().font().pointSizeF() > 1.3 * size
+    w.teach.fonts.setChecked(False)
+    w.teach_action.trigger()  # off again, and remembered
+    assert not w.teach_dock.isVisible() and w.store.get("teach") is False
