@@ -5,6 +5,7 @@ random Llama so it takes seconds):
 
 export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
 compare: side-by-side generation of the baseline and an rtn 3-bit variant, tokens coloured by KL.
+weights: weight histogram before/after, integer codes used, bits and sparsity per layer (rtn 4-bit).
 themes: the main window in light and dark mode (a tiny run and its int8 export in the table).
 """
 from __future__ import annotations
@@ -108,7 +109,20 @@ def themes_screen() -> Path:
     return OUT / "main-dark.png"
 
 
+def weights_screen() -> Path:
+    app, w, idle, run = window_with_run([{"technique": "magnitude_prune", "sparsity": 0.3},
+                                         {"technique": "rtn", "bits": 4, "group_size": 64}])
+    w.view_weights(run["id"])
+    wait(app, idle)
+    w.weight_view.layer.setCurrentIndex(5)
+    app.processEvents()
+    f = OUT / "weight-view.png"
+    w.grab().save(str(f))
+    return f
+
+
+SCREENS = {"export": export_screen, "compare": compare_screen, "weights": weights_screen, "themes": themes_screen}
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["export", "compare", "themes"]
-    for name in which:
-        print({"export": export_screen, "compare": compare_screen, "themes": themes_screen}[name]())
+    for name in sys.argv[1:] or list(SCREENS):
+        print(SCREENS[name]())

@@ -27,6 +27,7 @@ from .crash import log as crash_log
 from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
 from .widgets.teach import TeachPanel
+from .widgets.weight_view import WeightView
 from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
 from .widgets.results_table import ResultsTable
@@ -194,6 +195,9 @@ class MainWindow(QMainWindow):
         self.views = QTabWidget()
         self.views.addTab(self.plot, "Trade-off")
         self.views.addTab(self.compare_view, "Side by side")
+        self.weight_view = WeightView()
+        self.weight_view.load.connect(self.view_weights)
+        self.views.addTab(self.weight_view, "Weights")
         bottom = QSplitter(Qt.Horizontal)
         bottom.addWidget(self.views)
         bottom.addWidget(self.export_panel)
@@ -540,6 +544,21 @@ class MainWindow(QMainWindow):
             self.table.select_id(best["id"])
         return best
 
+    def view_weights(self, run_id: str) -> JobSpec | None:
+        """Weight histograms and per-layer bits / sparsity of a run's saved variant, in the worker."""
+        row = next((r for r in self.table.results.rows if r["id"] == run_id), None)
+        if not row or not row.get("variant_dir"):
+            self.say("Pick a finished run with a recipe: the baseline has no variant to compare.", error=True)
+            return None
+        if self.client.running:
+            self.say("Wait for the running job to finish.", error=True)
+            return None
+        spec = JobSpec(row["model"], kind="weights", eval=row["eval"] or self.eval_panel.settings().to_dict(),
+                       compare={"variant_dir": row["variant_dir"], "label": row["label"]})
+        self.queue.append(spec)
+        self._next()
+        return spec
+
     def _export_clicked(self, out: str, quantize, opset) -> None:
         self.export_selected(out or None, quantize, opset)
 
@@ -554,7 +573,7 @@ class MainWindow(QMainWindow):
             self.queue.clear()
             return
         self.current = spec
-        what = {"export": "Export", "compare": "Side by side"}.get(spec.kind) or (
+        what = {"export": "Export", "compare": "Side by side", "weights": "Weights"}.get(spec.kind) or (
             "Baseline" if not spec.recipe.get("steps") else "Run")
         if what == "Baseline":
             self.say("Measuring the baseline of this model once (cached for these eval settings)…")
@@ -595,7 +614,11 @@ class MainWindow(QMainWindow):
 
     def _on_result(self, e: dict) -> None:
         p = e.get("payload") or {}
-        if self.current and self.current.kind == "compare":
+        if self.current and self.current.kind == "weights":
+            self.weight_view.show_result(p)
+            self.views.setCurrentWidget(self.weight_view)
+            self.say(f"Weights of {p.get('label')}: {len(p.get('layers', []))} layers")
+        elif self.current and self.current.kind == "compare":
             self.compare_view.show_result(p)
             self.views.setCurrentWidget(self.compare_view)
             self.say(f"Side by side: mean KL {p.get('mean_kl', 0):.3f}"
@@ -612,7 +635,7 @@ class MainWindow(QMainWindow):
         self.stage_label.setText("idle")
         self._busy(False)
         self.refresh()
-        if done is not None and done.kind != "compare":
+        if done is not None and done.kind not in ("compare", "weights"):
             self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
         if self.model_panel.info is not None and self.model_panel.info.params is None:
             self.model_panel.refresh_facts()  # the first job converted the model
@@ -627,6 +650,7 @@ class MainWindow(QMainWindow):
         self.table.set_rows(rows, self.eval_key)
         self.plot.set_rows(rows, self.eval_key)
         self.compare_view.set_rows(rows)
+        self.weight_view.set_rows(rows)
         if hasattr(self, "teach") and self.teach_dock.isVisible():
             self.teach.update_progress(self.ledger.rows())  # every model's runs count for the lab
         self._row_selected(self.table.selected_id())

@@ -494,6 +494,7 @@ def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qt
     assert "Next: " in w.teach.hint.text() and "8-bit" in w.teach.hint.text()
     w.techniques.groups["gptq"].setChecked(True)  # ticking a technique opens its explainer
     assert w.teach.technique.currentData() == "gptq" and w.teach.text.toPlainText().startswith("gptq")
+    assert "The one formula" in w.teach.text.toPlainText() and "Typical failure" in w.teach.text.toPlainText()
     w.techniques.groups["gptq"].setChecked(False)
     rtn = w.techniques.groups["rtn"]
     rtn.setChecked(True)
@@ -507,3 +508,21 @@ def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qt
     w.teach.fonts.setChecked(False)
     w.teach_action.trigger()  # off again, and remembered
     assert not w.teach_dock.isVisible() and w.store.get("teach") is False
+
+
+def test_weight_view_shows_histograms_codes_and_per_layer_bits(qtbot, open_window):
+    from core.recipe import from_data
+    w = open_window()
+    wait_baseline(qtbot, w)
+    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 3, "group_size": 32}]}))
+    w.run()
+    wait_idle(qtbot, w)
+    wv = w.weight_view
+    assert wv.run.count() == 1  # the baseline has no variant to compare
+    qtbot.mouseClick(wv.button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.views.currentWidget() is wv and wv.layer.count() == 14
+    wv.layer.setCurrentIndex(3)
+    lay = wv.result["layers"][3]
+    assert len(lay["codes"]) == 8 and "bits/weight" in wv.note.text() and lay["name"] in wv.note.text()
+    assert len(wv.hist.getPlotItem().listDataItems()) == 2 and wv.codes.getPlotItem().items

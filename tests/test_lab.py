@@ -18,3 +18,16 @@ def test_each_lab_step_ticks_only_when_its_run_finished():
     p = progress(runs)
     assert all(p[k] for k in ("int4", "gptq", "prune", "compare")) and not p["export"]  # a failed check is no export
     assert progress(runs + [run("export", result={"ok": True})])["export"]
+
+
+def test_every_technique_ships_an_explainer_with_the_four_parts():
+    from core import paths
+    from core.techniques.registry import all_techniques
+    for t in all_techniques():
+        f = paths.resources_dir() / "explainers" / f"{t.name}.md"
+        text = f.read_text(encoding="utf-8")
+        assert text.startswith(f"# {t.name}"), f.name
+        for part in ("## The one formula", "## The sliders", "## Typical failure"):
+            assert part in text, (f.name, part)
+        for field in t.fields():  # every slider is explained
+            assert f"**{field['name']}**" in text, (f.name, field["name"])

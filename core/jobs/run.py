@@ -20,7 +20,8 @@ from .spec import JobSpec
 EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
 EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
 COMPARE_WEIGHTS = {"load": 0.4, "generate": 0.6}
-WEIGHTS = {"eval": EVAL_WEIGHTS, "export": EXPORT_WEIGHTS, "compare": COMPARE_WEIGHTS}
+WEIGHT_VIEW_WEIGHTS = {"load": 0.7, "histograms": 0.3}
+WEIGHTS = {"eval": EVAL_WEIGHTS, "export": EXPORT_WEIGHTS, "compare": COMPARE_WEIGHTS, "weights": WEIGHT_VIEW_WEIGHTS}
 
 
 def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[], bool] = lambda: False) -> None:
@@ -33,6 +34,8 @@ def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[],
             payload = export_job(spec, em, cancelled)
         elif spec.kind == "compare":
             payload = compare_job(spec, em, cancelled)
+        elif spec.kind == "weights":
+            payload = weights_job(spec, em, cancelled)
         else:
             raise SqueezeError(f"unknown job kind {spec.kind!r}")
         em.result(payload)
@@ -171,6 +174,26 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
                ppl_torch=torch_numbers["ppl"], decode_tokens_per_s_torch=torch_numbers["decode_tokens_per_s"],
                prefill_tokens_per_s_torch=torch_numbers["prefill_tokens_per_s"],
                peak_rss_bytes=ev.peak_rss_bytes(), seconds=round(time.perf_counter() - t0, 2))
+    return res
+
+
+def weights_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
+    """Weight histograms before / after and bits / sparsity per Linear of one saved variant."""
+    from ..weights import compare
+    check = _checker(cancelled)
+    d = (spec.compare or {}).get("variant_dir")
+    if not d or not Path(d, "squeeze.json").is_file():
+        raise SqueezeError("this run has no saved variant to look at (the baseline is the model itself); pick a run "
+                           "with a recipe")
+    em.progress("load", 0.0, "base model")
+    base, _, _ = models.load(spec.model)
+    check()
+    em.progress("load", 0.5, "variant")
+    variant, _ = load_variant(Path(d))
+    check()
+    em.progress("histograms", 0.0)
+    res = compare(base, variant, getattr(variant, "squeeze_packed", {}), check)
+    res["label"] = (spec.compare or {}).get("label")
     return res
 
 
