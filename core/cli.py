@@ -108,15 +108,22 @@ def cmd_techniques(a) -> int:
 def cmd_eval(a) -> int:
     from .jobs.spec import JobSpec
     spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a))
+    _run_and_say(spec, a, lambda r: (
+        f"{r['label']}: ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, context {r['context']}), "
+        f"{r['size_bytes'] / 1e6:.1f} MB on disk ({r['theoretical_bytes'] / 1e6:.1f} MB theoretical), "
+        f"decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s"))
+    return 0
+
+
+def _run_and_say(spec, a, line) -> dict:
+    """Runs the job; prints its result as one JSON object (--json) or as `line(result)`."""
     r = _run(spec, a.quiet)
     r["job_id"] = spec.job_id
     if a.json:
         _print_json(r)
     else:
-        print(f"{r['label']}: ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, context {r['context']}), "
-              f"{r['size_bytes'] / 1e6:.1f} MB on disk ({r['theoretical_bytes'] / 1e6:.1f} MB theoretical), "
-              f"decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s")
-    return 0
+        print(line(r))
+    return r
 
 
 def cmd_export(a) -> int:
@@ -126,14 +133,11 @@ def cmd_export(a) -> int:
     out = Path(a.out).expanduser().resolve()
     spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), kind="export",
                    export={"out": str(out), "quantize": a.quantize, "opset": a.opset})
-    r = _run(spec, a.quiet)
-    r["job_id"] = spec.job_id
-    if a.json:
-        _print_json(r)
-    else:
-        print(f"exported to {r['path']}: {r['size_bytes'] / 1e6:.1f} MB, ppl onnx {r['ppl_onnx']:.3f} "
-              f"vs torch {r['ppl_torch']:.3f}, decode {r['decode_tokens_per_s_onnx']:.1f} tok/s "
-              f"(torch {r['decode_tokens_per_s_torch']:.1f})")
+    r = _run_and_say(spec, a, lambda r: (
+        f"exported to {r['path']}: {r['size_bytes'] / 1e6:.1f} MB, ppl onnx {r['ppl_onnx']:.3f} "
+        f"vs torch {r['ppl_torch']:.3f}, decode {r['decode_tokens_per_s_onnx']:.1f} tok/s "
+        f"(torch {r['decode_tokens_per_s_torch']:.1f}, {r['roofline_fraction'] * 100:.0f} % of the memory bound)"
+        + ("" if r.get("ok", True) else f"\nVERIFICATION FAILED: {r.get('failure')}")))
     return 0 if r.get("ok", True) else 1
 
 

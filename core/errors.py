@@ -38,3 +38,8 @@ class Cancelled(SqueezeError):
 
     def __init__(self, message: str = "cancelled by the user"):
         super().__init__(message)
+
+
+class PreflightError(SqueezeError):
+    """A job this machine cannot hold (RAM, disk), refused before it starts."""
+    kind = "resources"

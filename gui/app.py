@@ -35,6 +35,9 @@ def parse(argv):
     p.add_argument("--screenshot", metavar="FILE.png", help="render the main window to FILE.png and exit "
                    "(default model: the bundled one; starts no job)")
     p.add_argument("--version", action="version", version=f"squeeze-studio {version()}")
+    p.add_argument("--self-test", action="store_true", help="load the bundled model, run one small rtn job "
+                   "through the worker process, print what it measured and exit (0 = the install works)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the installed app's worker mode
     p.add_argument("--teach", action="store_true", help="open in teaching mode (explainers and the guided lab)")
     p.add_argument("--info", action="store_true", help="print versions, folders, machine and model cache as JSON "
                    "and exit")
@@ -77,8 +80,46 @@ def screenshot(window, app, out_path) -> None:
         raise ValueError(f"cannot write {out_path}")
 
 
+def self_test(model: str | None = None) -> int:
+    """One tiny job end to end through a real worker process: model load (and, on a first run,
+    conversion), a recipe, save, load back, perplexity, decode speed, the ledger row."""
+    import json
+    import tempfile
+
+    from core.jobs.client import WorkerJob
+    from core.jobs.spec import JobSpec
+    from core.ledger import Ledger
+    from core.models import DEFAULT_MODEL
+
+    text = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
+    from core import paths
+    text.write(paths.default_eval_text().read_text(encoding="utf-8")[:4000])
+    text.close()
+    spec = JobSpec(model or DEFAULT_MODEL, recipe={"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]},
+                   eval={"text": text.name, "max_tokens": 256, "context": 128, "prompt_tokens": 8, "new_tokens": 4,
+                         "repeats": 1})
+    events = []
+    t0 = time.monotonic()
+    job = WorkerJob(spec, events.append, Ledger()).start()
+    job.wait(900)
+    res = next((e for e in events if e["type"] == "result"), None)
+    err = next((e for e in events if e["type"] == "error"), None)
+    if res is None:
+        print(f"self-test FAILED: {err['message'] if err else 'the worker gave no result'}", file=sys.stderr)
+        return 1
+    p = res["payload"]
+    print(json.dumps({"self_test": "ok", "model": spec.model, "ppl": p["ppl"], "size_bytes": p["size_bytes"],
+                      "decode_tokens_per_s": p["decode_tokens_per_s"], "seconds": round(time.monotonic() - t0, 1)}))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        from core.jobs.worker import main as worker_main
+        return worker_main()
+    if args.self_test:
+        return self_test(args.model)
     if args.info:
         import json
 

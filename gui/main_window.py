@@ -11,12 +11,12 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
-from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
+from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QMessageBox, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
                                QProgressBar, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
-from core import models, paths
+from core import models, paths, preflight
 from core import recipe as recipes
-from core.errors import SqueezeError
+from core.errors import PreflightError, SqueezeError
 from core.jobs.spec import JobSpec
 from core.ledger import Ledger
 from core.results import TARGETS, fmt_duration, fmt_ppl, recommend, table_rows
@@ -26,6 +26,7 @@ from . import theme
 from .crash import log as crash_log
 from .widgets.compare_view import CompareView
 from .widgets.export_panel import ExportPanel
+from .widgets.sensitivity_view import SensitivityView
 from .widgets.teach import TeachPanel
 from .widgets.weight_view import WeightView
 from .widgets.loss_curve import LossCurve
@@ -173,6 +174,11 @@ class MainWindow(QMainWindow):
         buttons.addWidget(self.rerun_button)
         buttons.addWidget(self.progress, 1)
         rbl.addLayout(buttons)
+        self.estimate_label = QLabel()
+        self.estimate_label.setStyleSheet("color: gray")
+        self.estimate_label.setToolTip("Preflight: peak RAM and time this recipe should take, corrected by what "
+                                       "earlier runs of the same techniques really used on this machine")
+        rbl.addWidget(self.estimate_label)
         rbl.addWidget(self.stage_label)
         self.loss_curve = LossCurve()  # live: distill's loss, shown while a job sends points
         rbl.addWidget(self.loss_curve)
@@ -198,6 +204,10 @@ class MainWindow(QMainWindow):
         self.weight_view = WeightView()
         self.weight_view.load.connect(self.view_weights)
         self.views.addTab(self.weight_view, "Weights")
+        self.sensitivity_view = SensitivityView()
+        self.sensitivity_view.scan.connect(self.scan_sensitivity)
+        self.sensitivity_view.exclude.connect(self.exclude_module)
+        self.views.addTab(self.sensitivity_view, "Sensitivity")
         bottom = QSplitter(Qt.Horizontal)
         bottom.addWidget(self.views)
         bottom.addWidget(self.export_panel)
@@ -333,6 +343,7 @@ class MainWindow(QMainWindow):
         if model_id not in models.BUNDLED:
             self.store.set("recent", [model_id] + recent[:9])
         self.store.set("model", model_id)
+        self._update_estimate()
         self.ensure_baseline()
 
     def _update_eval_key(self) -> bool:
@@ -360,6 +371,8 @@ class MainWindow(QMainWindow):
         except SqueezeError as e:
             self.recipe_label.setText(str(e))
             self.recipe_label.setStyleSheet(ERROR_STYLE)
+        if hasattr(self, "estimate_label"):
+            self._update_estimate()
 
     def recipe(self):
         """The panel's recipe (raises RecipeError)."""
@@ -544,6 +557,31 @@ class MainWindow(QMainWindow):
             self.table.select_id(best["id"])
         return best
 
+    def scan_sensitivity(self, technique: str, setting: float, max_tokens: int) -> JobSpec | None:
+        """The per-layer sensitivity map of the current model, in the worker."""
+        if self.client.running:
+            self.say("Wait for the running job to finish.", error=True)
+            return None
+        ev = dict(self.eval_panel.settings().to_dict(), max_tokens=max_tokens)
+        spec = JobSpec(self.model, kind="sensitivity", eval=ev,
+                       compare={"technique": technique, "setting": setting})
+        self.queue.append(spec)
+        self._next()
+        return spec
+
+    def exclude_module(self, technique: str, setting: float, path: str) -> None:
+        """A clicked heat-map cell: tick the technique at the scanned setting, keep that Linear out."""
+        g = self.techniques.groups[technique]
+        g.setChecked(True)
+        key = "bits" if technique == "rtn" else "sparsity"
+        g.editors[key].set_value(int(setting) if key == "bits" else setting)
+        ed = g.editors["exclude"]
+        now = [p.strip() for p in str(ed.value() or "").split(",") if p.strip()]
+        if path not in now:
+            ed.set_value(", ".join(now + [path]))
+        self._recipe_changed()
+        self.say(f"{path} is kept out of {technique}: see the recipe.")
+
     def view_weights(self, run_id: str) -> JobSpec | None:
         """Weight histograms and per-layer bits / sparsity of a run's saved variant, in the worker."""
         row = next((r for r in self.table.results.rows if r["id"] == run_id), None)
@@ -567,13 +605,22 @@ class MainWindow(QMainWindow):
             return
         spec = self.queue.pop(0)
         try:
+            est = self.preflight(spec)
+            if est:
+                preflight.check(est, paths.workspace_dir())
+        except PreflightError as e:  # refused before anything starts
+            self.say(f"Not started: {e}", error=True)
+            self.queue.clear()
+            return
+        try:
             self.client.start(spec, self.ledger)
         except (OSError, SqueezeError) as e:
             self.say(f"cannot start the worker: {e}", error=True)
             self.queue.clear()
             return
         self.current = spec
-        what = {"export": "Export", "compare": "Side by side", "weights": "Weights"}.get(spec.kind) or (
+        what = {"export": "Export", "compare": "Side by side", "weights": "Weights",
+                "sensitivity": "Sensitivity scan"}.get(spec.kind) or (
             "Baseline" if not spec.recipe.get("steps") else "Run")
         if what == "Baseline":
             self.say("Measuring the baseline of this model once (cached for these eval settings)…")
@@ -614,7 +661,11 @@ class MainWindow(QMainWindow):
 
     def _on_result(self, e: dict) -> None:
         p = e.get("payload") or {}
-        if self.current and self.current.kind == "weights":
+        if self.current and self.current.kind == "sensitivity":
+            self.sensitivity_view.show_result(p)
+            self.views.setCurrentWidget(self.sensitivity_view)
+            self.say(f"Sensitivity scan done in {fmt_duration(p.get('seconds'))}")
+        elif self.current and self.current.kind == "weights":
             self.weight_view.show_result(p)
             self.views.setCurrentWidget(self.weight_view)
             self.say(f"Weights of {p.get('label')}: {len(p.get('layers', []))} layers")
@@ -635,7 +686,7 @@ class MainWindow(QMainWindow):
         self.stage_label.setText("idle")
         self._busy(False)
         self.refresh()
-        if done is not None and done.kind not in ("compare", "weights"):
+        if done is not None and done.kind not in ("compare", "weights", "sensitivity"):
             self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
         if self.model_panel.info is not None and self.model_panel.info.params is None:
             self.model_panel.refresh_facts()  # the first job converted the model
@@ -644,8 +695,12 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ results
 
     def refresh(self) -> None:
-        """Reloads the current model's runs from the ledger."""
+        """Reloads the current model's runs from the ledger (and again every 2 s while a job left
+        running by an earlier window, in the background, has not finished)."""
         self.runs = self.ledger.rows(self.model) if self.model else []
+        mine = self.current.job_id if self.current else None
+        if any(r["status"] == "running" and r["id"] != mine for r in self.runs):
+            QTimer.singleShot(2000, self.refresh)
         rows = table_rows(self.runs)
         self.table.set_rows(rows, self.eval_key)
         self.plot.set_rows(rows, self.eval_key)
@@ -656,6 +711,28 @@ class MainWindow(QMainWindow):
         self._row_selected(self.table.selected_id())
 
     RERUNNABLE = ("interrupted", "failed", "cancelled")
+
+    def preflight(self, spec: JobSpec) -> dict:
+        """The job's RAM / disk / time estimate (plain Python, quick: safe on the GUI thread)."""
+        if spec.kind not in ("eval", "export"):
+            return {}
+        info = self.model_panel.info if spec.model == self.model and self.model_panel.info is not None else None
+        try:
+            return preflight.for_spec(spec, info, history=self.runs)
+        except SqueezeError:
+            return {}
+
+    def _update_estimate(self) -> None:
+        """The estimate of the ticked recipe, next to the Run button."""
+        try:
+            spec = JobSpec(self.model, recipe=self.recipe().to_dict(), eval=self.eval_panel.settings().to_dict())
+        except SqueezeError:
+            self.estimate_label.setText("")
+            return
+        est = self.preflight(spec) if self.model else {}
+        self.estimate_label.setText("" if not est else
+                                    f"estimate: ≈ {est['ram_bytes'] / 1e9:.1f} GB RAM, ≈ {fmt_duration(est['seconds'])}"
+                                    + (f" (learned from {est['history_runs']} runs)" if est.get("history_runs") else ""))
 
     def rerun_selected(self) -> JobSpec | None:
         """One click: the selected run that did not finish, again, with its own recipe and eval settings."""
@@ -686,10 +763,32 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ closing
 
+    CLOSE_CHOICES = ("cancel", "background", "stay")
+
+    def ask_on_close(self) -> str:
+        """A job runs and the window closes: cancel it, keep it running in the background, or stay."""
+        box = QMessageBox(QMessageBox.Question, "A job is running",
+                          "A job is still running. Cancel it, or let it finish in the background? (Its row in "
+                          "the ledger is completed either way; the next start shows the result.)", parent=self)
+        cancel = box.addButton("Cancel the job and quit", QMessageBox.DestructiveRole)
+        keep = box.addButton("Keep it running in the background", QMessageBox.AcceptRole)
+        box.addButton("Don't quit", QMessageBox.RejectRole)
+        box.exec()
+        return {cancel: "cancel", keep: "background"}.get(box.clickedButton(), "stay")
+
     def closeEvent(self, ev) -> None:
-        self.store.q.setValue("geometry", self.saveGeometry())
-        self.queue.clear()
         if self.client.running and self.client.job is not None:
-            self.client.cancel()
-            self.client.job.wait(3)
+            choice = self.ask_on_close()
+            if choice == "stay":
+                ev.ignore()
+                return
+            self.queue.clear()
+            if choice == "background":
+                self.client.job.detach()
+                crash_log.info("job %s left running in the background", self.current and self.current.job_id)
+            else:
+                self.client.cancel()
+                self.client.job.wait(3)
+        self.queue.clear()
+        self.store.q.setValue("geometry", self.saveGeometry())
         super().closeEvent(ev)

@@ -57,6 +57,17 @@ def wait_baseline(qtbot, w):
     wait_idle(qtbot, w)
 
 
+def window_with_run(qtbot, open_window, steps: list):
+    """A window whose baseline and one run of `steps` (set through the technique panel) are done."""
+    from core.recipe import from_data
+    w = open_window()
+    wait_baseline(qtbot, w)
+    w.techniques.set_recipe(from_data({"steps": steps}))
+    w.run()
+    wait_idle(qtbot, w)
+    return w
+
+
 def click_point(qtbot, w, run_id):
     """A real mouse click on the plot point of `run_id`."""
     qtbot.wait(100)  # let the plot settle its auto-range, as a user would see it
@@ -358,12 +369,7 @@ def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot)
 
 
 def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_window):
-    from core.recipe import from_data
-    w = open_window()
-    wait_baseline(qtbot, w)
-    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 2, "group_size": 0}]}))
-    w.run()
-    wait_idle(qtbot, w)
+    w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 2, "group_size": 0}])
     rows = rows_by_label(w)
     variant = next(r for label, r in rows.items() if label.startswith("rtn"))
     cv = w.compare_view
@@ -384,12 +390,7 @@ def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_w
 
 
 def test_recommend_selects_the_run_to_ship_and_says_why_and_the_study_exports(qtbot, open_window, tmp_path):
-    from core.recipe import from_data
-    w = open_window()
-    wait_baseline(qtbot, w)
-    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]}))
-    w.run()
-    wait_idle(qtbot, w)
+    w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 8, "group_size": 0}])
     rows = rows_by_label(w)
     small = next(r for label, r in rows.items() if label.startswith("rtn"))
     w.target_kind.setCurrentIndex(w.target_kind.findData("size"))
@@ -511,12 +512,7 @@ def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qt
 
 
 def test_weight_view_shows_histograms_codes_and_per_layer_bits(qtbot, open_window):
-    from core.recipe import from_data
-    w = open_window()
-    wait_baseline(qtbot, w)
-    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 3, "group_size": 32}]}))
-    w.run()
-    wait_idle(qtbot, w)
+    w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 3, "group_size": 32}])
     wv = w.weight_view
     assert wv.run.count() == 1  # the baseline has no variant to compare
     qtbot.mouseClick(wv.button, Qt.LeftButton)
@@ -526,3 +522,59 @@ def test_weight_view_shows_histograms_codes_and_per_layer_bits(qtbot, open_windo
     lay = wv.result["layers"][3]
     assert len(lay["codes"]) == 8 and "bits/weight" in wv.note.text() and lay["name"] in wv.note.text()
     assert len(wv.hist.getPlotItem().listDataItems()) == 2 and wv.codes.getPlotItem().items
+
+
+def test_preflight_shows_an_estimate_and_refuses_an_absurd_ram_need(qtbot, open_window, monkeypatch):
+    from core import preflight
+    w = open_window(auto_baseline=False)
+    qtbot.waitUntil(lambda: w.model_panel.info is not None, timeout=10_000)
+    w.techniques.groups["rtn"].setChecked(True)
+    assert w.estimate_label.text().startswith("estimate: ≈ ") and "GB RAM" in w.estimate_label.text()
+    monkeypatch.setattr(preflight, "free_ram", lambda: 10_000_000)  # 10 MB free
+    w.run()
+    assert not w.client.running and "Not started: this job needs about" in w.message.text()
+    assert not [r for r in Ledger().rows() if r["label"].startswith("rtn")]  # nothing ran, nothing recorded
+
+
+def test_closing_with_a_job_running_can_stay_or_let_it_finish_in_the_background(qtbot, open_window, tiny_eval):
+    w = open_window(eval_settings=dict(tiny_eval, new_tokens=32, repeats=40))  # a baseline of some seconds
+    qtbot.waitUntil(lambda: w.client.running and w.stage_label.text().startswith(("load", "evaluate")),
+                    timeout=JOB_MS)
+    job_id = w.current.job_id
+    w.ask_on_close = lambda: "stay"
+    w.close()
+    assert w.isVisible() and w.client.running  # "Don't quit"
+    w.ask_on_close = lambda: "background"
+    w.close()
+    assert not w.isVisible()
+    qtbot.waitUntil(lambda: Ledger().get(job_id)["status"] != "running", timeout=JOB_MS)
+    row = Ledger().get(job_id)
+    assert row["status"] == "done" and row["result"]["ppl"] > 1  # finished and recorded by the worker itself
+
+
+def test_self_test_runs_one_job_through_the_worker_and_exits_0(home, tiny_model):
+    r = _studio("--self-test", "--model", tiny_model, env_home=home)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["self_test"] == "ok" and out["ppl"] > 1 and out["size_bytes"] > 0
+    assert [row["status"] for row in Ledger(home / "data" / "ledger.sqlite").rows()] == ["done"]
+
+
+def test_clicking_a_sensitivity_cell_keeps_that_linear_out_of_the_recipe(qtbot, open_window):
+    w = open_window()
+    wait_baseline(qtbot, w)
+    sv = w.sensitivity_view
+    sv.technique.setCurrentIndex(sv.technique.findData("rtn"))
+    sv.setting.setValue(3)
+    sv.tokens.setValue(256)
+    qtbot.mouseClick(sv.button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.views.currentWidget() is sv and sv.result["layers"] == 2 and "Most sensitive" in sv.hint.text()
+    qtbot.wait(100)
+    vb = sv.plot.getPlotItem().vb
+    pos = sv.plot.mapFromScene(vb.mapViewToScene(QPointF(6.5, 1.5)))  # layer 1, down_proj
+    qtbot.mouseClick(sv.plot.viewport(), Qt.LeftButton, pos=pos)
+    rtn = w.techniques.groups["rtn"]
+    assert rtn.isChecked() and rtn.editors["bits"].value() == 3
+    assert rtn.editors["exclude"].value() == "layers.1.mlp.down_proj"
+    assert "layers.1.mlp.down_proj" in w.recipe_label.text()

@@ -18,12 +18,13 @@ CANCEL_GRACE_S = 1.2  # after this, a cancelled worker is killed: cancel always 
 class Recorder:
     """Event sink that keeps the run's ledger row in step with its events."""
 
-    def __init__(self, ledger: Ledger, spec: JobSpec, pid: int | None = None):
+    def __init__(self, ledger: Ledger, spec: JobSpec, pid: int | None = None, started: bool = False):
         self.ledger, self.spec = ledger, spec
         self.outcome: str | None = None
         self.result: dict | None = None
         self.error: tuple[str, str] | None = None
-        ledger.start(spec, pid)
+        if not started:  # (a detached worker takes over a row its parent started)
+            ledger.start(spec, pid)
 
     def __call__(self, e: dict) -> None:
         t = e["type"]
@@ -90,7 +91,19 @@ class WorkerJob:
         threading.Thread(target=self._read_stderr, daemon=True).start()
         return self
 
+    def detach(self) -> None:
+        """The app is closing but the job should finish: the worker records its own outcome in the
+        ledger from now on, and stops treating a closed stdin as a cancel."""
+        self._detached = True
+        try:
+            self.proc.stdin.write("detach\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
     def _emit(self, e: dict) -> None:
+        if getattr(self, "_detached", False):
+            return  # the worker keeps the ledger itself now
         try:
             self.recorder(e)
         finally:

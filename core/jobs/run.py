@@ -21,13 +21,16 @@ EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
 EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
 COMPARE_WEIGHTS = {"load": 0.4, "generate": 0.6}
 WEIGHT_VIEW_WEIGHTS = {"load": 0.7, "histograms": 0.3}
-WEIGHTS = {"eval": EVAL_WEIGHTS, "export": EXPORT_WEIGHTS, "compare": COMPARE_WEIGHTS, "weights": WEIGHT_VIEW_WEIGHTS}
+SCAN_WEIGHTS = {"load": 0.05, "scan": 0.95}
+WEIGHTS = {"eval": EVAL_WEIGHTS, "export": EXPORT_WEIGHTS, "compare": COMPARE_WEIGHTS, "weights": WEIGHT_VIEW_WEIGHTS,
+           "sensitivity": SCAN_WEIGHTS}
 
 
 def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[], bool] = lambda: False) -> None:
     em = Emitter(sink, spec.job_id, WEIGHTS.get(spec.kind, EVAL_WEIGHTS))
     em.started()
     try:
+        pre = _preflight(spec, em)
         if spec.kind == "eval":
             payload = evaluate_job(spec, em, cancelled)
         elif spec.kind == "export":
@@ -36,8 +39,12 @@ def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[],
             payload = compare_job(spec, em, cancelled)
         elif spec.kind == "weights":
             payload = weights_job(spec, em, cancelled)
+        elif spec.kind == "sensitivity":
+            payload = sensitivity_job(spec, em, cancelled)
         else:
             raise SqueezeError(f"unknown job kind {spec.kind!r}")
+        if pre:
+            payload["preflight"] = pre  # beside the measured peak RSS and seconds: later estimates learn
         em.result(payload)
     except Cancelled:
         em.cancelled()
@@ -50,6 +57,22 @@ def run_job(spec: JobSpec, sink: Callable[[dict], None], cancelled: Callable[[],
         em.error("internal", f"internal error: {type(e).__name__}: {e}")
     finally:
         em.finished()
+
+
+def _preflight(spec: JobSpec, em: Emitter) -> dict:
+    """Estimate RAM / disk / time; refuse (PreflightError) what cannot fit on this machine."""
+    if spec.kind not in ("eval", "export"):
+        return {}
+    from .. import preflight
+    try:
+        est = preflight.for_spec(spec)
+    except SqueezeError:
+        return {}  # a model that cannot be read fails in the job itself, with its own message
+    if est:
+        em.log(f"preflight: ≈ {est['ram_bytes'] / 1e9:.1f} GB RAM, ≈ {est['disk_bytes'] / 1e9:.2f} GB disk, "
+               f"≈ {est['seconds']:.0f} s")
+        preflight.check(est, paths.workspace_dir())
+    return est
 
 
 def _checker(cancelled):
@@ -175,6 +198,24 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
                prefill_tokens_per_s_torch=torch_numbers["prefill_tokens_per_s"],
                peak_rss_bytes=ev.peak_rss_bytes(), seconds=round(time.perf_counter() - t0, 2))
     return res
+
+
+def sensitivity_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
+    """Δ perplexity of one technique applied to one Linear at a time (layers × module types)."""
+    from ..sensitivity import TECHNIQUES, scan
+    check = _checker(cancelled)
+    c = dict(spec.compare or {})
+    technique = c.get("technique", "rtn")
+    if technique not in TECHNIQUES:
+        raise SqueezeError(f"no sensitivity scan for {technique}; use one of {', '.join(TECHNIQUES)}")
+    settings = spec.eval_settings()
+    ev.read_text(settings.text_path())
+    em.progress("load", 0.0, spec.model)
+    model, tok, _ = models.load(spec.model)
+    check()
+    em.progress("scan", 0.0, "caching every layer's input")
+    return scan(model, tok, settings.text_path(), technique, c.get("setting", 4), settings.max_tokens,
+                settings.context, c.get("group_size", 64), lambda f, note="": em.progress("scan", f, note), check)
 
 
 def weights_job(spec: JobSpec, em: Emitter, cancelled) -> dict:

@@ -1,6 +1,8 @@
 """The worker process: `python -m core.jobs.worker`. Reads one JobSpec (a JSON line) on stdin,
 writes the contract's events as JSON lines on stdout; a later line "cancel" on stdin (or stdin
-closing: the parent is gone) cancels between steps. Anything else printed goes to stderr."""
+closing: the parent is gone) cancels between steps. A line "detach" (the app closes and the user
+keeps the job running) makes the worker record its own outcome in the ledger and finish even
+when its parent is gone. Anything else printed goes to stderr."""
 from __future__ import annotations
 
 import json
@@ -15,11 +17,20 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     lock = threading.Lock()
+    detached = threading.Event()
+    recorder = []  # the ledger recorder once detached
 
     def sink(event: dict) -> None:
         with lock:
-            events.write(json.dumps(event) + "\n")
-            events.flush()
+            if detached.is_set():
+                if recorder:
+                    recorder[0](event)
+                return
+            try:
+                events.write(json.dumps(event) + "\n")
+                events.flush()
+            except (OSError, ValueError):  # the parent is gone
+                pass
 
     line = sys.stdin.readline()
     from .spec import JobSpec
@@ -35,6 +46,20 @@ def main() -> int:
         for cmd in sys.stdin:
             if cmd.strip() == "cancel":
                 cancel.set()
+            elif cmd.strip() == "detach":
+                from .. import paths
+                from ..ledger import Ledger
+                from .client import Recorder
+                # the parent's stderr pipe dies with it: keep this job's output in a log file instead
+                logs = paths.data_dir() / "logs"
+                logs.mkdir(parents=True, exist_ok=True)
+                out = os.open(str(logs / f"worker-{spec.job_id}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                os.dup2(out, 2)
+                os.dup2(out, 1)
+                with lock:
+                    recorder.append(Recorder(Ledger(), spec, started=True))
+                    detached.set()
+                return  # stdin closing no longer means "cancel"
         cancel.set()  # parent gone
 
     threading.Thread(target=watch_stdin, daemon=True).start()

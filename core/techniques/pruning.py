@@ -15,13 +15,16 @@ class MagnitudePrune:
                            help="Fraction of each Linear weight set to zero (0.5 = half).")
     scope: str = knob("per-layer", choices=("per-layer", "global"),
                       help="Per-layer: every layer loses the same fraction; global: one threshold for all layers.")
+    exclude: str = knob("", help="Linears left unpruned, comma-separated name endings (e.g. layers.0.mlp.down_proj); "
+                                 "the sensitivity map fills this in when a cell is clicked.")
 
 
 @technique(MagnitudePrune, name="magnitude_prune", family="pruning")
 def magnitude_prune(model, cfg: MagnitudePrune, ctx: StepContext) -> dict:
     import torch
 
-    layers = target_linears(model)
+    from .quantization import excluded
+    layers = [(n, m) for n, m in target_linears(model) if not n.endswith(excluded(cfg.exclude))]
     if cfg.sparsity <= 0:
         return {"layers": len(layers), "sparsity": 0.0}
     threshold = None

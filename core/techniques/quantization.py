@@ -22,6 +22,8 @@ class RTN:
                            help="Weights sharing one scale; smaller groups are more accurate and cost more scales.")
     symmetric: bool = knob(True, help="Symmetric grid around zero (no zero-point); asymmetric fits skewed rows better.")
     lm_head: bool = knob(False, help="Also quantize the LM head (tied to the embedding: a fifth of SmolLM2's weights).")
+    exclude: str = knob("", help="Linears left in float, comma-separated name endings (e.g. "
+                                 "layers.0.mlp.down_proj); the sensitivity map fills this in when a cell is clicked.")
 
 
 def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmetric: bool,
@@ -45,7 +47,12 @@ def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmet
 
 @technique(RTN, name="rtn", family="quantization", packs=True)
 def rtn(model, cfg: RTN, ctx: StepContext) -> dict:
-    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head)
+    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head, excluded(cfg.exclude))
+
+
+def excluded(text: str) -> tuple[str, ...]:
+    """'layers.0.mlp.down_proj, layers.3.self_attn.q_proj' -> name endings (matched on a dot boundary)."""
+    return tuple("." + p.strip().lstrip(".") for p in (text or "").split(",") if p.strip())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""Preflight: RAM / disk / time estimated before a job starts, corrected by what earlier runs
+really used, and a job that cannot fit refused with one line."""
+from __future__ import annotations
+
+import pytest
+
+from core import preflight
+from core.jobs.client import run_inline
+from core.jobs.spec import JobSpec
+
+
+def test_estimates_grow_with_what_the_recipe_holds():
+    ev = {"max_tokens": 4096, "context": 1024}
+    plain = preflight.estimate(135_000_000, 576, 49152, {"steps": []}, ev)
+    rtn = preflight.estimate(135_000_000, 576, 49152, {"steps": [{"technique": "rtn"}]}, ev)
+    distill = preflight.estimate(135_000_000, 576, 49152, {"steps": [{"technique": "distill"}]}, ev)
+    export = preflight.estimate(135_000_000, 576, 49152, {"steps": []}, ev, kind="export")
+    assert 0.9e9 < plain["ram_bytes"] < rtn["ram_bytes"] < distill["ram_bytes"]
+    assert distill["ram_bytes"] - plain["ram_bytes"] > 4 * 135e6 * 4 * 0.9  # teacher, gradients, Adam
+    assert export["ram_bytes"] > plain["ram_bytes"] and export["disk_bytes"] > 0 == plain["disk_bytes"]
+
+
+def test_the_ledger_corrects_later_estimates():
+    ev = {"max_tokens": 4096, "context": 1024}
+    steps = {"steps": [{"technique": "gptq"}]}
+    first = preflight.estimate(135_000_000, 576, 49152, steps, ev)
+    past = [{"status": "done", "result": {"peak_rss_bytes": 2 * first["raw_ram_bytes"], "seconds": 3 * first["raw_seconds"],
+                                          "preflight": first}}]
+    later = preflight.estimate(135_000_000, 576, 49152, steps, ev, history=past)
+    assert later["ram_bytes"] == pytest.approx(2 * first["ram_bytes"]) and later["seconds"] == pytest.approx(3 * first["seconds"])
+    other = preflight.estimate(135_000_000, 576, 49152, {"steps": [{"technique": "rtn"}]}, ev, history=past)
+    assert other["correction"] == 1.0  # another recipe learns nothing from gptq's runs
+
+
+def test_a_job_that_needs_more_ram_than_is_free_is_refused_in_one_line(tiny_model, tiny_eval, home, monkeypatch):
+    monkeypatch.setattr(preflight, "free_ram", lambda: 50_000_000)  # 50 MB free
+    rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval))
+    assert rec.outcome == "failed" and rec.error[0] == "resources"
+    assert "needs about" in rec.error[1] and "GB of RAM" in rec.error[1] and "close other programs" in rec.error[1]
+
+
+def test_a_finished_run_keeps_its_estimate_beside_what_it_used(tiny_model, tiny_eval, home):
+    rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval))
+    assert rec.outcome == "done", rec.error
+    pre = rec.result["preflight"]
+    assert pre["signature"] == "eval:" and pre["ram_bytes"] > 0 and rec.result["peak_rss_bytes"] > 0
