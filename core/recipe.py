@@ -39,6 +39,8 @@ class Step:
             if isinstance(v, bool):
                 if v:
                     parts.append(f["name"])
+            elif v == "":  # an unset text field (no exclusions, the shipped calibration text)
+                continue
             else:
                 shown = (f["labels"] or {}).get(str(v), v)
                 parts.append(f"{f['name']}={shown}")
