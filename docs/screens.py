@@ -6,6 +6,9 @@ random Llama so it takes seconds):
 export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
 compare: side-by-side generation of the baseline and an rtn 3-bit variant, tokens coloured by KL.
 weights: weight histogram before/after, integer codes used, bits and sparsity per layer (rtn 4-bit).
+sensitivity: the sensitivity heat map (rtn 3-bit, one Linear at a time) after a click kept one Linear out.
+teach: teaching mode, the gptq explainer and the lab checklist part done.
+preflight: a job refused because it needs more RAM than is free.
 themes: the main window in light and dark mode (a tiny run and its int8 export in the table).
 """
 from __future__ import annotations
@@ -121,7 +124,51 @@ def weights_screen() -> Path:
     return f
 
 
-SCREENS = {"export": export_screen, "compare": compare_screen, "weights": weights_screen, "themes": themes_screen}
+def sensitivity_screen() -> Path:
+    app, w, idle, run = window_with_run([{"technique": "rtn", "bits": 8, "group_size": 0}])
+    sv = w.sensitivity_view
+    sv.setting.setValue(3)
+    sv.tokens.setValue(1024)
+    w.scan_sensitivity("rtn", 3, 1024)
+    wait(app, idle)
+    w.views.setCurrentWidget(sv)
+    r = sv.result
+    worst = max(((i, m) for i in range(r["layers"]) for m in r["modules"]), key=lambda c: sv.value(*c))
+    from gui.widgets.sensitivity_view import module_path
+    w.exclude_module("rtn", 3, module_path(*worst))
+    app.processEvents()
+    f = OUT / "sensitivity-map.png"
+    w.grab().save(str(f))
+    return f
+
+
+def teach_screen() -> Path:
+    app, w, idle, run = window_with_run([{"technique": "rtn", "bits": 8, "group_size": 0}])
+    w.set_teaching(True)
+    w.techniques.groups["rtn"].setChecked(False)
+    w.techniques.groups["gptq"].setChecked(True)
+    for _ in range(5):
+        app.processEvents()
+    f = OUT / "teaching-mode.png"
+    w.grab().save(str(f))
+    return f
+
+
+def preflight_screen() -> Path:
+    from core import preflight
+    app, w, idle, run = window_with_run([{"technique": "rtn", "bits": 8, "group_size": 0}])
+    preflight.free_ram = lambda: 20_000_000  # as if 20 MB were free
+    w.techniques.groups["rtn"].setChecked(False)
+    w.techniques.groups["distill"].setChecked(True)
+    w.run()
+    app.processEvents()
+    f = OUT / "preflight-refusal.png"
+    w.grab().save(str(f))
+    return f
+
+
+SCREENS = {"export": export_screen, "compare": compare_screen, "weights": weights_screen, "themes": themes_screen,
+           "sensitivity": sensitivity_screen, "teach": teach_screen, "preflight": preflight_screen}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(SCREENS):

@@ -29,6 +29,7 @@ def open_window(qtbot, home, tiny_model, tiny_eval):
         kw.setdefault("model", tiny_model)
         kw.setdefault("eval_settings", tiny_eval)
         w = MainWindow(**kw)
+        w.ask_on_close = lambda: "cancel"  # a test that closes a busy window says what it wants
         qtbot.addWidget(w)
         w.show()
         qtbot.waitExposed(w)
@@ -212,8 +213,8 @@ def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path)
         g.setChecked(False)
     w.open_recipe(str(f))
     assert w.recipe().to_dict() == {"steps": [
-        {"technique": "magnitude_prune", "sparsity": 0.65, "scope": "per-layer"},
-        {"technique": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "lm_head": False}]}
+        {"technique": "magnitude_prune", "sparsity": 0.65, "scope": "per-layer", "exclude": ""},
+        {"technique": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "lm_head": False, "exclude": ""}]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - technique: rnt\n")
     w.open_recipe(str(bad))
@@ -550,6 +551,8 @@ def test_closing_with_a_job_running_can_stay_or_let_it_finish_in_the_background(
     qtbot.waitUntil(lambda: Ledger().get(job_id)["status"] != "running", timeout=JOB_MS)
     row = Ledger().get(job_id)
     assert row["status"] == "done" and row["result"]["ppl"] > 1  # finished and recorded by the worker itself
+    qtbot.waitUntil(lambda: not w.client.running, timeout=JOB_MS)  # and the worker process has ended
+    assert w.client.job.proc.poll() == 0
 
 
 def test_self_test_runs_one_job_through_the_worker_and_exits_0(home, tiny_model):

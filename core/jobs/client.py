@@ -102,8 +102,10 @@ class WorkerJob:
             pass
 
     def _emit(self, e: dict) -> None:
-        if getattr(self, "_detached", False):
-            return  # the worker keeps the ledger itself now
+        if getattr(self, "_detached", False):  # the worker keeps the ledger itself now
+            if e.get("type") == "finished":
+                self.on_event(e)  # the job is over for this side, however it ended
+            return
         try:
             self.recorder(e)
         finally:

@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
                                QSizePolicy, QToolButton, QVBoxLayout)
 
 from core.evaluate import EvalSettings
-from core.export.onnx import estimate
+from core.export.estimate import estimate
 from core.results import fmt_duration, fmt_mb, fmt_pct, fmt_ppl, fmt_rate
 
 QUANTIZE = (("fp32 (lossless)", None), ("CPU int8 (weight-only)", "int8"), ("CPU int4 (from the variant's codes)", "int4"))
