@@ -103,15 +103,19 @@ def free_disk(path) -> int:
     return int(shutil.disk_usage(path).free)
 
 
+def _size(b: float) -> str:
+    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"
+
+
 def check(est: dict, workspace) -> None:
     """Refuses a job that cannot fit, saying what it needs, what is free and what to do."""
     ram, disk = free_ram(), free_disk(workspace)
     if est["ram_bytes"] > HEADROOM * ram:
-        raise PreflightError(f"this job needs about {est['ram_bytes'] / 1e9:.1f} GB of RAM and {ram / 1e9:.1f} GB is "
+        raise PreflightError(f"this job needs about {_size(est['ram_bytes'])} of RAM and {_size(ram)} is "
                              "free: close other programs, or use fewer calibration samples, a shorter context or a "
                              "smaller model")
     if est["disk_bytes"] > HEADROOM * disk:
-        raise PreflightError(f"this job writes about {est['disk_bytes'] / 1e9:.1f} GB and {disk / 1e9:.1f} GB is "
+        raise PreflightError(f"this job writes about {_size(est['disk_bytes'])} and {_size(disk)} is "
                              f"free in {workspace}: free some disk space or delete old variants and exports")
 
 

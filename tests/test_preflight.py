@@ -36,7 +36,7 @@ def test_a_job_that_needs_more_ram_than_is_free_is_refused_in_one_line(tiny_mode
     monkeypatch.setattr(preflight, "free_ram", lambda: 50_000_000)  # 50 MB free
     rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval))
     assert rec.outcome == "failed" and rec.error[0] == "resources"
-    assert "needs about" in rec.error[1] and "GB of RAM" in rec.error[1] and "close other programs" in rec.error[1]
+    assert "needs about" in rec.error[1] and "of RAM and 50 MB is free" in rec.error[1] and "close other programs" in rec.error[1]
 
 
 def test_a_finished_run_keeps_its_estimate_beside_what_it_used(tiny_model, tiny_eval, home):
