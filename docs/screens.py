@@ -72,6 +72,16 @@ def window_with_run(steps: list):
     return app, w, idle, next(r for r in w.table.results.rows if not r["baseline"])
 
 
+def save(app, w, name: str) -> Path:
+    """Lets the window settle, then writes docs/screenshots/NAME."""
+    for _ in range(5):
+        app.processEvents()
+    OUT.mkdir(parents=True, exist_ok=True)
+    f = OUT / name
+    w.grab().save(str(f))
+    return f
+
+
 def export_screen() -> Path:
     app, w, idle, rtn = window_with_run([{"technique": "rtn", "bits": 4, "group_size": 64}])
     w.table.select_id(rtn["id"])
@@ -79,11 +89,7 @@ def export_screen() -> Path:
     w.export_selected(None, "int4")
     wait(app, idle)
     w.table.select_id(rtn["id"])
-    app.processEvents()
-    OUT.mkdir(parents=True, exist_ok=True)
-    f = OUT / "export-int4.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "export-int4.png")
 
 
 def compare_screen() -> Path:
@@ -93,9 +99,7 @@ def compare_screen() -> Path:
     cv.new_tokens.setValue(40)
     cv._clicked()
     wait(app, idle)
-    f = OUT / "side-by-side.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "side-by-side.png")
 
 
 def themes_screen() -> Path:
@@ -106,10 +110,8 @@ def themes_screen() -> Path:
     w.table.select_id(run["id"])
     for mode in ("light", "dark"):
         w.set_theme(mode)
-        for _ in range(5):
-            app.processEvents()
-        w.grab().save(str(OUT / f"main-{mode}.png"))
-    return OUT / "main-dark.png"
+        f = save(app, w, f"main-{mode}.png")
+    return f
 
 
 def weights_screen() -> Path:
@@ -118,10 +120,7 @@ def weights_screen() -> Path:
     w.view_weights(run["id"])
     wait(app, idle)
     w.weight_view.layer.setCurrentIndex(5)
-    app.processEvents()
-    f = OUT / "weight-view.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "weight-view.png")
 
 
 def sensitivity_screen() -> Path:
@@ -136,10 +135,7 @@ def sensitivity_screen() -> Path:
     worst = max(((i, m) for i in range(r["layers"]) for m in r["modules"]), key=lambda c: sv.value(*c))
     from gui.widgets.sensitivity_view import module_path
     w.exclude_module("rtn", 3, module_path(*worst))
-    app.processEvents()
-    f = OUT / "sensitivity-map.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "sensitivity-map.png")
 
 
 def teach_screen() -> Path:
@@ -147,11 +143,7 @@ def teach_screen() -> Path:
     w.set_teaching(True)
     w.techniques.groups["rtn"].setChecked(False)
     w.techniques.groups["gptq"].setChecked(True)
-    for _ in range(5):
-        app.processEvents()
-    f = OUT / "teaching-mode.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "teaching-mode.png")
 
 
 def preflight_screen() -> Path:
@@ -161,10 +153,7 @@ def preflight_screen() -> Path:
     w.techniques.groups["rtn"].setChecked(False)
     w.techniques.groups["distill"].setChecked(True)
     w.run()
-    app.processEvents()
-    f = OUT / "preflight-refusal.png"
-    w.grab().save(str(f))
-    return f
+    return save(app, w, "preflight-refusal.png")
 
 
 SCREENS = {"export": export_screen, "compare": compare_screen, "weights": weights_screen, "themes": themes_screen,
