@@ -158,7 +158,7 @@ def onnx_main(a) -> None:
     from importlib.metadata import version
 
     from core import models, roofline
-    from core.evaluate import EvalSettings, greedy
+    from core.evaluate import EvalSettings
     from core.export import onnx as ox
     from core.jobs.client import run_inline
     from core.jobs.spec import JobSpec
@@ -187,8 +187,7 @@ def onnx_main(a) -> None:
     settings = EvalSettings(**ev)
     fp, tok, _ = models.load(a.model)
     windows, bos, prompt = ox._verification_tokens(tok, settings)
-    prompts = [tok(p)["input_ids"] for p in ox.PARITY_PROMPTS]
-    parity = {"prompts": prompts, "torch": [greedy(fp, p, ox.PARITY_TOKENS) for p in prompts]}
+    parity = ox.parity_reference(fp, tok)
     del fp
     bw = roofline.bandwidth()
     for name, how, fn in onnx_peers(Path(ref["folder"]), tmp):

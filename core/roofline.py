@@ -21,11 +21,9 @@ def _cache_file():
 
 
 def _machine() -> str:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{platform.node()}|{platform.machine()}|{platform.processor()}|{cores}"
+    from .about import machine
+    m = machine()
+    return f"{platform.node()}|{m['machine']}|{platform.processor()}|{m['cores']}"
 
 
 def measure_bandwidth(nbytes: int = COPY_BYTES, repeats: int = REPEATS) -> float:

@@ -53,10 +53,7 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
     check = check_cancel or (lambda: None)
     log = log or (lambda text, level="info": None)
     out = Path(out)
-    from ..evaluate import greedy
-
-    prompts = [tok(p)["input_ids"] for p in PARITY_PROMPTS]  # as generate.py encodes a prompt
-    parity = {"prompts": prompts, "torch": [greedy(model, p, PARITY_TOKENS) for p in prompts]}
+    parity = parity_reference(model, tok)
     bw = roofline.bandwidth()
     torch_bpt = roofline.torch_bytes_per_token(model)
     stage, made = _staging_dir(out)
@@ -155,6 +152,13 @@ def _verification_tokens(tok, settings):
     else:
         prompt = tok(read_text(text), add_special_tokens=False)["input_ids"][:settings.prompt_tokens]
     return windows, bos, prompt
+
+
+def parity_reference(model, tok) -> dict:
+    """The parity prompts' ids and the torch model's greedy continuations of them."""
+    from ..evaluate import greedy
+    prompts = [tok(p)["input_ids"] for p in PARITY_PROMPTS]  # as generate.py encodes a prompt
+    return {"prompts": prompts, "torch": [greedy(model, p, PARITY_TOKENS) for p in prompts]}
 
 
 def verify(path: Path, windows, bos, prompt, settings, progress=None, check=None, parity=None) -> dict:
