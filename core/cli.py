@@ -184,6 +184,46 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_sensitivity(a) -> int:
+    """The sensitivity map (Δ ppl per layer × module), and with --budget-mb the mixed-precision
+    recipe it implies; --save / --load keep a scan so budgets can be tried without re-scanning."""
+    from .jobs.spec import JobSpec
+    if a.load:
+        try:
+            scan = json.loads(Path(a.load).expanduser().read_text(encoding="utf-8"))
+            scan["delta_pct"], scan["modules"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SqueezeError(f"cannot read the scan {a.load}: {e}; write one with --save") from None
+    else:
+        spec = JobSpec(model=a.model, kind="sensitivity", eval=_eval_settings(a),
+                       compare={"technique": a.technique, "setting": a.setting, "group_size": a.group_size})
+        scan = _run(spec, a.quiet)
+        if a.save:
+            Path(a.save).expanduser().write_text(json.dumps(scan), encoding="utf-8")
+    out = {"scan": scan}
+    if a.budget_mb is not None:
+        from .mixed_precision import allocate, summary
+        from .recipe import from_data
+        alloc = allocate(scan, a.budget_mb)
+        out["mixed_precision"] = alloc
+        if a.recipe_out:
+            from_data(alloc["recipe"]).save(a.recipe_out)
+    if a.json:
+        _print_json(out)
+        return 0
+    cells = sorted(((v, i, m) for i, row in enumerate(scan["delta_pct"]) for m, v in zip(scan["modules"], row)
+                    if v is not None), reverse=True)
+    print(f"{scan['technique']} {scan['setting']:g} on one Linear at a time: base ppl {scan['base_ppl']:.3f}, "
+          f"{scan['tokens']:,} tokens; most sensitive:")
+    for v, i, m in cells[:10]:
+        print(f"  layer {i:3} {m:10} {v:+8.2f} %")
+    if "mixed_precision" in out:
+        print(summary(out["mixed_precision"]))
+        print(f"recipe written to {a.recipe_out}" if a.recipe_out else
+              "(--recipe-out FILE.yaml writes the recipe; `squeeze eval MODEL --recipe FILE.yaml` runs it)")
+    return 0
+
+
 def cmd_recipe(a) -> int:
     from . import recipe as rc
     r = rc.load(a.file)
@@ -244,6 +284,17 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--model")
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_runs)
+    sp = sub.add_parser("sensitivity", help="Δ perplexity per layer × module; --budget-mb: a mixed-precision recipe")
+    sp.add_argument("model")
+    sp.add_argument("--technique", choices=["rtn", "magnitude_prune"], default="rtn")
+    sp.add_argument("--setting", type=float, default=4, help="bits (rtn) or sparsity (magnitude_prune)")
+    sp.add_argument("--group-size", type=int, default=64)
+    sp.add_argument("--save", metavar="SCAN.json", help="keep the scan")
+    sp.add_argument("--load", metavar="SCAN.json", help="use a kept scan instead of scanning")
+    sp.add_argument("--budget-mb", type=float, help="size budget: which Linears keep 8 bits (rtn scans)")
+    sp.add_argument("--recipe-out", metavar="FILE.yaml", help="write the mixed-precision recipe")
+    common(sp)
+    sp.set_defaults(fn=cmd_sensitivity)
     sp = sub.add_parser("recipe", help="check a recipe file")
     sp.add_argument("file")
     common(sp, evals=False)

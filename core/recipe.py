@@ -41,6 +41,8 @@ class Step:
                     parts.append(f["name"])
             elif v == "":  # an unset text field (no exclusions, the shipped calibration text)
                 continue
+            elif isinstance(v, str) and v.count(",") >= 2:  # a long list of Linears: its count, not the names
+                parts.append(f"{f['name']}={v.count(',') + 1}")
             else:
                 shown = (f["labels"] or {}).get(str(v), v)
                 parts.append(f"{f['name']}={shown}")

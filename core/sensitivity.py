@@ -11,6 +11,13 @@ from typing import Callable
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TECHNIQUES = {"rtn": "bits", "magnitude_prune": "sparsity"}  # technique -> its setting
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def module_path(layer: int, module: str) -> str:
+    """The Linear's name ending, as the techniques' `exclude` / `upgrade_8bit` fields match it."""
+    return f"layers.{layer}.{PARENT[module]}.{module}"
 
 
 def perturb(w, technique: str, setting: float, group_size: int = 64):
@@ -31,8 +38,9 @@ def perturb(w, technique: str, setting: float, group_size: int = 64):
 def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_tokens: int = 4096,
          context: int = 512, group_size: int = 64, progress: Callable | None = None,
          check_cancel: Callable | None = None) -> dict:
-    """-> {layers, modules, delta_pct [layer][module] (Δ perplexity %, None where absent), base_ppl,
-    technique, setting, tokens, seconds}."""
+    """-> {layers, modules, delta_pct [layer][module] (Δ perplexity %, None where absent),
+    shapes [layer][module] ((out, in) or None), other_bytes (everything but those Linears), base_ppl,
+    technique, setting, group_size, tokens, seconds}."""
     import torch
 
     from .calibration import decoder_layers
@@ -71,6 +79,12 @@ def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_
         base = loss_from(0)
         cells = [(i, m) for i in range(len(layers)) for m in MODULES]
         delta = [[None] * len(MODULES) for _ in layers]
+        shapes = [[list(lin.weight.shape) if (lin := _module(layer, m)) is not None else None for m in MODULES]
+                  for layer in layers]
+        # what a packed variant keeps as is: embeddings, norms, (tied) LM head — float as loaded
+        scanned = sum(_module(layer, m).weight.nbytes for layer in layers for m in MODULES
+                      if _module(layer, m) is not None)
+        other_bytes = sum(t.nbytes for t in model.parameters()) - scanned
         for k, (i, mname) in enumerate(cells):
             if check_cancel:
                 check_cancel()
@@ -85,8 +99,9 @@ def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_
                 lin.weight.data.copy_(w)
             if progress:
                 progress((k + 1) / len(cells), f"layer {i} {mname}")
-    return {"layers": len(layers), "modules": list(MODULES), "delta_pct": delta, "base_ppl": math.exp(base),
-            "technique": technique, "setting": setting, "tokens": sum(x.shape[1] - 1 for x in ids),
+    return {"layers": len(layers), "modules": list(MODULES), "delta_pct": delta, "shapes": shapes,
+            "other_bytes": other_bytes, "base_ppl": math.exp(base), "technique": technique, "setting": setting,
+            "group_size": group_size, "tokens": sum(x.shape[1] - 1 for x in ids),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -6,7 +6,8 @@ random Llama so it takes seconds):
 export: an rtn 4-bit run exported to CPU int4, its verified numbers and its row in the table.
 compare: side-by-side generation of the baseline and an rtn 3-bit variant, tokens coloured by KL.
 weights: weight histogram before/after, integer codes used, bits and sparsity per layer (rtn 4-bit).
-sensitivity: the sensitivity heat map (rtn 3-bit, one Linear at a time) after a click kept one Linear out.
+sensitivity: the sensitivity heat map (rtn 3-bit, one Linear at a time) after a click kept one Linear out,
+  and the mixed-precision proposal for a size budget.
 teach: teaching mode, the gptq explainer and the lab checklist part done.
 preflight: a job refused because it needs more RAM than is free.
 themes: the main window in light and dark mode (a tiny run and its int8 export in the table).
@@ -133,8 +134,9 @@ def sensitivity_screen() -> Path:
     w.views.setCurrentWidget(sv)
     r = sv.result
     worst = max(((i, m) for i in range(r["layers"]) for m in r["modules"]), key=lambda c: sv.value(*c))
-    from gui.widgets.sensitivity_view import module_path
+    from core.sensitivity import module_path
     w.exclude_module("rtn", 3, module_path(*worst))
+    sv.budget_slider.setValue(300)
     return save(app, w, "sensitivity-map.png")
 
 

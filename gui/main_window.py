@@ -207,6 +207,7 @@ class MainWindow(QMainWindow):
         self.sensitivity_view = SensitivityView()
         self.sensitivity_view.scan.connect(self.scan_sensitivity)
         self.sensitivity_view.exclude.connect(self.exclude_module)
+        self.sensitivity_view.mixed.connect(self.run_mixed_precision)
         self.views.addTab(self.sensitivity_view, "Sensitivity")
         bottom = QSplitter(Qt.Horizontal)
         bottom.addWidget(self.views)
@@ -581,6 +582,20 @@ class MainWindow(QMainWindow):
             ed.set_value(", ".join(now + [path]))
         self._recipe_changed()
         self.say(f"{path} is kept out of {technique}: see the recipe.")
+
+    def run_mixed_precision(self, allocation: dict) -> None:
+        """The sensitivity map's allocation becomes the recipe (rtn; the chosen Linears at 8 bits) and runs."""
+        from core.recipe import from_data
+        try:
+            recipe = from_data(allocation["recipe"])
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        self.techniques.set_recipe(recipe)
+        self._recipe_changed()
+        self.say(f"Mixed precision: {len(allocation['upgrade'])} Linears at 8 bits, the rest at "
+                 f"{allocation['bits']} — running it.")
+        self.run()
 
     def view_weights(self, run_id: str) -> JobSpec | None:
         """Weight histograms and per-layer bits / sparsity of a run's saved variant, in the worker."""

@@ -58,3 +58,58 @@ def test_excluded_linears_stay_float(tiny_model, tiny_eval, home):
     base, _, _ = models.load(tiny_model)
     v, _ = load_variant(rec.result["variant_dir"])
     assert (v.model.layers[0].mlp.down_proj.weight == base.model.layers[0].mlp.down_proj.weight).all()
+
+
+def test_mixed_precision_for_a_budget_fits_it_and_beats_uniform_low_bits(tiny_model, tiny_eval, home):
+    from core.errors import SqueezeError
+    from core.mixed_precision import allocate, size_range
+    r = scan(tiny_model, tiny_eval, "rtn", 2).result
+    low, high = size_range(r)
+    budget = low + 0.3 * (high - low)
+    alloc = allocate(r, budget / 1e6)
+    assert 0 < len(alloc["upgrade"]) < 14 and alloc["size_mb"] * 1e6 <= budget
+    # the Linears kept at 8 bits are the ones that hurt most per byte: none left behind hurts more
+    # than an upgraded Linear of the same shape
+    cells = {f"layers.{i}.{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}": (v, tuple(r["shapes"][i][k]))
+             for i, row in enumerate(r["delta_pct"]) for k, (m, v) in enumerate(zip(r["modules"], row))}
+    for name, (v, shape) in cells.items():
+        if name not in alloc["upgrade"]:
+            assert all(v <= cells[u][0] for u in alloc["upgrade"] if cells[u][1] == shape)
+    with pytest.raises(SqueezeError, match="raise the budget"):
+        allocate(r, low / 1e6 * 0.9)
+    # measured on the saved variants: the mixed one is bigger by about the predicted bytes and better
+    uni = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [
+        {"technique": "rtn", "bits": 2, "group_size": 64}]}))
+    mix = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe=alloc["recipe"]))
+    assert uni.outcome == mix.outcome == "done", (uni.error, mix.error)
+    predicted = (alloc["size_mb"] - alloc["low_mb"]) * 1e6
+    assert mix.result["size_bytes"] - uni.result["size_bytes"] == pytest.approx(predicted, rel=0.1)
+    assert mix.result["ppl"] < uni.result["ppl"]
+    assert f"upgrade_8bit={len(alloc['upgrade'])}" in mix.result["label"] or len(alloc["upgrade"]) < 3
+
+
+def test_the_cli_scans_keeps_the_scan_and_writes_a_mixed_precision_recipe(tiny_model, tiny_eval, home, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from core import recipe
+    kept, out = tmp_path / "scan.json", tmp_path / "mixed.yaml"
+    args = [sys.executable, "-m", "core.cli", "sensitivity", tiny_model, "--setting", "2", "--text",
+            tiny_eval["text"], "--max-tokens", "512", "--context", "128", "-q"]
+    r = subprocess.run(args + ["--save", str(kept)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "most sensitive" in r.stdout and json.loads(kept.read_text())["technique"] == "rtn"
+    from core.mixed_precision import size_range
+    low, high = size_range(json.loads(kept.read_text()))
+    r = subprocess.run([sys.executable, "-m", "core.cli", "sensitivity", tiny_model, "--load", str(kept),
+                        "--budget-mb", f"{(low + high) / 2e6:.4f}", "--recipe-out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Linears at 8 bits" in r.stdout and f"recipe written to {out}" in r.stdout
+    step = recipe.load(out).steps[0]
+    assert step.name == "rtn" and step.config.bits == 2 and step.config.upgrade_8bit.count("layers.") >= 1
+    r = subprocess.run([sys.executable, "-m", "core.cli", "sensitivity", tiny_model, "--load", str(kept),
+                        "--budget-mb", "0.001"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "raise the budget" in r.stderr and "Traceback" not in r.stderr

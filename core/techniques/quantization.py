@@ -24,30 +24,35 @@ class RTN:
     lm_head: bool = knob(False, help="Also quantize the LM head (tied to the embedding: a fifth of SmolLM2's weights).")
     exclude: str = knob("", help="Linears left in float, comma-separated name endings (e.g. "
                                  "layers.0.mlp.down_proj); the sensitivity map fills this in when a cell is clicked.")
+    upgrade_8bit: str = knob("", help="Linears given 8 bits instead, comma-separated name endings; the sensitivity "
+                                      "map's 'mixed precision' fills this in for a size budget.")
 
 
 def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmetric: bool,
-                     include_lm_head: bool, skip: tuple[str, ...] = ()) -> dict:
+                     include_lm_head: bool, skip: tuple[str, ...] = (), eight_bit: tuple[str, ...] = ()) -> dict:
     from ..packing import quantize
 
     layers = [(n, m) for n, m in target_linears(model, include_lm_head) if not n.endswith(skip)]
-    err = 0.0
+    err, upgraded = 0.0, 0
     for i, (name, lin) in enumerate(layers):
         ctx.check_cancel()
         w = lin.weight.data
-        qt = quantize(w, bits, group_size, symmetric)
+        b = 8 if eight_bit and name.endswith(eight_bit) else bits
+        upgraded += b != bits
+        qt = quantize(w, b, group_size, symmetric)
         deq = qt.dequantize()
         err += float(((deq - w) ** 2).sum())
         lin.weight.data.copy_(deq)  # the in-memory model now computes what the packed one will
         ctx.packed[f"{name}.weight"] = qt
         ctx.progress((i + 1) / len(layers), name)
     return {"layers": len(layers), "bits": bits, "group_size": group_size,
-            "symmetric": symmetric, "sq_error": err}
+            "symmetric": symmetric, "sq_error": err, **({"upgraded_8bit": upgraded} if eight_bit else {})}
 
 
 @technique(RTN, name="rtn", family="quantization", packs=True)
 def rtn(model, cfg: RTN, ctx: StepContext) -> dict:
-    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head, excluded(cfg.exclude))
+    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head, excluded(cfg.exclude),
+                            excluded(cfg.upgrade_8bit))
 
 
 def excluded(text: str) -> tuple[str, ...]:

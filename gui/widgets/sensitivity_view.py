@@ -1,27 +1,32 @@
 """The sensitivity map: Δ perplexity when one technique is applied to one Linear alone, as a heat
 map of layers × module types. Hovering a cell shows its number; clicking it excludes that Linear
 from the technique in the recipe (the technique panel's `exclude` field), so the recipe view
-updates at once."""
+updates at once. After an rtn scan, a size-budget slider proposes mixed precision (which Linears
+keep 8 bits, core.mixed_precision) live, and one button puts it in the recipe and runs it."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QSlider, QSpinBox,
+                               QVBoxLayout, QWidget)
+
+from core.errors import SqueezeError
+from core.mixed_precision import allocate, size_range, summary
+from core.sensitivity import module_path
 
 SETTINGS = {"rtn": ("bits", 2, 8, 1, 4, 0), "magnitude_prune": ("sparsity", 0.05, 0.95, 0.05, 0.5, 2)}
-PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def module_path(layer: int, module: str) -> str:
-    return f"layers.{layer}.{PARENT[module]}.{module}"
 
 
 class SensitivityView(QWidget):
-    """Emits `scan(technique, setting, max_tokens)` and `exclude(technique, setting, module path)`."""
+    """Emits `scan(technique, setting, max_tokens)`, `exclude(technique, setting, module path)` and
+    `mixed(allocation)` (core.mixed_precision.allocate's dict, to put in the recipe and run)."""
     scan = Signal(str, float, int)
     exclude = Signal(str, float, str)
+    mixed = Signal(dict)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -57,7 +62,28 @@ class SensitivityView(QWidget):
                            "Linear is compressed. Click a cell to keep that Linear out of the recipe.")
         self.hint.setWordWrap(True)
         lay.addWidget(self.hint)
+        mp = QHBoxLayout()  # mixed precision for a size budget (rtn scans)
+        self.budget_slider = QSlider(Qt.Orientation.Horizontal)
+        self.budget_slider.setRange(0, 1000)
+        self.budget = QDoubleSpinBox()
+        self.budget.setSuffix(" MB")
+        self.budget.setDecimals(1)
+        self.budget_slider.valueChanged.connect(self._slid)
+        self.budget.valueChanged.connect(self._budget_changed)
+        self.mixed_button = QPushButton("Mixed precision: run")
+        self.mixed_button.setToolTip("Put this allocation in the recipe (rtn, the most sensitive Linears at 8 bits) "
+                                     "and run it")
+        self.mixed_button.clicked.connect(self._mixed_clicked)
+        for w in (QLabel("size budget"), self.budget_slider, self.budget, self.mixed_button):
+            mp.addWidget(w)
+        mp.setStretch(1, 1)
+        lay.addLayout(mp)
+        self.proposal = QLabel("")
+        self.proposal.setWordWrap(True)
+        lay.addWidget(self.proposal)
+        self.allocation: dict | None = None
         self.result: dict | None = None
+        self._mixed_enabled(False)
         self._setting_range()
 
     def _setting_range(self, *_) -> None:
@@ -85,10 +111,56 @@ class SensitivityView(QWidget):
             self.bar.setImageItem(self.image, insert_in=pi)
         else:
             self.bar.setLevels((0, hi))
+        self._offer_mixed(r)
         worst = np.unravel_index(np.nanargmax(d), d.shape) if finite.size else None
         if worst is not None:
             self.hint.setText(f"Most sensitive: layer {worst[0]} {r['modules'][worst[1]]} "
                               f"(+{d[worst]:.2f} %). Click a cell to keep that Linear out of the recipe.")
+
+    # -- mixed precision ---------------------------------------------------------------------------
+    def _mixed_enabled(self, on: bool) -> None:
+        for w in (self.budget_slider, self.budget, self.mixed_button):
+            w.setEnabled(on)
+        if not on:
+            self.allocation = None
+            self.proposal.setText("Mixed precision from sensitivity: scan with rtn (4 bits, say), then pick a "
+                                  "size budget; the Linears that hurt most per byte keep 8 bits.")
+
+    def _offer_mixed(self, r: dict) -> None:
+        ok = r.get("technique") == "rtn" and int(r.get("setting", 8)) < 8 and "shapes" in r
+        self._mixed_enabled(ok)
+        if not ok:
+            return
+        low, high = (v / 1e6 for v in size_range(r))
+        dec = 1 if high >= 50 else 3  # MB shown to 0.1 for real models, finer for tiny ones
+        q = 10 ** dec
+        lo, hi = math.ceil(low * q) / q, max(math.floor(high * q) / q, math.ceil(low * q) / q)
+        self.budget.blockSignals(True)
+        self.budget.setDecimals(dec)
+        self.budget.setRange(lo, hi)
+        self.budget.setSingleStep(max((hi - lo) / 50, 1 / q))
+        self.budget.blockSignals(False)
+        self.budget.setValue(lo + 0.25 * (hi - lo))  # a quarter of the way: a sensible first offer
+
+    def _slid(self, v: int) -> None:
+        lo, hi = self.budget.minimum(), self.budget.maximum()
+        self.budget.setValue(lo + (hi - lo) * v / 1000)
+
+    def _budget_changed(self, mb: float) -> None:
+        lo, hi = self.budget.minimum(), self.budget.maximum()
+        self.budget_slider.blockSignals(True)
+        self.budget_slider.setValue(round(1000 * (mb - lo) / (hi - lo)) if hi > lo else 0)
+        self.budget_slider.blockSignals(False)
+        try:
+            self.allocation = allocate(self.result, mb)
+            self.proposal.setText(summary(self.allocation))
+        except SqueezeError as e:
+            self.allocation = None
+            self.proposal.setText(str(e))
+
+    def _mixed_clicked(self) -> None:
+        if self.allocation:
+            self.mixed.emit(self.allocation)
 
     def cell_at(self, scene_pos) -> tuple[int, str] | None:
         if not self.result:
