@@ -137,6 +137,8 @@ def self_test(model: str | None = None) -> int:
     err = next((e for e in events if e["type"] == "error"), None)
     if res is None:
         print(f"self-test FAILED: {err['message'] if err else 'the worker gave no result'}", file=sys.stderr)
+        for e in [e for e in events if e["type"] == "log"][-20:]:  # what the worker said last
+            print("  " + e["text"].rstrip(), file=sys.stderr)
         return 1
     p = res["payload"]
     print(json.dumps({"self_test": "ok", "model": spec.model, "window": window, "ppl": p["ppl"], "size_bytes": p["size_bytes"],

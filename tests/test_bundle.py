@@ -53,22 +53,23 @@ def bundle_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def xvfb():
+def xvfb(tmp_path_factory):
     """A virtual X screen (Debian's xvfb); ./studio test installs it when it can (root + apt-get)."""
     exe = shutil.which("Xvfb")
     assert exe, ("Xvfb is not installed: the bundle is tested on a virtual X screen too. Install it with "
                  "`apt install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1` (./studio test does this as root)")
+    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"  # a file, not a pipe: a full pipe would stall the server
     read, write = os.pipe()
-    proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                            pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
+                                pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=err)
     os.close(write)
     display = os.read(read, 32).decode().strip()
     os.close(read)
-    assert display, f"Xvfb did not start: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    assert display and proc.poll() is None, f"Xvfb did not start: {log.read_text()[-2000:]}"
     yield f":{display}"
     proc.terminate()
     proc.wait(10)
-    proc.stderr.close()
 
 
 def run_app(app: Path, *args, home: Path, display: str | None = None, timeout=600) -> subprocess.CompletedProcess:
