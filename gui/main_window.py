@@ -11,8 +11,9 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
-from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QMessageBox, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit,
-                               QProgressBar, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel,
+                               QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea,
+                               QSizePolicy, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from core import models, paths, preflight
 from core import recipe as recipes
@@ -162,6 +163,8 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, 1000)
         self.progress.setTextVisible(False)
         self.stage_label = QLabel("idle")
+        # progress text changes ~10 times a second: its width must not re-lay out the whole window
+        self.stage_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         self.message = QLabel()
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -644,7 +647,7 @@ class MainWindow(QMainWindow):
         self.loss_curve.clear()
         self.stage_label.setText("starting the worker…")
         self._busy(True)
-        self.refresh()
+        QTimer.singleShot(0, self.refresh)  # its own slice of the event loop, after the worker's start
 
     def cancel(self) -> None:
         self.queue.clear()
@@ -705,7 +708,7 @@ class MainWindow(QMainWindow):
             self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
         if self.model_panel.info is not None and self.model_panel.info.params is None:
             self.model_panel.refresh_facts()  # the first job converted the model
-        self._next()
+        QTimer.singleShot(0, self._next)  # the next job starts in a later slice: no long stall
 
     # ------------------------------------------------------------------ results
 
@@ -799,6 +802,7 @@ class MainWindow(QMainWindow):
                 return
             self.queue.clear()
             if choice == "background":
+                self.client.wait_started()
                 self.client.job.detach()
                 crash_log.info("job %s left running in the background", self.current and self.current.job_id)
             else:

@@ -2,7 +2,9 @@
 on its reader thread) is re-emitted as a signal, delivered queued on the GUI thread."""
 from __future__ import annotations
 
-from PySide6.QtCore import QObject, Signal
+import threading
+
+from PySide6.QtCore import QObject, QTimer, Signal
 
 from core.jobs.client import WorkerJob
 from core.jobs.spec import JobSpec
@@ -28,22 +30,48 @@ class WorkerClient(QObject):
         self._event.connect(self._dispatch)
 
     def start(self, spec: JobSpec, ledger: Ledger | None = None) -> WorkerJob:
+        """Starts the job's process from a helper thread (spawning a process and writing the ledger
+        row take 20-30 ms: not on the GUI thread); a cancel or kill asked for meanwhile is applied
+        as soon as the process exists. A failure to start arrives as an error event."""
         if self.running:
             raise RuntimeError("a job is already running")
         self._busy = True
-        try:
-            self.job = WorkerJob(spec, self._event.emit, ledger).start()
-        except BaseException:
-            self._busy = False
-            raise
-        return self.job
+        self._launched = threading.Event()
+        self._pending: str | None = None
+        job = self.job = WorkerJob(spec, self._event.emit, ledger)
+
+        def launch():
+            try:
+                job.start()
+            except (OSError, ValueError) as e:
+                self._event.emit({"type": "error", "job_id": spec.job_id, "kind": "start",
+                                  "message": f"cannot start the worker: {e}"})
+                self._event.emit({"type": "finished", "job_id": spec.job_id})
+            finally:
+                self._launched.set()
+            if self._pending:
+                getattr(job, self._pending)()
+
+        threading.Thread(target=launch, daemon=True, name="worker-launch").start()
+        return job
+
+    def wait_started(self, timeout: float = 30) -> bool:
+        """Blocks until the process exists (for the few callers that need its pid)."""
+        return self._launched.wait(timeout) if self.job else False
 
     def _dispatch(self, e: dict) -> None:
         kind = e.get("type")
+        if kind in ("result", "finished"):
+            # each in its own slice of the event loop: arriving together, their slots (table, plots)
+            # would otherwise run back to back and hold the GUI thread for one long stretch
+            QTimer.singleShot(0 if kind == "result" else 20, self, lambda: self._deliver(kind, e))
+        elif kind in self.EVENTS:
+            getattr(self, kind).emit(e)
+
+    def _deliver(self, kind: str, e: dict) -> None:
         if kind == "finished":
             self._busy = False  # before the signal: a slot may start the next job
-        if kind in self.EVENTS:
-            getattr(self, kind).emit(e)
+        getattr(self, kind).emit(e)
 
     @property
     def running(self) -> bool:
@@ -54,10 +82,16 @@ class WorkerClient(QObject):
     def pid(self) -> int | None:
         return self.job.pid if self.job else None
 
+    def _act(self, what: str) -> None:
+        if not self.job:
+            return
+        if self._launched.is_set():
+            getattr(self.job, what)()
+        else:
+            self._pending = what  # the launcher applies it once the process exists
+
     def cancel(self) -> None:
-        if self.job:
-            self.job.cancel()
+        self._act("cancel")
 
     def kill(self) -> None:
-        if self.job:
-            self.job.kill()
+        self._act("kill")

@@ -78,6 +78,10 @@ class CompareView(QWidget):
         """Finished runs that have a model to load: the baseline and saved variants."""
         keep = [r for r in rows if r["status"] == "done" and not r.get("export") and (r["baseline"] or r["variant_dir"])]
         base = {r["id"] for r in keep if r["baseline"]}
+        listed = [(r["id"], r["label"]) for r in keep]
+        if listed == getattr(self, "_listed", None):  # e.g. a job started: the boxes stay as they are
+            return
+        self._listed = listed
         for box, want_base in ((self.reference, True), (self.variant, False)):
             current = box.currentData()
             box.blockSignals(True)

@@ -3,7 +3,7 @@ them (Δ% vs baseline, × smaller, × faster)."""
 from __future__ import annotations
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
-from PySide6.QtGui import QColor, QFont
+from PySide6.QtGui import QColor, QFont, QFontMetrics
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView
 
 from core.results import COLUMNS, cell
@@ -13,20 +13,50 @@ STATUS_COLOURS = {"failed": QColor("#c62828"), "cancelled": QColor("#8d6e63"),
                   "interrupted": QColor("#ef6c00"), "running": QColor("#1565c0")}
 
 
+# Roles as plain ints: PySide6 resolves `Qt.DisplayRole` through a slow attribute lookup, and data()
+# runs for every role of every visible cell at each repaint.
+DISPLAY, ALIGN, FOREGROUND, FONT, TOOLTIP, USER = (int(r.value) for r in (
+    Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.TextAlignmentRole, Qt.ItemDataRole.ForegroundRole,
+    Qt.ItemDataRole.FontRole, Qt.ItemDataRole.ToolTipRole, Qt.ItemDataRole.UserRole))
+RIGHT = int((Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter).value)
+LEFT = int((Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter).value)
+GREY = QColor("#9e9e9e")
+RED = QColor("#c62828")
+
+
 class ResultsModel(QAbstractTableModel):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.rows: list[dict] = []
         self.eval_key: str | None = None
+        self._cells: list[list] = []    # [row][col] display text, computed once per set_rows
+        self._colours: list[list] = []  # [row][col] QColor or None
+        self._tips: list[str] = []
+        self._bold = QFont()
+        self._bold.setBold(True)
 
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         self.beginResetModel()
         self.rows, self.eval_key = list(rows), eval_key
+        self._cells = [[cell(r, c) for c in COLUMNS] for r in self.rows]
+        self._colours = [[self._colour(r, c) for c in COLUMNS] for r in self.rows]
+        self._tips = [(r.get("error") or r["label"]) + ("" if self.comparable(r) else
+                      "\n(other eval settings: not on the plot)") for r in self.rows]
         self.endResetModel()
 
     def comparable(self, row: dict) -> bool:
         """Measured under the current eval settings (those are the plot's)."""
         return self.eval_key is None or row.get("eval_key") == self.eval_key
+
+    def _colour(self, row: dict, col) -> QColor | None:
+        colour = STATUS_COLOURS.get(row["status"])
+        if colour is not None and col.key in ("status", "error"):
+            return colour
+        if not self.comparable(row):
+            return GREY
+        if col.key == "delta_ppl_pct" and row.get("delta_ppl_pct") is not None:
+            return RED if row["delta_ppl_pct"] > 5 else None
+        return None
 
     def rowCount(self, parent=QModelIndex()) -> int:
         return 0 if parent.isValid() else len(self.rows)
@@ -34,40 +64,29 @@ class ResultsModel(QAbstractTableModel):
     def columnCount(self, parent=QModelIndex()) -> int:
         return 0 if parent.isValid() else len(COLUMNS)
 
-    def headerData(self, section, orientation, role=Qt.DisplayRole):
-        if orientation != Qt.Horizontal:
+    def headerData(self, section, orientation, role=DISPLAY):
+        if orientation != Qt.Orientation.Horizontal:
             return None
-        if role == Qt.DisplayRole:
+        if role == DISPLAY:
             return COLUMNS[section].header
-        if role == Qt.ToolTipRole:
+        if role == TOOLTIP:
             return COLUMNS[section].tip
         return None
 
-    def data(self, index, role=Qt.DisplayRole):
-        if not index.isValid():
-            return None
-        row, col = self.rows[index.row()], COLUMNS[index.column()]
-        if role == Qt.DisplayRole:
-            return cell(row, col)
-        if role == Qt.TextAlignmentRole:
-            return int((Qt.AlignRight if col.numeric else Qt.AlignLeft) | Qt.AlignVCenter)
-        if role == Qt.ForegroundRole:
-            colour = STATUS_COLOURS.get(row["status"])
-            if colour is not None and col.key in ("status", "error"):
-                return colour
-            if not self.comparable(row):
-                return QColor("#9e9e9e")
-            if col.key == "delta_ppl_pct" and row.get("delta_ppl_pct") is not None:
-                return QColor("#c62828") if row["delta_ppl_pct"] > 5 else None
-        if role == Qt.FontRole and row["baseline"]:
-            f = QFont()
-            f.setBold(True)
-            return f
-        if role == Qt.ToolTipRole:
-            tip = row.get("error") or row["label"]
-            return tip if self.comparable(row) else tip + "\n(other eval settings: not on the plot)"
-        if role == Qt.UserRole:
-            return row["id"]
+    def data(self, index, role=DISPLAY):
+        r, c = index.row(), index.column()
+        if role == DISPLAY:
+            return self._cells[r][c]
+        if role == ALIGN:
+            return RIGHT if COLUMNS[c].numeric else LEFT
+        if role == FOREGROUND:
+            return self._colours[r][c]
+        if role == FONT:
+            return self._bold if self.rows[r]["baseline"] else None
+        if role == TOOLTIP:
+            return self._tips[r]
+        if role == USER:
+            return self.rows[r]["id"]
         return None
 
     def row_of(self, run_id: str | None) -> int:
@@ -103,11 +122,24 @@ class ResultsTable(QTableView):
         self.select_id(keep, emit=False)
 
     def fit_columns(self) -> None:
-        """Columns fit their contents; long recipes are cut (the tooltip has them whole)."""
-        self.resizeColumnsToContents()
-        for i, col in enumerate(COLUMNS):
-            if not col.numeric and self.columnWidth(i) > MAX_TEXT_COLUMN:
-                self.setColumnWidth(i, MAX_TEXT_COLUMN)
+        """Columns fit their contents; long recipes are cut (the tooltip has them whole). Widths come
+        from the cells' text measured directly: Qt's resizeColumnsToContents asks the model for every
+        role of every cell and header (10-15 ms here), which a job start or finish cannot spend on the
+        GUI thread."""
+        bold = QFont(self.font())
+        bold.setBold(True)  # the baseline row is bold: measure every cell as if it were
+        fm, hfm = QFontMetrics(bold), QFontMetrics(self.horizontalHeader().font())
+        m = self.results
+        for c, col in enumerate(COLUMNS):
+            w = hfm.horizontalAdvance(str(m.headerData(c, Qt.Horizontal))) + 16
+            for r in range(m.rowCount()):
+                text = m.data(m.index(r, c))
+                if text:
+                    w = max(w, fm.horizontalAdvance(str(text)) + 12)
+            if not col.numeric:
+                w = min(w, MAX_TEXT_COLUMN)
+            if self.columnWidth(c) != w:
+                self.setColumnWidth(c, w)
 
     def selected_id(self) -> str:
         idx = self.selectionModel().selectedRows()

@@ -54,7 +54,9 @@ class SensitivityView(QWidget):
         self.plot.getPlotItem().setMenuEnabled(False)
         self.image = pg.ImageItem()
         self.plot.addItem(self.image)
-        self.bar = None
+        # built now, not when the first scan arrives (~30 ms on the GUI thread while a job finishes)
+        self.bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("inferno"), interactive=False)
+        self.bar.setImageItem(self.image, insert_in=self.plot.getPlotItem())
         self.plot.scene().sigMouseMoved.connect(self._hover)
         self.plot.scene().sigMouseClicked.connect(self._click)
         lay.addWidget(self.plot, 1)
@@ -106,11 +108,7 @@ class SensitivityView(QWidget):
         pi.setLabel("left", "layer")
         pi.setTitle(f"Δ perplexity % — {r['technique']} {r['setting']:g} on one Linear at a time "
                     f"(base {r['base_ppl']:.3g}, {r['tokens']:,} tokens, {r['seconds']:.0f} s)")
-        if self.bar is None:
-            self.bar = pg.ColorBarItem(values=(0, hi), colorMap=pg.colormap.get("inferno"), interactive=False)
-            self.bar.setImageItem(self.image, insert_in=pi)
-        else:
-            self.bar.setLevels((0, hi))
+        self.bar.setLevels((0, hi))
         self._offer_mixed(r)
         worst = np.unravel_index(np.nanargmax(d), d.shape) if finite.size else None
         if worst is not None:

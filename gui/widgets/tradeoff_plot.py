@@ -8,7 +8,7 @@ from functools import partial
 
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QLabel, QRadioButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QButtonGroup, QGraphicsItem, QHBoxLayout, QLabel, QRadioButton, QVBoxLayout, QWidget
 
 from core.results import trade_off
 
@@ -65,6 +65,10 @@ class TradeoffPlot(QWidget):
             pi.getAxis(side).setTextPen("#333")
             pi.getAxis(side).setPen("#888")
             pi.getAxis(side).enableAutoSIPrefix(False)  # MB stay MB, not "×0.001"
+            # grid lines on major ticks only, the axis cached as a pixmap until its ticks change: the full
+            # grid cost ~15-25 ms per repaint in software rendering, enough to stall the event loop
+            pi.getAxis(side).setStyle(maxTickLevel=0)
+            pi.getAxis(side).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
         self.front_line = pg.PlotDataItem(pen=FRONT_PEN)
         self.scatter = pg.PlotDataItem(pen=None)
         self.scatter.sigPointsClicked.connect(self._clicked)
@@ -113,6 +117,12 @@ class TradeoffPlot(QWidget):
     def _redraw(self) -> None:
         self.points, self.front = trade_off(self.rows, self.axis, self.eval_key)
         pts = self.points
+        others = sum(1 for r in self.rows if r["status"] == "done" and r.get("eval_key") != self.eval_key)
+        drawn = (repr(pts), tuple(self.front), self.axis, others)
+        if drawn == getattr(self, "_drawn", None):  # e.g. a job started: nothing new to plot
+            self._draw_ring()
+            return
+        self._drawn = drawn
         pi = self.view.getPlotItem()
         pi.setLabel("bottom", X_TITLES[self.axis])
         ys = [p["y"] for p in pts]
@@ -127,7 +137,6 @@ class TradeoffPlot(QWidget):
             symbolPen=[pg.mkPen("w") for _ in pts])
         by_id = {p["id"]: p for p in pts}
         self.front_line.setData([by_id[i]["x"] for i in self.front], [by_id[i]["y"] for i in self.front])
-        others = sum(1 for r in self.rows if r["status"] == "done" and r.get("eval_key") != self.eval_key)
         self.empty_text.setText("no measured runs yet" if not others else
                                 f"no runs under these eval settings ({others} under others, greyed in the table)")
         self.empty_text.setVisible(not pts)

@@ -42,12 +42,16 @@ class WeightView(QWidget):
         self.result: dict | None = None
 
     def set_rows(self, rows: list[dict]) -> None:
+        listed = [(r["id"], r["label"]) for r in rows
+                  if r["status"] == "done" and r.get("variant_dir") and not r.get("export")]
+        if listed == getattr(self, "_listed", None):  # unchanged: no relayout of the combo box
+            return
+        self._listed = listed
         current = self.run.currentData()
         self.run.blockSignals(True)
         self.run.clear()
-        for r in rows:
-            if r["status"] == "done" and r.get("variant_dir") and not r.get("export"):
-                self.run.addItem(r["label"], r["id"])
+        for run_id, label in listed:
+            self.run.addItem(label, run_id)
         i = self.run.findData(current)
         self.run.setCurrentIndex(i if i >= 0 else self.run.count() - 1)
         self.run.blockSignals(False)

@@ -1,0 +1,105 @@
+"""GUI responsiveness on the bundled model: the window driven through every job kind (baseline,
+an rtn 4-bit run, sensitivity scan, side by side, weight view, ONNX export) while a 5 ms timer on
+the GUI thread records the longest gap between its ticks (tests/stall.py, as in the test suite);
+and start to a rendered window from the .venv.
+
+    .venv/bin/python bench/gui_stall.py [--tokens 1024]
+
+Bars (issue 7): no event-loop stall > 50 ms while a job runs; window visible ≤ 2 s after launch.
+Rewrites the "gui-stall" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODEL, ROOT, isolated_home  # noqa: E402
+from results_md import write_section  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ["SQUEEZE_HOME"] = str(isolated_home("squeeze-stall-"))
+
+
+def window_seconds(repeats: int = 3) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        shot = Path(tempfile.mkdtemp()) / "w.png"
+        t0 = time.perf_counter()
+        r = subprocess.run([str(ROOT / ".venv" / "bin" / "squeeze-studio"), "--screenshot", str(shot)],
+                           capture_output=True, text=True, timeout=120)
+        out.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise SystemExit(r.stderr)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=1024, help="sensitivity scan tokens")
+    a = ap.parse_args()
+    from PySide6.QtWidgets import QApplication
+    from stall import StallMeter, drive_every_job
+
+    from gui.main_window import MainWindow
+    app = QApplication.instance() or QApplication([])
+
+    def wait_until(pred, timeout=3600):
+        end = time.monotonic() + timeout
+        while not pred():
+            app.processEvents()
+            time.sleep(0.002)
+            if time.monotonic() > end:
+                raise SystemExit("timed out")
+
+    w = MainWindow(model=MODEL)
+    w.ask_on_close = lambda: "cancel"
+    w.resize(1440, 900)
+    w.show()
+    t0 = time.monotonic()
+    meter = StallMeter().start()
+    worst = drive_every_job(
+        w, lambda acted: wait_until(lambda: acted() and not w.client.running and not w.queue),
+        lambda: wait_until(lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows)
+                           and not w.client.running),
+        meter, tokens=a.tokens)
+    meter.stop()
+    minutes = (time.monotonic() - t0) / 60
+    statuses = [r["status"] for r in w.table.results.rows]
+    w.close()
+    starts = window_seconds()
+    rows = "\n".join(f"| {k} | {v:.0f} ms |" for k, v in worst.items() if k != "idle")
+    body = f"""## GUI responsiveness (issue 7)
+
+Command: `.venv/bin/python bench/gui_stall.py --tokens {a.tokens}` — the main window (offscreen, 1440×900) on the
+bundled model, driven through every job kind as a user would (each action posted to the event loop like a click),
+{minutes:.1f} min in all; a 5 ms QTimer on the GUI thread records the longest gap between its ticks while each
+job runs (`tests/stall.py`; the same measure is asserted ≤ 50 ms on the tiny model by
+`tests/test_gui.py::test_the_event_loop_never_stalls_over_50_ms_while_any_job_runs`). Rows: {', '.join(statuses)}.
+
+| while this runs | worst event-loop gap (bar 50 ms) |
+|---|---|
+{rows}
+
+**Worst: {max(v for k, v in worst.items() if k != 'idle'):.0f} ms.** What it took: jobs start from a helper thread (process spawn + ledger row),
+a job's result and its end are handled in separate slices of the event loop, the results table measures its
+columns itself (Qt's resizeColumnsToContents asked the model for every role of every cell: 10–15 ms), the
+model's roles are plain ints (PySide6's enum lookups were 12 % of the busy time), the trade-off plot's grid is
+drawn on major ticks and cached, and the worker runs at a lower CPU priority than the window.
+
+Start to a rendered main window from the .venv (`squeeze-studio --screenshot`, bar 2 s): median
+**{statistics.median(starts):.2f} s** (max {max(starts):.2f} s, {len(starts)} starts); the built bundle: section "bundle".
+"""
+    write_section("gui-stall", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Event-loop stall meter for the GUI thread, and one driver that runs every job kind through a
+window as a user would (used by tests/test_gui.py on the tiny model and bench/gui_stall.py on the
+bundled one). A 5 ms QTimer ticks on the GUI thread; a tick that comes late shows how long the
+loop was blocked (queued events, a slow slot, a repaint)."""
+from __future__ import annotations
+
+import time
+
+from PySide6.QtCore import QObject, QTimer
+
+TICK_MS = 5
+
+
+class StallMeter(QObject):
+    def __init__(self):
+        super().__init__()
+        self.timer = QTimer(self)
+        self.timer.setInterval(TICK_MS)
+        self.timer.timeout.connect(self._tick)
+        self.label = "idle"
+        self.worst: dict[str, float] = {}  # label -> worst gap between ticks (ms)
+        self.last = None
+
+    def start(self):
+        self.last = time.perf_counter()
+        self.timer.start()
+        return self
+
+    def stop(self):
+        self.timer.stop()
+
+    def _tick(self):
+        now = time.perf_counter()
+        gap = (now - self.last) * 1000
+        self.last = now
+        self.worst[self.label] = max(self.worst.get(self.label, 0.0), gap)
+
+    def overall(self) -> float:
+        return max(self.worst.values(), default=0.0)
+
+
+def drive_every_job(w, wait_idle, wait_baseline, meter: StallMeter,
+                    steps=({"technique": "rtn", "bits": 4, "group_size": 64},), tokens: int = 256,
+                    export: str | None = None) -> dict:
+    """A freshly opened window (its baseline queued on open): baseline, a run, sensitivity scan,
+    side-by-side, weight view, export (`export`: None = fp32, int8, int4); the meter's label says
+    which job is running. Each action is posted to the event loop as a click would be, in its own
+    slice. -> the meter's worst gaps per job (ms)."""
+    from PySide6.QtCore import QTimer
+
+    from core.recipe import from_data
+
+    def act(label, fn):
+        done = []
+        QTimer.singleShot(0, lambda: (setattr(meter, "label", label), fn(), done.append(1)))
+        wait_idle(lambda: bool(done))
+
+    meter.label = "eval (baseline)"
+    wait_baseline()
+    act("eval (run)", lambda: (w.techniques.set_recipe(from_data({"steps": list(steps)})), w.run()))
+    rows = w.table.results.rows
+    base = next(r for r in rows if r["baseline"] and r["status"] == "done")
+    run = next(r for r in rows if not r["baseline"] and r["status"] == "done")
+    act("sensitivity", lambda: w.scan_sensitivity("rtn", 4, tokens))
+    act("compare", lambda: w.compare(base["id"], run["id"], "The history of the city", 16))
+    act("weights", lambda: w.view_weights(run["id"]))
+    act("select a row", lambda: w.table.select_id(run["id"]))
+    act("export", lambda: w.export_selected(None, export, None))
+    meter.label = "idle"
+    return dict(meter.worst)
