@@ -66,9 +66,9 @@ def main() -> None:
     t0 = time.monotonic()
     meter = StallMeter().start()
     worst = drive_every_job(
-        w, lambda acted: wait_until(lambda: acted() and not w.client.running and not w.queue),
+        w, lambda acted: wait_until(lambda: acted() and w.settled),
         lambda: wait_until(lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows)
-                           and not w.client.running),
+                           and w.settled),
         meter, tokens=a.tokens)
     meter.stop()
     minutes = (time.monotonic() - t0) / 60

@@ -65,7 +65,7 @@ def window_with_run(steps: list):
                                                    new_tokens=16, repeats=1))
     w.resize(1500, 950)
     w.show()
-    idle = lambda: not w.client.running and not w.queue  # noqa: E731
+    idle = lambda: w.settled  # noqa: E731
     wait(app, lambda: any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows) and idle())
     w.techniques.set_recipe(from_data({"steps": steps}))
     w.run()

@@ -647,7 +647,7 @@ class MainWindow(QMainWindow):
         self.loss_curve.clear()
         self.stage_label.setText("starting the worker…")
         self._busy(True)
-        QTimer.singleShot(0, self.refresh)  # its own slice of the event loop, after the worker's start
+        self.later(0, self.refresh)  # its own slice of the event loop, after the worker's start
 
     def cancel(self) -> None:
         self.queue.clear()
@@ -705,12 +705,29 @@ class MainWindow(QMainWindow):
         self._busy(False)
         self.refresh()
         if done is not None and done.kind not in ("compare", "weights", "sensitivity"):
-            self.table.select_id(done.parent_id if done.kind == "export" else done.job_id)
+            # selecting shows the run's export panel (for an export, its verified numbers): a slice of its own
+            run_id = done.parent_id if done.kind == "export" else done.job_id
+            self.later(15, lambda: self.table.select_id(run_id))
         if self.model_panel.info is not None and self.model_panel.info.params is None:
             self.model_panel.refresh_facts()  # the first job converted the model
-        QTimer.singleShot(0, self._next)  # the next job starts in a later slice: no long stall
+        self.later(0, self._next)  # the next job starts in a later slice: no long stall
 
     # ------------------------------------------------------------------ results
+
+    def later(self, ms: int, fn) -> None:
+        """Runs `fn` in a later slice of the event loop (keeping each slice of GUI work short);
+        `settled` stays False until it has run."""
+        self._later = getattr(self, "_later", 0) + 1
+
+        def run():
+            self._later -= 1
+            fn()
+        QTimer.singleShot(ms, self, run)
+
+    @property
+    def settled(self) -> bool:
+        """No job running or queued, and no deferred GUI work pending."""
+        return not self.client.running and not self.queue and not getattr(self, "_later", 0)
 
     def refresh(self) -> None:
         """Reloads the current model's runs from the ledger (and again every 2 s while a job left

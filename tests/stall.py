@@ -51,6 +51,10 @@ def drive_every_job(w, wait_idle, wait_baseline, meter: StallMeter,
     from core.recipe import from_data
 
     def act(label, fn):
+        # a user's click comes a moment after the last job's end has been drawn, not in the same slice
+        settled = []
+        QTimer.singleShot(300, lambda: settled.append(1))
+        wait_idle(lambda: bool(settled))
         done = []
         QTimer.singleShot(0, lambda: (setattr(meter, "label", label), fn(), done.append(1)))
         wait_idle(lambda: bool(done))
