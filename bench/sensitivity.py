@@ -3,7 +3,8 @@
 of the scan against the time it really took; then mixed precision from that scan at a size budget,
 run and measured against uniform rtn 4-bit and 8-bit in the same process.
 
-    .venv/bin/python bench/sensitivity.py [--budget-fraction 0.25]
+    .venv/bin/python bench/sensitivity.py [--budget-fraction 0.25] [--precision auto]
+    .venv/bin/python bench/sensitivity.py --agreement 1024   # fp32 vs bf16 scans, same process
 
 Bars (issue 7): scan ≤ 10 min on 2 cores, ETA within ±25 % after 10 % progress.
 Rewrites the "sensitivity" section of bench/RESULTS.md.
@@ -44,10 +45,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-fraction", type=float, default=0.25,
                     help="budget between all-4-bit (0) and all-8-bit (1) sizes; 0.25 is the app's first offer")
+    ap.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
+    ap.add_argument("--agreement", type=int, metavar="TOKENS", help="compare fp32 and bf16 scans instead")
     a = ap.parse_args()
+    if a.agreement:
+        return agreement(a.agreement)
     ev = EvalSettings().to_dict()
-    scan, events, total = run(JobSpec(MODEL, kind="sensitivity", eval=ev,
-                                      compare={"technique": "rtn", "setting": 4, "group_size": 64}))
+    scan, events, total = run(JobSpec(MODEL, kind="sensitivity", eval=ev, compare={
+        "technique": "rtn", "setting": 4, "group_size": 64, "precision": a.precision}))
     prog = [(t, e) for t, e in events if e["type"] == "progress" and e["stage"] == "scan"]
     t10, e10 = next((t, e) for t, e in prog if e["fraction"] >= 0.10)
     predicted, actual = t10 + e10["eta_s"], total
@@ -74,7 +79,7 @@ def main() -> None:
     body = f"""## Sensitivity scan and mixed precision (issue 7)
 
 Command: `.venv/bin/python bench/sensitivity.py --budget-fraction {a.budget_fraction}` — the app's sensitivity job
-in a worker process on the bundled model: rtn 4-bit g64 applied to one Linear at a time, {cells} cells
+in a worker process on the bundled model: rtn 4-bit g64 applied to one Linear at a time ({scan.get('precision', 'fp32')}), {cells} cells
 ({scan['layers']} layers × {len(scan['modules'])} modules), {scan['tokens']:,} tokens of the app's default
 evaluation text (context {ev['context']}).
 
@@ -93,6 +98,50 @@ to all-8-bit; `squeeze sensitivity … --budget-mb {budget:.1f}`): {summary(allo
 {table}
 """
     write_section("sensitivity", body)
+
+
+def agreement(tokens: int) -> None:
+    """The same scan in fp32 and in bf16 (same process, same text): time and how far the maps agree."""
+    from core import models, paths
+    from core.sensitivity import scan
+    model, tok, _ = models.load(MODEL)
+    out = {}
+    for prec in ("bf16", "fp32"):
+        t0 = time.perf_counter()
+        out[prec] = (scan(model, tok, paths.default_eval_text(), "rtn", 4, tokens, 512, 64, precision=prec),
+                     time.perf_counter() - t0)
+        print(prec, round(out[prec][1]), "s", flush=True)
+    cells = {p: [v for row in out[p][0]["delta_pct"] for v in row] for p in out}
+    f, b = cells["fp32"], cells["bf16"]
+
+    def ranks(xs):
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        r = [0] * len(xs)
+        for k, i in enumerate(order):
+            r[i] = k
+        return r
+    rf, rb = ranks(f), ranks(b)
+    n = len(f)
+    spearman = 1 - 6 * sum((x - y) ** 2 for x, y in zip(rf, rb)) / (n * (n * n - 1))
+    top = lambda xs: set(sorted(range(n), key=xs.__getitem__, reverse=True)[:10])  # noqa: E731
+    overlap = len(top(f) & top(b))
+    diff = max(abs(x - y) for x, y in zip(f, b))
+    body = f"""## Sensitivity scan in bf16 vs fp32 (issue 7)
+
+Command: `.venv/bin/python bench/sensitivity.py --agreement {tokens}` — the rtn 4-bit g64 scan of the bundled model
+(210 cells, {tokens:,} tokens of the app's evaluation text, context 512) twice in one process: matmuls in bf16
+(torch.autocast; this CPU has AMX / AVX-512 BF16) and in fp32.
+
+| | fp32 | bf16 |
+|---|---|---|
+| scan time | {out['fp32'][1]:.0f} s | {out['bf16'][1]:.0f} s ({out['fp32'][1] / out['bf16'][1]:.1f}× faster) |
+| base perplexity | {out['fp32'][0]['base_ppl']:.3f} | {out['bf16'][0]['base_ppl']:.3f} |
+
+Agreement of the 210 cells (Δ perplexity %): Spearman rank correlation **{spearman:.3f}**, the ten most sensitive
+Linears {overlap}/10 the same, largest difference {diff:.2f} points (fp32 range {min(f):.2f} … {max(f):.2f} %).
+"""
+    print(body)
+    write_section("sensitivity-precision", body)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,20 @@ def perturb(w, technique: str, setting: float, group_size: int = 64):
     raise ValueError(f"no sensitivity scan for {technique}; use one of {', '.join(TECHNIQUES)}")
 
 
+def bf16_in_hardware() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX-512 BF16): there a scan in bf16
+    runs several times faster than in fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_tokens: int = 4096,
          context: int = 512, group_size: int = 64, progress: Callable | None = None,
-         check_cancel: Callable | None = None) -> dict:
+         check_cancel: Callable | None = None, precision: str = "fp32") -> dict:
     """-> {layers, modules, delta_pct [layer][module] (Δ perplexity %, None where absent),
     shapes [layer][module] ((out, in) or None), other_bytes (everything but those Linears), base_ppl,
     technique, setting, group_size, tokens, seconds}."""
@@ -50,7 +61,12 @@ def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_
     layers = decoder_layers(model)
     inner = model.model
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    if precision == "auto":
+        precision = "bf16" if bf16_in_hardware() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    # bf16: matmuls in bf16 (weights stay fp32, perturbed in fp32), the loss in fp32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         ids = [torch.tensor([([bos] if bos is not None else []) + list(w)]) for w in windows]
         cache = []  # per window: (inputs of every layer, position embeddings, mask args)
         for x in ids:
@@ -101,7 +117,7 @@ def scan(model, tok, text_file, technique: str = "rtn", setting: float = 4, max_
                 progress((k + 1) / len(cells), f"layer {i} {mname}")
     return {"layers": len(layers), "modules": list(MODULES), "delta_pct": delta, "shapes": shapes,
             "other_bytes": other_bytes, "base_ppl": math.exp(base), "technique": technique, "setting": setting,
-            "group_size": group_size, "tokens": sum(x.shape[1] - 1 for x in ids),
+            "group_size": group_size, "precision": precision, "tokens": sum(x.shape[1] - 1 for x in ids),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -215,7 +215,8 @@ def sensitivity_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
     check()
     em.progress("scan", 0.0, "caching every layer's input")
     return scan(model, tok, settings.text_path(), technique, c.get("setting", 4), settings.max_tokens,
-                settings.context, c.get("group_size", 64), lambda f, note="": em.progress("scan", f, note), check)
+                settings.context, c.get("group_size", 64), lambda f, note="": em.progress("scan", f, note), check,
+                c.get("precision", "auto"))
 
 
 def weights_job(spec: JobSpec, em: Emitter, cancelled) -> dict:

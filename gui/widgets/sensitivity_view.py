@@ -107,7 +107,8 @@ class SensitivityView(QWidget):
         pi.getAxis("left").setTicks([[(i + 0.5, str(i)) for i in range(0, r["layers"], max(1, r["layers"] // 10))]])
         pi.setLabel("left", "layer")
         pi.setTitle(f"Δ perplexity % — {r['technique']} {r['setting']:g} on one Linear at a time "
-                    f"(base {r['base_ppl']:.3g}, {r['tokens']:,} tokens, {r['seconds']:.0f} s)")
+                    f"(base {r['base_ppl']:.3g}, {r['tokens']:,} tokens, {r.get('precision', 'fp32')}, "
+                    f"{r['seconds']:.0f} s)")
         self.bar.setLevels((0, hi))
         self._offer_mixed(r)
         worst = np.unravel_index(np.nanargmax(d), d.shape) if finite.size else None
