@@ -81,6 +81,7 @@ class MainWindow(QMainWindow):
         self.current: JobSpec | None = None
 
         self.client = WorkerClient(self)
+        self._later = 0  # deferred GUI work pending (see later())
         self.client.progress.connect(self._on_progress)
         self.client.log.connect(self._on_log)
         self.client.metric.connect(self._on_metric)
@@ -588,9 +589,8 @@ class MainWindow(QMainWindow):
 
     def run_mixed_precision(self, allocation: dict) -> None:
         """The sensitivity map's allocation becomes the recipe (rtn; the chosen Linears at 8 bits) and runs."""
-        from core.recipe import from_data
         try:
-            recipe = from_data(allocation["recipe"])
+            recipe = recipes.from_data(allocation["recipe"])
         except SqueezeError as e:
             self.say(str(e), error=True)
             return
@@ -630,12 +630,7 @@ class MainWindow(QMainWindow):
             self.say(f"Not started: {e}", error=True)
             self.queue.clear()
             return
-        try:
-            self.client.start(spec, self.ledger)
-        except (OSError, SqueezeError) as e:
-            self.say(f"cannot start the worker: {e}", error=True)
-            self.queue.clear()
-            return
+        self.client.start(spec, self.ledger)  # a failure to start arrives as an error event
         self.current = spec
         what = {"export": "Export", "compare": "Side by side", "weights": "Weights",
                 "sensitivity": "Sensitivity scan"}.get(spec.kind) or (
@@ -717,7 +712,7 @@ class MainWindow(QMainWindow):
     def later(self, ms: int, fn) -> None:
         """Runs `fn` in a later slice of the event loop (keeping each slice of GUI work short);
         `settled` stays False until it has run."""
-        self._later = getattr(self, "_later", 0) + 1
+        self._later += 1
 
         def run():
             self._later -= 1
@@ -727,7 +722,7 @@ class MainWindow(QMainWindow):
     @property
     def settled(self) -> bool:
         """No job running or queued, and no deferred GUI work pending."""
-        return not self.client.running and not self.queue and not getattr(self, "_later", 0)
+        return not self.client.running and not self.queue and not self._later
 
     def refresh(self) -> None:
         """Reloads the current model's runs from the ledger (and again every 2 s while a job left
