@@ -18,43 +18,83 @@ EVAL_TOKENS_PER_S_PER_MPARAM = 300 * 135  # ~300 tok/s scored on a 135M model, 2
 HEADROOM = 0.9              # refuse when the estimate passes 90 % of what is free
 
 
-def _step_extra(step: dict, model_bytes: float, hidden: int, ctx: dict) -> float:
-    """Bytes a step holds beyond the model itself while it runs."""
+def _shape(params: int, hidden: int | None, vocab: int | None, layers: int | None, intermediate: int | None) -> dict:
+    """The model's sizes, read from its config where known, guessed for a Llama-like model otherwise."""
+    hidden = hidden or int((params / 12 / 30) ** 0.5)
+    return {"hidden": hidden, "vocab": vocab or 50_000, "layers": layers or max(1, round(params / (12 * hidden ** 2))),
+            "intermediate": intermediate or 4 * hidden}
+
+
+def _step_ram(step: dict, model_bytes: float, s: dict) -> float:
+    """Bytes a step holds beyond the runtime and the model while it runs (the step's own phase)."""
     name = step.get("technique")
-    if name in TRAINING:  # teacher copy + gradients + Adam's two moments
-        return 4.0 * model_bytes
-    if name in CALIBRATED:
-        samples, seq = step.get("samples", 64), step.get("seq_len", 512)
-        acts = 3 * samples * seq * max(hidden, 1) * 4 * 4      # layer inputs/outputs, the MLP's wide ones
-        hess = 7 * (4 * max(hidden, 1)) ** 2 * 4               # one layer's Hessians (down_proj's is the widest)
-        return acts + hess + 0.1 * model_bytes
-    return 0.15 * model_bytes
+    h, inter, vocab = s["hidden"], s["intermediate"], s["vocab"]
+    if name in TRAINING:
+        tokens = step.get("batch_size", 4) * step.get("seq_len", 256)
+        trainable = max(model_bytes - vocab * h * 4, 0.2 * model_bytes)  # the (tied) embedding stays frozen
+        saved = s["layers"] * tokens * (16 * h + 6 * inter) * 4          # what backward keeps per decoder layer
+        logits = 6 * tokens * vocab * 4     # teacher's and student's logits, softened, log-softmax, their gradient
+        return model_bytes + 3 * trainable + saved + logits               # + the teacher, gradients, Adam's moments
+    if name in CALIBRATED:              # one decoder layer at a time: its inputs and the widest Hessian
+        acts = step.get("samples", 64) * step.get("seq_len", 512) * h * 4
+        return acts + max(h, inter) ** 2 * 4 + 0.05 * model_bytes
+    return 0.05 * model_bytes
+
+
+def _kept(step: dict, model_bytes: float, s: dict) -> float:
+    """Fraction of the model's bytes a shape-changing step keeps (the variant evaluated is smaller)."""
+    name = step.get("technique")
+    h, inter = s["hidden"], s["intermediate"]
+    linear = max(model_bytes - s["vocab"] * h * 4, 0.0) / model_bytes    # share of the decoder layers' weights
+    if name == "low_rank":
+        return 1 - linear * (1 - step.get("keep", 0.8))
+    if name == "structured_prune":
+        ffn = 3 * h * inter / (3 * h * inter + 3 * h * h)                   # FFN's share of a layer (GQA attention)
+        layer = 1 - ffn * step.get("ffn", 0.3) - (1 - ffn) * 0.5 * step.get("heads", 0.0)
+        return 1 - linear * (1 - (1 - step.get("layers", 0.0)) * layer)
+    return 1.0
 
 
 def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, eval_settings: dict,
-             kind: str = "eval", history: list[dict] | None = None) -> dict:
-    """-> {ram_bytes, disk_bytes, seconds, correction}: peak RSS, bytes written, and wall time."""
+             kind: str = "eval", history: list[dict] | None = None, layers: int | None = None,
+             intermediate: int | None = None) -> dict:
+    """-> {ram_bytes, disk_bytes, seconds, correction}: peak RSS, bytes written, and wall time.
+    Peak RSS is the larger of two phases: building the variant (each step with the model it
+    starts from) and evaluating it (the variant as saved and loaded back, plus a window's logits)."""
+    from .techniques import registry
     model_bytes = params * 4.0
-    hidden = hidden or int((params / 12 / 30) ** 0.5)
-    vocab = vocab or 50_000
+    s = _shape(params, hidden, vocab, layers, intermediate)
     steps = (recipe or {}).get("steps") or []
     ctx = eval_settings.get("context", 512)
-    extra = max((_step_extra(s, model_bytes, hidden, ctx) for s in steps), default=0.0)
-    logits = ctx * vocab * 4 * 3                                 # a window's logits, log-softmax, gather
-    ram = RUNTIME_BYTES + model_bytes + extra + logits
+    build, size = 0.0, model_bytes
+    for st in steps:
+        build = max(build, size + _step_ram(st, size, s))
+        size *= _kept(st, size, s)
+    after = size
+    evaluate = after + ctx * s["vocab"] * 4 * 3                   # a window's logits, log-softmax, gather
     if steps:
-        ram += 0.3 * model_bytes                                 # saving and loading the variant back
+        evaluate += 0.3 * after                                  # saving and loading the variant back
+    if any(_packs(registry, st) for st in steps):
+        evaluate += 0.55 * model_bytes                           # packed tensors beside their float weights
     if kind == "export":
-        ram += 3.0 * model_bytes                                 # the tracer's graph + onnxruntime's session
-    disk = (model_bytes if steps else 0) + (model_bytes * 1.3 if kind == "export" else 0)
+        evaluate += 3.0 * after                                  # the tracer's graph + onnxruntime's session
+    ram = RUNTIME_BYTES + max(build, evaluate)
+    disk = (after if steps else 0) + (after * 1.3 if kind == "export" else 0)
     mparams = params / 1e6
     tokens = eval_settings.get("max_tokens", 4096)
     seconds = tokens / (EVAL_TOKENS_PER_S_PER_MPARAM / max(mparams, 1)) + 20
-    seconds += sum(_step_seconds(s, mparams) for s in steps)
+    seconds += sum(_step_seconds(st, mparams) for st in steps)
     if kind == "export":
         seconds = seconds * 3 + mparams * 0.4
     est = {"ram_bytes": ram, "disk_bytes": disk, "seconds": seconds, "correction": 1.0}
     return correct(est, steps, kind, history or [])
+
+
+def _packs(registry, step: dict) -> bool:
+    try:
+        return registry.get(step.get("technique")).packs
+    except Exception:  # an unknown name is the recipe check's to report, not the estimate's
+        return False
 
 
 def _step_seconds(step: dict, mparams: float) -> float:
@@ -125,15 +165,16 @@ def for_spec(spec, model_info=None, history: list[dict] | None = None) -> dict:
     info = model_info or models.info(spec.model, convert=False)
     if not info.params:
         return {}
-    vocab = None
+    cfg = {}
     if info.path:
         import json
         from pathlib import Path
         try:
-            vocab = json.loads(Path(info.path, "config.json").read_text()).get("vocab_size")
+            cfg = json.loads(Path(info.path, "config.json").read_text())
         except (OSError, ValueError):
             pass
     if history is None:
         from .ledger import Ledger
         history = Ledger().rows(spec.model)
-    return estimate(info.params, info.hidden_size, vocab, spec.recipe, spec.eval, spec.kind, history)
+    return estimate(info.params, info.hidden_size, cfg.get("vocab_size"), spec.recipe, spec.eval, spec.kind, history,
+                    layers=cfg.get("num_hidden_layers"), intermediate=cfg.get("intermediate_size"))
