@@ -42,10 +42,10 @@ class WorkerClient(QObject):
 
         def launch():
             try:
-                job.start()
-            except (OSError, ValueError) as e:
+                job.start()  # a failure to start is reported (and recorded) by the job as error + finished
+            except Exception as e:  # noqa: BLE001 - the ledger itself could not be written: still end the job
                 self._event.emit({"type": "error", "job_id": spec.job_id, "kind": "start",
-                                  "message": f"cannot start the worker: {e}"})
+                                  "message": f"cannot start the job: {e}"})
                 self._event.emit({"type": "finished", "job_id": spec.job_id})
             finally:
                 self._launched.set()

@@ -72,6 +72,17 @@ def test_kill_9_marks_the_run_failed_and_keeps_earlier_rows(tiny_model, tiny_eva
     assert rows[first.spec.job_id]["status"] == "done" and rows[first.spec.job_id]["result"]["ppl"] > 1
 
 
+def test_a_worker_that_cannot_start_fails_its_run_in_the_ledger(tiny_model, tiny_eval, home, monkeypatch):
+    from core.jobs import client
+    monkeypatch.setattr(client, "worker_command", lambda: [str(ROOT / "no-such-python"), "--worker"])
+    events, job = _collect(JobSpec(model=tiny_model, eval=tiny_eval))
+    assert job.wait(10)
+    assert [e["type"] for e in events] == ["error", "finished"]
+    assert "cannot start the worker" in events[0]["message"]
+    row = Ledger().get(job.spec.job_id)
+    assert row["status"] == "failed" and "cannot start the worker" in row["error"]  # not left "running"
+
+
 def test_a_job_left_running_by_a_dead_app_is_marked_interrupted(tiny_model, tiny_eval, home):
     led = Ledger()
     spec = JobSpec(model=tiny_model, eval=tiny_eval)

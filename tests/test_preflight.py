@@ -44,3 +44,15 @@ def test_a_finished_run_keeps_its_estimate_beside_what_it_used(tiny_model, tiny_
     assert rec.outcome == "done", rec.error
     pre = rec.result["preflight"]
     assert pre["signature"] == "eval:" and pre["ram_bytes"] > 0 and rec.result["peak_rss_bytes"] > 0
+
+
+def test_distill_estimate_grows_with_what_it_trains_on_and_a_pruned_variant_is_estimated_smaller():
+    ev = {"max_tokens": 4096, "context": 512}
+    shape = dict(layers=30, intermediate=1536)
+    est = lambda step: preflight.estimate(135_000_000, 576, 49152, {"steps": [step]}, ev, **shape)["ram_bytes"]  # noqa: E731
+    small, big = est({"technique": "distill", "batch_size": 2}), est({"technique": "distill", "batch_size": 8})
+    assert big - small > 6 * 1024 * 49152 * 4  # six batches' worth more logits: student, teacher, gradients
+    plain = preflight.estimate(135_000_000, 576, 49152, {"steps": []}, ev, **shape)["ram_bytes"]
+    assert est({"technique": "structured_prune", "layers": 0.5, "ffn": 0.0}) < plain  # the variant evaluated is smaller
+    # quantized variants hold their packed tensors beside the float ones; a mask does not
+    assert est({"technique": "gptq"}) > est({"technique": "sparsegpt"}) > plain

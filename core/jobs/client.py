@@ -82,11 +82,20 @@ class WorkerJob:
         self.recorder = Recorder(self.ledger, self.spec)
         import os
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1)
-        self.ledger.set_pid(self.spec.job_id, self.proc.pid)
-        self.proc.stdin.write(json.dumps(self.spec.to_dict()) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, bufsize=1)
+            self.ledger.set_pid(self.spec.job_id, self.proc.pid)
+            self.proc.stdin.write(json.dumps(self.spec.to_dict()) + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as e:  # recorded like any failure: the ledger row does not stay "running"
+            if self.proc:
+                self.proc.kill()
+            self._emit({"type": "error", "job_id": self.spec.job_id, "kind": "start",
+                        "message": f"cannot start the worker: {e}; check that the app is installed completely"})
+            self._emit({"type": "finished", "job_id": self.spec.job_id})
+            self._done.set()
+            return self
         threading.Thread(target=self._read_events, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
         return self
