@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402
 from results_md import write_section  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "installer"))
+from fresh import fresh_env, start_xvfb  # noqa: E402
+
 DIST = ROOT / "installer" / "dist"
 APP_DIR = DIST / "squeeze-studio"
 APP = APP_DIR / "squeeze-studio"
@@ -47,28 +50,15 @@ def drop_caches() -> str:
 
 
 def start_seconds(home: Path, display: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SQUEEZE_HOME")}
-    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
-               XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1",
-               QT_QPA_PLATFORM="xcb" if display else "offscreen", **({"DISPLAY": display} if display else {}))
     shot = home / "shot.png"
     t0 = time.perf_counter()
-    r = subprocess.run([str(APP), "--screenshot", str(shot)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([str(APP), "--screenshot", str(shot)], env=fresh_env(home, display), capture_output=True,
+                       text=True, timeout=120)
     dt = time.perf_counter() - t0
     if r.returncode != 0 or not shot.is_file():
         raise SystemExit(f"start failed ({r.returncode}): {r.stderr[-2000:]}")
     shot.unlink()
     return dt
-
-
-def xvfb() -> tuple[subprocess.Popen, str]:
-    read, write = os.pipe()
-    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1440x900x24", "-nolisten", "tcp"],
-                            pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write)
-    display = ":" + os.read(read, 32).decode().strip()
-    os.close(read)
-    return proc, display
 
 
 def main() -> None:
@@ -88,7 +78,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="squeeze-bundle-bench-"))
     start_seconds(home, None)  # first start of a fresh home writes its settings; not timed
     rows, how = [], ""
-    xproc, display = xvfb() if shutil.which("Xvfb") else (None, None)
+    xproc, display = start_xvfb(home / "xvfb.log", "1440x900x24") if shutil.which("Xvfb") else (None, None)
     try:
         for platform, disp in (("offscreen", None), ("Xvfb (xcb)", display)):
             if platform.startswith("Xvfb") and not disp:

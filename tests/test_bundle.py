@@ -9,12 +9,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "installer"))
+from fresh import fresh_env, start_xvfb  # noqa: E402
 DIST = ROOT / "installer" / "dist"
 APP = DIST / "squeeze-studio" / "squeeze-studio"
 STAMP = DIST / ".source-sha256"
@@ -55,35 +58,19 @@ def bundle_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def xvfb(tmp_path_factory):
     """A virtual X screen (Debian's xvfb); ./studio test installs it when it can (root + apt-get)."""
-    exe = shutil.which("Xvfb")
-    assert exe, ("Xvfb is not installed: the bundle is tested on a virtual X screen too. Install it with "
-                 "`apt install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1` (./studio test does this as root)")
-    log = tmp_path_factory.mktemp("xvfb") / "xvfb.log"  # a file, not a pipe: a full pipe would stall the server
-    read, write = os.pipe()
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                                pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=err)
-    os.close(write)
-    display = os.read(read, 32).decode().strip()
-    os.close(read)
-    assert display and proc.poll() is None, f"Xvfb did not start: {log.read_text()[-2000:]}"
-    yield f":{display}"
+    try:
+        proc, display = start_xvfb(tmp_path_factory.mktemp("xvfb") / "xvfb.log")
+    except RuntimeError as e:
+        pytest.fail(f"the bundle is tested on a virtual X screen too: {e}")
+    yield display
     proc.terminate()
     proc.wait(10)
 
 
 def run_app(app: Path, *args, home: Path, display: str | None = None, timeout=600) -> subprocess.CompletedProcess:
     # the bundle must stand alone: none of the test venv's paths, a fresh user home
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SQUEEZE_HOME",
-                                                            "QT_QPA_PLATFORM", "DISPLAY", "QT_PLUGIN_PATH")}
-    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
-               XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", PATH="/usr/bin:/bin")
-    if display:
-        env.update(DISPLAY=display, QT_QPA_PLATFORM="xcb")
-    else:
-        env["QT_QPA_PLATFORM"] = "offscreen"
-    return subprocess.run([str(app), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=home)
+    return subprocess.run([str(app), *args], capture_output=True, text=True, timeout=timeout,
+                          env=fresh_env(home, display), cwd=home)
 
 
 def self_test_result(r: subprocess.CompletedProcess) -> dict:
