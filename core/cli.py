@@ -132,7 +132,7 @@ def cmd_export(a) -> int:
         raise SqueezeError(f"unknown export format {a.format!r}; only onnx is supported")
     out = Path(a.out).expanduser().resolve()
     spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), kind="export",
-                   export={"out": str(out), "quantize": a.quantize, "opset": a.opset})
+                   export={"out": str(out), "quantize": a.quantize, "opset": a.opset, "graph": a.graph})
     r = _run_and_say(spec, a, lambda r: (
         f"exported to {r['path']}: {r['size_bytes'] / 1e6:.1f} MB, ppl onnx {r['ppl_onnx']:.3f} "
         f"vs torch {r['ppl_torch']:.3f}, decode {r['decode_tokens_per_s_onnx']:.1f} tok/s "
@@ -268,6 +268,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", default="onnx")
     sp.add_argument("--quantize", choices=["int8", "int4"], default=None)
     sp.add_argument("--opset", type=int, default=None)
+    sp.add_argument("--graph", choices=["fused", "portable"], default="fused",
+                    help="fused: onnxruntime's fused attention and norm ops, fastest in onnxruntime (Llama-family "
+                         "models; others fall back to portable); portable: standard ONNX ops only (optimum-onnx), "
+                         "for other runtimes")
     sp.add_argument("--out", required=True, help="output folder (new or empty)")
     common(sp)
     sp.set_defaults(fn=cmd_export)

@@ -448,7 +448,7 @@ class MainWindow(QMainWindow):
         self._next()
 
     def export_selected(self, out: str | None = None, quantize: str | None = None,
-                        opset: int | None = None) -> JobSpec | None:
+                        opset: int | None = None, graph: str = "fused") -> JobSpec | None:
         row = self.table.selected_row()
         if not row or row["status"] != "done" or row.get("export"):
             self.say("Select a finished run to export.", error=True)
@@ -458,7 +458,8 @@ class MainWindow(QMainWindow):
             return None
         out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}")
         spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export",
-                       export={"out": out, "quantize": quantize, "opset": opset, "variant_dir": row["variant_dir"]},
+                       export={"out": out, "quantize": quantize, "opset": opset, "graph": graph,
+                               "variant_dir": row["variant_dir"]},
                        parent_id=row["id"])
         self.queue.append(spec)
         self._next()
@@ -615,8 +616,8 @@ class MainWindow(QMainWindow):
         self._next()
         return spec
 
-    def _export_clicked(self, out: str, quantize, opset) -> None:
-        self.export_selected(out or None, quantize, opset)
+    def _export_clicked(self, out: str, quantize, opset, graph: str) -> None:
+        self.export_selected(out or None, quantize, opset, graph)
 
     def _next(self) -> None:
         if self.client.running or not self.queue:

@@ -152,6 +152,38 @@ def test_int8_quantizes_the_tied_embedding_and_lm_head_once(wide_model, tiny_eva
     assert readers == ["GatherBlockQuantized", "MatMulNBits"]
 
 
+def test_a_llama_exports_as_onnxruntimes_fused_graph_with_the_same_numbers_as_the_portable_one(wide_model, tiny_eval,
+                                                                                              home, tmp_path):
+    import onnx
+
+    from core.export.onnx import FUSED, TRACED
+    runs = {}
+    for graph in ("fused", "portable"):
+        spec = JobSpec(model=wide_model, kind="export", eval=tiny_eval,
+                       export={"out": str(tmp_path / graph), "quantize": None, "graph": graph})
+        rec = run_inline(spec)
+        assert rec.outcome == "done", rec.error
+        runs[graph] = rec.result
+    fused, portable = runs["fused"], runs["portable"]
+    assert fused["graph"] == FUSED and fused["graph_note"] is None
+    assert portable["graph"] == TRACED and "portable" in portable["graph_note"]
+    for r in (fused, portable):  # both verified against torch: ppl within 1 %, greedy tokens identical
+        assert r["ok"] is True, r["failure"]
+        assert r["generation_match"] == 1.0
+    assert fused["ppl_onnx"] == pytest.approx(portable["ppl_onnx"], rel=1e-4)
+    ops = {g: [n.op_type for n in onnx.load(str(tmp_path / g / "model.onnx"), load_external_data=False).graph.node]
+           for g in runs}
+    assert ops["fused"].count("GroupQueryAttention") == 2  # one per layer: attention, rotary and the cache append
+    assert len(ops["fused"]) * 4 < len(ops["portable"])   # what a decoded token walks through
+    assert fused["size_bytes"] <= portable["size_bytes"] * 1.01
+
+
+def test_a_model_the_fused_writer_cannot_take_is_exported_portable_and_says_why(fp32_export):
+    from core.export.onnx import TRACED
+    _, r = fp32_export  # the tiny model's heads are 24 wide; GroupQueryAttention needs multiples of 16
+    assert r["graph"] == TRACED and "head size 24" in r["graph_note"]
+
+
 def test_int8_of_an_untied_model_quantizes_embedding_and_lm_head_separately(tiny_tokenizer_dir, tiny_eval, home, tmp_path):
     model = str(make_tiny_llama(tmp_path / "untied", tiny_tokenizer_dir, hidden_size=256, intermediate_size=704,
                                 tie_word_embeddings=False))
@@ -347,11 +379,12 @@ def test_cli_export_prints_one_json_object(tiny_model, short_text, home, tmp_pat
     out = tmp_path / "cli"
     r = subprocess.run(cmd + ["export", tiny_model, "--format", "onnx", "--out", str(out), "--text", str(short_text),
                               "--max-tokens", "512", "--context", "128", "--prompt-tokens", "16", "--new-tokens", "8",
-                              "--repeats", "1", "--json"],
+                              "--repeats", "1", "--graph", "portable", "--json"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env=dict(os.environ, SQUEEZE_HOME=str(home)))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
+    assert res["graph"].startswith("optimum-onnx") and res["graph_note"] == "a portable graph was asked for"
     for k in ("path", "size_bytes", "ppl_onnx", "ppl_torch", "decode_tokens_per_s_onnx", "decode_tokens_per_s_torch"):
         assert k in res, k
     assert Path(res["path"]).is_file() and res["ppl_onnx"] == pytest.approx(res["ppl_torch"], rel=0.01)

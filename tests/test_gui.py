@@ -287,6 +287,7 @@ def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_windo
     out = tmp_path / "onnx"
     w.export_panel.out.setText(str(out))
     w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData(None))
+    w.export_panel.graph.setCurrentIndex(w.export_panel.graph.findData("portable"))
     qtbot.mouseClick(w.export_panel.button, Qt.LeftButton)
     assert not w.export_panel.button.isEnabled() and not w.run_button.isEnabled()
     wait_idle(qtbot, w, timeout=300_000)
@@ -300,6 +301,8 @@ def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_windo
     assert "onnxruntime" in shown or "verification failed" in shown
     assert "perplexity" in shown and "decode tok/s" in shown and "file MB" in shown
     assert "memory bound" in shown and "prompts identical" in shown
+    assert exports[0]["settings"]["export"]["graph"] == "portable"  # the panel's choice reaches the job
+    assert "graph: optimum-onnx traced" in shown and "portable graph was asked for" in shown
     # the export is its own row, right under the run it came from, with onnxruntime's numbers
     ids = [r["id"] for r in w.table.results.rows]
     erow = w.table.results.rows[ids.index(exports[0]["id"])]

@@ -36,12 +36,13 @@ PARITY_TOKENS = 8
 def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None = None, settings=None,
                 torch_numbers: dict | None = None, progress: Callable | None = None,
                 check_cancel: Callable[[], None] | None = None, log: Callable | None = None,
-                candidates: tuple | None = None) -> dict:
+                candidates: tuple | None = None, fused: bool = True) -> dict:
     """Export `model` (float32 causal LM, eval mode) with `tok` into the folder `out` and verify the
     written file in onnxruntime on `settings`' text. Returns path, folder, size_bytes (model.onnx +
     external data), fp32_size_bytes, ppl_onnx, tokens_scored_onnx, decode/prefill_tokens_per_s_onnx,
-    quantize, quant_path (chosen candidate or None), candidates (one row per quantized path tried), ok and
-    failure. A quality failure is reported (ok False, failure says why), not raised; anything that
+    quantize, quant_path (chosen candidate or None), candidates (one row per quantized path tried), graph
+    (which writer made the graph: FUSED or TRACED, see _export_fp32), ok and failure. A quality
+    failure is reported (ok False, failure says why), not raised; anything that
     stops the export raises ExportError with one line (or Cancelled), leaving nothing at `out`."""
     from ..evaluate import EvalSettings
 
@@ -58,8 +59,9 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
     torch_bpt = roofline.torch_bytes_per_token(model)
     stage, made = _staging_dir(out)
     try:
-        progress("export", 0.0, "tracing the model to ONNX")
-        _export_fp32(model, tok, stage, opset)
+        progress("export", 0.0, "writing the ONNX graph")
+        graph_used, graph_note = _export_fp32(model, tok, stage, opset, fused)
+        log(f"ONNX graph: {graph_used}" + (f" ({graph_note})" if graph_note else ""))
         check()
         fp32_file = stage / MODEL_FILE
         fp32_size = model_bytes(fp32_file)
@@ -71,7 +73,8 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
             res = _quantized(quantize, fp32_file, stage, candidates or qz.CANDIDATES_FOR[quantize],
                              getattr(model, "squeeze_packed", None), windows, bos, prompt, parity, settings,
                              torch_numbers, progress, check, log)
-        res.update(fp32_size_bytes=fp32_size, quantize=quantize, bandwidth_bytes_per_s=bw,
+        res.update(fp32_size_bytes=fp32_size, quantize=quantize, graph=graph_used, graph_note=graph_note,
+                   bandwidth_bytes_per_s=bw,
                    torch_bytes_per_token=torch_bpt, roofline_tokens_per_s_torch=bw / torch_bpt,
                    parity_prompts=list(PARITY_PROMPTS), generation_torch=parity["torch"])
         zeros = _zero_fraction(model)
@@ -116,7 +119,29 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
 
 # ------------------------------------------------------------------ steps
 
-def _export_fp32(model, tok, folder: Path, opset: int | None) -> None:
+FUSED = "onnxruntime fused (GroupQueryAttention, SkipSimplifiedLayerNormalization)"
+TRACED = "optimum-onnx traced (standard ONNX ops)"
+
+
+def _export_fp32(model, tok, folder: Path, opset: int | None, fused: bool = True) -> tuple[str, str | None]:
+    """Writes folder/model.onnx in fp32 -> (which graph, why not the fused one or None).
+    The fused graph (core/export/graph.py) decodes faster in onnxruntime; the traced one runs in any
+    ONNX runtime and covers every architecture optimum-onnx knows."""
+    from . import graph
+
+    why = None if fused else "a portable graph was asked for"
+    if why is None and opset is not None and opset < graph.MIN_OPSET:
+        why = f"opset {opset} is below {graph.MIN_OPSET}"
+    why = why or graph.supported(model)
+    if why is None:
+        graph.build(model, folder, opset)
+        tok.save_pretrained(folder)
+        return FUSED, None
+    _export_traced(model, tok, folder, opset)
+    return TRACED, why
+
+
+def _export_traced(model, tok, folder: Path, opset: int | None) -> None:
     import logging
 
     from optimum.exporters.onnx import onnx_export_from_model

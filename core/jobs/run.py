@@ -190,7 +190,7 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
         _, model, tok, _ = build_variant(spec, recipe, em, check)
     torch_numbers = measure(model, tok, settings, em, check)
     res = export_onnx(model, tok, out, quantize=opts.get("quantize"), opset=opts.get("opset"),
-                      settings=settings, torch_numbers=torch_numbers,
+                      fused=opts.get("graph", "fused") == "fused", settings=settings, torch_numbers=torch_numbers,
                       progress=lambda stage, f, note="": em.progress(stage, f, note),
                       check_cancel=check, log=em.log)
     res.update(model=spec.model, recipe=recipe.to_dict(), label=recipe.label(),

@@ -13,7 +13,8 @@ class JobSpec:
     recipe: dict = field(default_factory=lambda: {"steps": []})
     eval: dict = field(default_factory=lambda: EvalSettings().to_dict())
     kind: str = "eval"                 # eval | export | compare
-    export: dict | None = None         # {"out": dir, "quantize": None|"int8"|"int4", "opset": int|None}
+    export: dict | None = None         # {"out": dir, "quantize": None|"int8"|"int4", "opset": int|None,
+                                       #  "graph": "fused"|"portable"}
     compare: dict | None = None        # {"prompt", "new_tokens", "reference"/"variant": {"label", "variant_dir"}}
     parent_id: str | None = None       # export: the eval run whose variant is exported
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

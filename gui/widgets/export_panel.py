@@ -23,11 +23,18 @@ QUANTIZE_TIPS = {
             "kept); a float variant is re-quantized by RTN and the result says so.",
 }
 OPSETS = (("auto", None), ("14", 14), ("17", 17), ("18", 18))
+GRAPHS = (("onnxruntime (fused, fastest)", "fused"), ("portable (standard ONNX ops)", "portable"))
+GRAPH_TIPS = {
+    "fused": "Attention, rotary and the KV cache append as onnxruntime's GroupQueryAttention, residual + RMSNorm "
+             "fused: decodes faster in onnxruntime. Llama-family models; others get the portable graph and the "
+             "result says why.",
+    "portable": "optimum-onnx's traced graph with standard ONNX ops only: for runtimes other than onnxruntime.",
+}
 
 
 class ExportPanel(QGroupBox):
-    """Emits `export(out_dir, quantize, opset)`; the window builds the job."""
-    export = Signal(str, object, object)
+    """Emits `export(out_dir, quantize, opset, graph)`; the window builds the job."""
+    export = Signal(str, object, object, str)
 
     def __init__(self, parent=None):
         super().__init__("Export to ONNX", parent)
@@ -46,7 +53,12 @@ class ExportPanel(QGroupBox):
         self.opset = QComboBox()
         for text, value in OPSETS:
             self.opset.addItem(text, value)
-        self.opset.setToolTip("ONNX opset; auto = what optimum-onnx picks for the architecture")
+        self.opset.setToolTip("ONNX opset; auto = 17 for the fused graph, what optimum-onnx picks for the "
+                              "portable one")
+        self.graph = QComboBox()
+        for i, (text, value) in enumerate(GRAPHS):
+            self.graph.addItem(text, value)
+            self.graph.setItemData(i, GRAPH_TIPS[value], Qt.ToolTipRole)
         self.out = QLineEdit()
         self.out.setPlaceholderText("default: workspace/exports/…")
         self.out.setToolTip("An empty or new folder for model.onnx")
@@ -55,6 +67,7 @@ class ExportPanel(QGroupBox):
         browse.clicked.connect(self._pick)
         form = QFormLayout()
         form.addRow("target", self.quantize)
+        form.addRow("graph", self.graph)
         form.addRow("opset", self.opset)
         row = QHBoxLayout()
         row.addWidget(self.out, 1)
@@ -78,7 +91,8 @@ class ExportPanel(QGroupBox):
         self.row: dict | None = None
 
     def _export_clicked(self) -> None:
-        self.export.emit(self.out.text().strip(), self.quantize.currentData(), self.opset.currentData())
+        self.export.emit(self.out.text().strip(), self.quantize.currentData(), self.opset.currentData(),
+                         self.graph.currentData())
 
     def _update_estimate(self, *_) -> None:
         r = self.row
@@ -145,6 +159,9 @@ def describe(e: dict) -> str:
              if r.get("size_bytes") and r.get("fp32_size_bytes") and q != "fp32" else ""),
         ))
     path = f"<br>path: {html.escape(r['quant_path'])}" if r.get("quant_path") else ""
+    if r.get("graph"):
+        path += f"<br>graph: {html.escape(r['graph'])}" + (f" — {html.escape(r['graph_note'])}"
+                                                          if r.get("graph_note") else "")
     if r.get("note"):
         path += f"<br>{html.escape(r['note'])}"
     return (f"{head}<table cellspacing=4><tr><th></th><th align=right>ONNX</th><th align=right>torch</th><th></th></tr>"

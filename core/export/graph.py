@@ -1,0 +1,195 @@
+"""A Llama-family model written straight to an onnxruntime-fused ONNX graph.
+
+Why not only optimum-onnx: its traced Llama graph runs ~3,000 small ops per decoded token (causal
+mask, position and rotary arithmetic, shape ops rebuilt at every step), and on a 2-core CPU that
+framework overhead, not the weights, bounds decode speed (bench/RESULTS.md, "issue-6-status").
+onnxruntime ships fused kernels for exactly this block: GroupQueryAttention (causal attention with
+rotary embedding and the KV cache append in one op) and SkipSimplifiedLayerNormalization (residual
+add + RMSNorm). No kept library writes them for transformers 4.57 (onnxruntime-genai's builder needs
+transformers >= 5), so this module does, for the models whose every layer is the plain Llama block;
+anything else goes through optimum-onnx as before (export_onnx decides).
+
+The graph keeps optimum's contract, so the verification, the quantizers and generate.py use it
+unchanged:
+  inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64,
+           past_key_values.{i}.key / .value (B, kv_heads_i, P, head_dim) float32
+  outputs  logits (B, T, V), present.{i}.key / .value (B, kv_heads_i, P+T, head_dim)
+Each weight is a MatMul with B = W^T (K, N) as an initializer, and a tied LM head is
+MatMul(x, Transpose(E)) on the embedding table, as optimum writes them: the int8 / int4 rewrites
+(core/export/quantize.py) find them the same way. Batches are unpadded (the app feeds batch 1 with
+an all-ones mask): GroupQueryAttention reads each row's length from the mask.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17
+MIN_OPSET = 13     # ReduceSum with its axes as an input
+MS = "com.microsoft"
+
+
+def supported(model) -> str | None:
+    """None when `model` can be written by this module, else why not (one line)."""
+    import torch.nn as nn
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        return f"model type {getattr(cfg, 'model_type', None)!r} is not a Llama-family decoder"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "sliding_window", None) and \
+            getattr(cfg, "use_sliding_window", True) and cfg.model_type != "llama":
+        return "activation or sliding-window attention not handled"
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head % 16:
+        return f"head size {head} is not a multiple of 16 (onnxruntime's GroupQueryAttention needs that)"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return "no decoder layers / LM head where a Llama keeps them"
+    for i, layer in enumerate(layers):
+        at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = [(at, "q_proj"), (at, "k_proj"), (at, "v_proj"), (at, "o_proj"),
+                 (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+        if at is None or mlp is None or type(layer).forward is not type(layers[0]).forward:
+            return f"layer {i} is not a plain decoder layer"
+        if not all(type(getattr(m, n, None)) is nn.Linear for m, n in names):
+            return f"layer {i} has a projection that is not a plain Linear (factored, routed or wrapped)"
+        if type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP") or \
+                type(at).__name__ not in ("LlamaAttention", "MistralAttention", "Qwen2Attention"):
+            return f"layer {i} has a modified attention or MLP block ({type(at).__name__}, {type(mlp).__name__})"
+    if getattr(cfg, "rope_scaling", None) and (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default")) not in (
+            "default", "linear", "llama3", "yarn"):  # frequencies that do not change with the length
+        return "rope scaling type not handled"
+    return None
+
+
+def build(model, folder: Path, opset: int | None = None) -> Path:
+    """Writes folder/model.onnx (+ config) for `model` (float32, eval mode). -> the model file."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    cfg = model.config
+    inner = model.model
+    h = cfg.hidden_size
+    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+    nodes, inits = [], []
+
+    def init(name: str, a: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.array(a, order="C"), name))  # (ascontiguousarray makes 0-d 1-d)
+        return name
+
+    def node(op: str, ins: list[str], outs: list[str], domain: str = "", **attrs):
+        nodes.append(helper.make_node(op, ins, outs, name=outs[0] + "_" + op if outs[0] else op + str(len(nodes)),
+                                      domain=domain, **attrs))
+        return outs
+
+    def w(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float32).numpy()
+
+    def linear(x: str, mod, name: str) -> str:
+        y = node("MatMul", [x, init(name + ".weight_T", w(mod.weight).T)], [name])[0]   # (.., K) @ (K, N)
+        if mod.bias is not None:
+            y = node("Add", [y, init(name + ".bias", w(mod.bias))], [name + "_b"])[0]
+        return y
+
+    # Rotary tables (P, D/2) for every position the model knows, computed in the graph from the
+    # rotary module's own frequencies (its rope type's scaling already applied) as HF computes
+    # them: cos(pos * inv_freq) * attention_scaling. Only constants feed them, so onnxruntime folds
+    # them once at load and the file keeps D/2 floats instead of two tables.
+    max_pos = int(getattr(cfg, "max_position_embeddings", 4096))
+    rot = inner.rotary_emb
+    node("Range", [init("rope_start", np.array(0, np.int64)), init("rope_len", np.array(max_pos, np.int64)),
+                   init("rope_step", np.array(1, np.int64))], ["rope_pos64"])
+    node("Cast", ["rope_pos64"], ["rope_pos_f"], to=TensorProto.FLOAT)
+    node("Unsqueeze", ["rope_pos_f", init("axis1", np.array([1], np.int64))], ["rope_pos"])      # (P, 1)
+    # (P, 1) * (1, D/2) by broadcasting, not MatMul: the weight quantizers rewrite every MatMul on a constant
+    node("Mul", ["rope_pos", init("rope_inv_freq", w(rot.inv_freq)[None, :])], ["rope_freqs"])    # (P, D/2)
+    scale = float(getattr(rot, "attention_scaling", 1.0))
+    cos_name, sin_name = "cos_cache", "sin_cache"
+    for op, name in (("Cos", cos_name), ("Sin", sin_name)):
+        if scale == 1.0:
+            node(op, ["rope_freqs"], [name])
+        else:
+            node(op, ["rope_freqs"], [name + "_unscaled"])
+            node("Mul", [name + "_unscaled", init("rope_scaling", np.array(scale, np.float32))], [name])
+
+    # Each row's length from the mask: GroupQueryAttention wants (total - 1) per row and the total.
+    one = init("one_i64", np.array(1, np.int64))
+    node("ReduceSum", ["attention_mask", "axis1"], ["mask_len"], keepdims=0)
+    node("Sub", ["mask_len", one], ["seqlens_m1"])
+    node("Cast", ["seqlens_m1"], ["seqlens_k"], to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", one], ["total_len64"], axis=0)
+    node("Cast", ["total_len64"], ["total_len"], to=TensorProto.INT32)
+
+    emb = inner.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == emb.data_ptr()
+    table = init("model.embed_tokens.weight", w(emb))                                  # (V, H)
+    x = node("Gather", [table, "input_ids"], ["inputs_embeds"], axis=0)[0]             # (B, T, H)
+
+    graph_in = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                              ["batch_size", "past_sequence_length + sequence_length"])]
+    graph_out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length",
+                                                                             cfg.vocab_size])]
+    presents = []
+    residual, pending = x, None            # pending: a block's output not yet added to the residual
+    for i, layer in enumerate(inner.layers):
+        p = f"model.layers.{i}"
+        at, mlp = layer.self_attn, layer.mlp
+        nq, nkv = at.q_proj.out_features // d, at.k_proj.out_features // d
+        normed, residual = _rms(node, init, w, layer.input_layernorm, residual, pending, eps, p + ".input_norm")
+        q, k, v = (linear(normed, getattr(at, n), f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj"))
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        ok, ov = f"present.{i}.key", f"present.{i}.value"
+        for name in (pk, pv):
+            graph_in.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                          ["batch_size", nkv, "past_sequence_length", d]))
+        for name in (ok, ov):
+            presents.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                          ["batch_size", nkv, "total_sequence_length", d]))
+        attn = node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_len", cos_name, sin_name],
+                    [f"{p}.attn", ok, ov], domain=MS, num_heads=nq, kv_num_heads=nkv, do_rotary=1,
+                    rotary_interleaved=0, scale=float(getattr(at, "scaling", d ** -0.5)))[0]
+        o = linear(attn, at.o_proj, f"{p}.self_attn.o_proj")
+        normed, residual = _rms(node, init, w, layer.post_attention_layernorm, residual, o, eps, p + ".post_norm")
+        gate = linear(normed, mlp.gate_proj, f"{p}.mlp.gate_proj")
+        up = linear(normed, mlp.up_proj, f"{p}.mlp.up_proj")
+        sig = node("Sigmoid", [gate], [f"{p}.mlp.sigmoid"])[0]
+        act = node("Mul", [gate, sig], [f"{p}.mlp.silu"])[0]
+        prod = node("Mul", [act, up], [f"{p}.mlp.prod"])[0]
+        pending = linear(prod, mlp.down_proj, f"{p}.mlp.down_proj")
+    normed, _ = _rms(node, init, w, inner.norm, residual, pending, eps, "model.norm")
+    if tied:
+        node("Transpose", [table], ["lm_head_T"], perm=[1, 0])
+        node("MatMul", [normed, "lm_head_T"], ["logits"])
+    else:
+        head = node("MatMul", [normed, init("lm_head.weight_T", w(model.lm_head.weight).T)], ["logits_nb"])[0]
+        if model.lm_head.bias is not None:
+            node("Add", [head, init("lm_head.bias", w(model.lm_head.bias))], ["logits"])
+        else:
+            nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(nodes, "squeeze-llama", graph_in, graph_out + presents, initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or OPSET), helper.make_opsetid(MS, 1)],
+                          producer_name="squeeze-studio")
+    m.ir_version = 8
+    folder = Path(folder)
+    out = folder / "model.onnx"
+    from .quantize import save
+    save(m, out)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    return out
+
+
+def _rms(node, init, w, norm, residual: str, add: str | None, eps: float, name: str) -> tuple[str, str]:
+    """RMSNorm of residual (+ add): -> (normed, the new residual). One fused op either way."""
+    gamma = init(name + ".weight", w(norm.weight))
+    if add is None:
+        return node("SimplifiedLayerNormalization", [residual, gamma], [name], axis=-1, epsilon=eps)[0], residual
+    outs = node("SkipSimplifiedLayerNormalization", [add, residual, gamma], [name, "", "", name + "_sum"],
+                domain=MS, epsilon=eps)
+    return outs[0], outs[3]
