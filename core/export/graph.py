@@ -175,6 +175,8 @@ def build(model, folder: Path, opset: int | None = None) -> Path:
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset or OPSET), helper.make_opsetid(MS, 1)],
                           producer_name="squeeze-studio")
     m.ir_version = 8
+    from .ort_runner import SHARED_KV_KEY
+    helper.set_model_props(m, {SHARED_KV_KEY: "1"})  # GroupQueryAttention can decode in place
     folder = Path(folder)
     out = folder / "model.onnx"
     from .quantize import save
@@ -193,3 +195,102 @@ def _rms(node, init, w, norm, residual: str, add: str | None, eps: float, name: 
     outs = node("SkipSimplifiedLayerNormalization", [add, residual, gamma], [name, "", "", name + "_sum"],
                 domain=MS, epsilon=eps)
     return outs[0], outs[3]
+
+
+# --------------------------------------------------------------- sibling projections as one
+
+def is_fused(model) -> bool:
+    return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+
+
+def fuse_file(path: Path) -> int:
+    """fuse_siblings on a model file, rewritten in place."""
+    import onnx
+
+    from .quantize import save
+    m = onnx.load(str(path))
+    n = fuse_siblings(m)
+    if n:
+        for p in Path(path).parent.glob(Path(path).name + "_data"):
+            p.unlink()
+        save(m, Path(path))
+    return n
+
+
+def fuse_siblings(model) -> int:
+    """Projections that read the same input (q/k/v; gate/up) become one wider MatMul (fp32 weights
+    concatenated along N) or MatMulNBits (codes, scales and zero points concatenated along N) and
+    a Split back to the original outputs: fewer, larger kernels per decoded token. Run after the
+    weight quantizers (they match each projection's own weight). -> projections merged."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    groups: dict[tuple, list] = {}
+    for n in g.node:
+        key = _fusable(n, inits)
+        if key is not None:
+            groups.setdefault(key, []).append(n)
+    merged = 0
+    for key, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        arrays = [_weights(n, inits) for n in nodes]                  # per node: [B, scales, zp] along N
+        widths = [a[-1] for a in arrays]
+        name = nodes[0].name + "_fused"
+        ins = [nodes[0].input[0]]
+        for j in range(len(arrays[0]) - 1):
+            cat = np.concatenate([a[j] for a in arrays], axis=1 if key[0] == "MatMul" else 0)
+            part = f"{name}_" + (("weight_T",) if key[0] == "MatMul" else ("B", "scales", "zero_points"))[j]
+            g.initializer.append(numpy_helper.from_array(cat, part))
+            ins.append(part)
+        attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+        if key[0] == "MatMulNBits":
+            attrs["N"] = sum(widths)
+        y = name + "_y"
+        i = list(g.node).index(nodes[0])
+        new = [helper.make_node(key[0], ins, [y], name=name, domain=nodes[0].domain, **attrs),
+               helper.make_node("Split", [y, _const(g, name + "_widths", np.array(widths, np.int64))],
+                                [n.output[0] for n in nodes], name=name + "_split", axis=-1)]
+        for n in nodes:
+            g.node.remove(n)
+        for k, n in enumerate(new):
+            g.node.insert(i + k, n)
+        merged += len(nodes)
+    used = {x for n in g.node for x in n.input}
+    for t in list(g.initializer):
+        if t.name not in used:
+            g.initializer.remove(t)
+    return merged
+
+
+def _fusable(n, inits) -> tuple | None:
+    """Grouping key of a projection that can be merged with its siblings, or None."""
+    from onnx import helper
+    if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 \
+            and inits[n.input[1]].data_type == 1:
+        return ("MatMul", n.input[0], inits[n.input[1]].dims[0])
+    if n.op_type == "MatMulNBits" and all(x in inits for x in n.input[1:]) and len(n.input) in (3, 4):
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        return ("MatMulNBits", n.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0),
+                len(n.input))
+    return None
+
+
+def _weights(n, inits) -> list:
+    """The node's constant inputs, each with N as its first axis (MatMul: B (K, N), N on axis 1), then N."""
+    from onnx import helper, numpy_helper
+    arrs = [numpy_helper.to_array(inits[x]) for x in n.input[1:]]
+    if n.op_type == "MatMul":
+        return [arrs[0], arrs[0].shape[1]]
+    width = {x.name: helper.get_attribute_value(x) for x in n.attribute}["N"]
+    out = [arrs[0]]
+    for a in arrs[1:]:  # scales / zero points: (N, x) or flat (N * x)
+        out.append(a.reshape(width, -1) if a.ndim == 1 else a)
+    return out + [width]
+
+
+def _const(g, name: str, a: np.ndarray) -> str:
+    from onnx import numpy_helper
+    g.initializer.append(numpy_helper.from_array(a, name))
+    return name

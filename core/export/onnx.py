@@ -68,6 +68,9 @@ def export_onnx(model, tok, out, quantize: str | None = None, opset: int | None 
         progress("export", 1.0, f"{fp32_size / 1e6:.1f} MB fp32")
         windows, bos, prompt = _verification_tokens(tok, settings)
         if quantize is None:
+            if graph_used == FUSED:
+                from . import graph
+                graph.fuse_file(fp32_file)  # q/k/v and gate/up as one MatMul each (after sizing: same bytes)
             res = _verify_fp32(fp32_file, windows, bos, prompt, parity, settings, torch_numbers, progress, check)
         else:
             res = _quantized(quantize, fp32_file, stage, candidates or qz.CANDIDATES_FOR[quantize],

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+SHARED_KV_KEY = "squeeze.kv_shared_buffer"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -58,6 +59,11 @@ class CausalLM:
         self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)
         self.present_for = {n: "present." + n[len("past_key_values."):] for n in self.past_names}
         self.output_names = ["logits"] + [self.present_for[n] for n in self.past_names]
+        # A graph whose attention is onnxruntime's GroupQueryAttention can decode into one
+        # preallocated cache per layer that is both its past input and its present output (the
+        # "shared buffer": no step copies the growing cache); core/export/graph.py marks such graphs.
+        meta = s.get_modelmeta().custom_metadata_map
+        self.shared_kv = meta.get(SHARED_KV_KEY) == "1"
         self._past_meta = {}
         for n in self.past_names:  # (B, kv_heads, P, head_dim): heads and head_dim are fixed ints
             shape = inputs[n].shape
@@ -87,8 +93,23 @@ class CausalLM:
     # copies the growing cache out to numpy and back.
     def start(self, ids: np.ndarray):
         """Prefill: ids (1, T) -> (logits (1, T, V) numpy, cache as OrtValues, cache length)."""
-        past = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.empty_past(1).items()}
-        return self._bound(np.asarray(ids, dtype=np.int64), past, 0)
+        ids = np.asarray(ids, dtype=np.int64)
+        past = self._buffers(ids.shape[1]) if self.shared_kv else \
+            {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.empty_past(1).items()}
+        return self._bound(ids, past, 0)
+
+    def _buffers(self, need: int, old: dict | None = None) -> dict:
+        """Shared-buffer caches with room for `need` tokens (rounded up to a power of two, at least
+        256), holding what `old` held."""
+        cap = max(256, 1 << (need - 1).bit_length())
+        out = {}
+        for n, ((h, d), t) in self._past_meta.items():
+            a = np.zeros((1, h, cap, d), dtype=t)
+            if old:
+                prev = old[n].numpy()
+                a[:, :, :prev.shape[2]] = prev
+            out[n] = ort.OrtValue.ortvalue_from_numpy(a)
+        return out
 
     def step(self, ids: np.ndarray, past: dict, p: int):
         """One decode step on an OrtValue cache of length p -> (logits, cache, p + T)."""
@@ -96,6 +117,8 @@ class CausalLM:
 
     def _bound(self, ids: np.ndarray, past: dict, p: int):
         b, t = ids.shape
+        if self.shared_kv and p + t > next(iter(past.values())).shape()[2]:
+            past = self._buffers(p + t, past)  # full: a buffer twice as long, the cache copied once
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids)
         if "attention_mask" in self.input_names:
@@ -104,11 +127,15 @@ class CausalLM:
             io.bind_cpu_input("position_ids", np.arange(p, p + t, dtype=np.int64)[None, :].repeat(b, 0))
         for n, v in past.items():
             io.bind_ortvalue_input(n, v)
-        for n in self.output_names:
-            io.bind_output(n, "cpu")
+        io.bind_output("logits", "cpu")  # (outputs come back in the order they are bound)
+        for n in self.past_names:
+            if self.shared_kv:  # written in place: the present is the past's own buffer
+                io.bind_ortvalue_output(self.present_for[n], past[n])
+            else:
+                io.bind_output(self.present_for[n], "cpu")
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
-        return outs[0].numpy(), dict(zip(self.past_names, outs[1:])), p + t
+        return outs[0].numpy(), (past if self.shared_kv else dict(zip(self.past_names, outs[1:]))), p + t
 
 
 def _layer_order(name: str):

@@ -109,6 +109,9 @@ def quantize(src: Path, dst: Path, cand: Candidate, packed: dict | None = None) 
         _matmul_nbits(model, cand, ("MatMul",), bits=cand.bits, exclude=keep)
     if cand.embedding == "int4":
         _matmul_nbits(model, cand, ("Gather",), bits=4)
+    from . import graph
+    if graph.is_fused(model):  # our own graph: q/k/v and gate/up as one kernel each, now that each has its codes
+        graph.fuse_siblings(model)
     save(model, dst)
     return {"engine_matmuls": engine, "rtn_matmuls": rtn}
 
