@@ -178,6 +178,37 @@ def test_a_llama_exports_as_onnxruntimes_fused_graph_with_the_same_numbers_as_th
     assert ops["fused"].count("GroupQueryAttention") == 2  # one per layer: attention, rotary and the cache append
     assert len(ops["fused"]) * 4 < len(ops["portable"])   # what a decoded token walks through
     assert fused["size_bytes"] <= portable["size_bytes"] * 1.01
+    # the standalone runner takes the fused graph too (no torch), and continues as the app does
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            "sys.argv = ['generate.py', 'The tower', '--new-tokens', '12']; "
+            f"runpy.run_path({str(tmp_path / 'fused' / 'generate.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    app = subprocess.run([sys.executable, "-m", "core.cli", "generate", wide_model, "The tower", "--new-tokens", "12"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 == app.returncode, r.stderr + app.stderr
+    assert r.stdout == app.stdout and len(r.stdout.strip()) > len("The tower")
+
+
+def test_the_fused_graph_decodes_in_place_past_its_first_buffer_with_torchs_logits(tiny_tokenizer_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.export import graph
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir, hidden_size=128))
+    f = graph.build(model.eval(), tmp_path / "onnx")
+    graph.fuse_file(f)
+    lm = rt.CausalLM(f)
+    assert lm.shared_kv  # one cache buffer per layer, written in place by GroupQueryAttention
+    ids = np.random.default_rng(1).integers(3, 384, (1, 600))
+    with torch.inference_mode():
+        ref = model(torch.tensor(ids)).logits.numpy()[0]
+    logits, past, p = lm.start(ids[:, :200])
+    worst = np.abs(logits[0] - ref[:200]).max()
+    for i in range(200, 600):  # 256 -> 512 -> 1024 slots on the way: the cache is moved, not lost
+        logits, past, p = lm.step(ids[:, i:i + 1], past, p)
+        worst = max(worst, np.abs(logits[0, -1] - ref[i]).max())
+    assert p == 600 and next(iter(past.values())).shape()[2] == 1024
+    assert worst < 1e-3
 
 
 def test_a_model_the_fused_writer_cannot_take_is_exported_portable_and_says_why(fp32_export):

@@ -178,6 +178,7 @@ def build(model, folder: Path, opset: int | None = None) -> Path:
     from .ort_runner import SHARED_KV_KEY
     helper.set_model_props(m, {SHARED_KV_KEY: "1"})  # GroupQueryAttention can decode in place
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     out = folder / "model.onnx"
     from .quantize import save
     save(m, out)
@@ -226,6 +227,11 @@ def fuse_siblings(model) -> int:
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    read_by: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            read_by.setdefault(x, []).append(n)
     groups: dict[tuple, list] = {}
     for n in g.node:
         key = _fusable(n, inits)
@@ -249,9 +255,37 @@ def fuse_siblings(model) -> int:
             attrs["N"] = sum(widths)
         y = name + "_y"
         i = list(g.node).index(nodes[0])
-        new = [helper.make_node(key[0], ins, [y], name=name, domain=nodes[0].domain, **attrs),
-               helper.make_node("Split", [y, _const(g, name + "_widths", np.array(widths, np.int64))],
-                                [n.output[0] for n in nodes], name=name + "_split", axis=-1)]
+        new = [helper.make_node(key[0], ins, [y], name=name, domain=nodes[0].domain, **attrs)]
+        outs = [n.output[0] for n in nodes]
+        patches = [_patch(n, inits, made_by, read_by) for n in nodes]
+        if any(patches):  # the exact fp16 columns of each: one Gather, one MatMul, one Add for the group
+            # siblings read the same input and usually keep the same input columns exact (chosen
+            # from its statistics): their union, so shared columns cost one row, not one per sibling
+            own = [numpy_helper.to_array(inits[p[2].input[1]]).astype(np.int64) if p else None for p in patches]
+            cols = np.unique(np.concatenate([c for c in own if c is not None]))
+            row = {int(c): r for r, c in enumerate(cols)}
+            delta = np.zeros((len(cols), sum(widths)), np.float32)          # (union, N): block j at its N
+            c = 0
+            for k, (p, wdt) in enumerate(zip(patches, widths)):
+                if p:
+                    d = numpy_helper.to_array(inits[p[1].input[1]])          # (k_j, N_j)
+                    delta[[row[int(x)] for x in own[k]], c:c + wdt] = d
+                    outs[k] = p[0].output[0]
+                    for old in p:
+                        g.node.remove(old)
+                c += wdt
+            new += [helper.make_node("Gather", [ins[0], _const(g, name + "_cols", cols)],
+                                     [name + "_xc"], name=name + "_gather", axis=-1),
+                    helper.make_node("MatMul", [name + "_xc", _const(g, name + "_delta", delta)], [name + "_patch"],
+                                     name=name + "_patch"),
+                    helper.make_node("Add", [y, name + "_patch"], [name + "_sum"], name=name + "_add")]
+            y = name + "_sum"
+        gqa = [u for u in read_by.get(outs[0], []) if u.op_type == "GroupQueryAttention"]
+        if len(outs) == 3 and gqa and list(gqa[0].input[:3]) == outs:
+            gqa[0].input[0], gqa[0].input[1], gqa[0].input[2] = y, "", ""  # takes q/k/v packed: no Split
+        else:
+            new.append(helper.make_node("Split", [y, _const(g, name + "_widths", np.array(widths, np.int64))], outs,
+                                        name=name + "_split", axis=-1))
         for n in nodes:
             g.node.remove(n)
         for k, n in enumerate(new):
@@ -262,6 +296,23 @@ def fuse_siblings(model) -> int:
         if t.name not in used:
             g.initializer.remove(t)
     return merged
+
+
+def _patch(n, inits, made_by, read_by) -> tuple | None:
+    """(Add, MatMul, Gather) when the node's output only feeds Add(y, Gather(x, cols) @ delta) on the
+    same input x: the exact outlier columns written beside a MatMulNBits (quantize._from_engine)."""
+    users = read_by.get(n.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    add = users[0]
+    other = add.input[1] if add.input[0] == n.output[0] else add.input[0]
+    mm = made_by.get(other)
+    if mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits:
+        return None
+    ga = made_by.get(mm.input[0])
+    if ga is None or ga.op_type != "Gather" or ga.input[0] != n.input[0] or ga.input[1] not in inits:
+        return None
+    return add, mm, ga
 
 
 def _fusable(n, inits) -> tuple | None:
