@@ -179,8 +179,10 @@ def onnx_main(a) -> None:
             rows.append({"name": name, "error": str(r.error)})
             continue
         res = r.result
+        fell_back = graph == "fused" and res.get("graph_note")  # the variant is not a plain Llama
         rows.append({"name": name, "how": f"squeeze export --quantize {q or 'none'} --graph {graph}"
-                     + (f" ({res.get('quant_path')})" if res.get("quant_path") else ""),
+                     + (f" ({res.get('quant_path')})" if res.get("quant_path") else "")
+                     + (f"; written portable: {fell_back}" if fell_back else ""),
                      "bar": bar, "folder": str(out), **{k: v for k, v in res.items() if k != "candidates"}})
         print(f"{name}: ppl {res['ppl_onnx']:.3f} (torch {res['ppl_torch']:.3f}), decode "
               f"{res['decode_tokens_per_s_onnx']:.1f} (torch {res['decode_tokens_per_s_torch']:.1f}) "

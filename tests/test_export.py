@@ -189,6 +189,25 @@ def test_a_llama_exports_as_onnxruntimes_fused_graph_with_the_same_numbers_as_th
     assert r.stdout == app.stdout and len(r.stdout.strip()) > len("The tower")
 
 
+def test_the_fused_writer_declines_models_a_technique_changed_at_run_time(tiny_tokenizer_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from core.export import graph
+    path = make_tiny_llama(tmp_path / "m", tiny_tokenizer_dir, hidden_size=128)
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    assert graph.supported(plain) is None
+    hooked = AutoModelForCausalLM.from_pretrained(path)
+    hooked.model.layers[1].forward = lambda *a, **k: None  # as early_exit rewires a layer
+    assert "replaced forward" in graph.supported(hooked)
+    kv = AutoModelForCausalLM.from_pretrained(path)
+    object.__setattr__(kv, "squeeze_kv_cache", ("kv_quant", {}))
+    assert "KV-cache technique" in graph.supported(kv)
+    wrapped = AutoModelForCausalLM.from_pretrained(path)
+    wrapped.model.layers[0].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[0].mlp.up_proj)  # factored & co.
+    assert "not a plain Linear" in graph.supported(wrapped)
+
+
 def test_the_fused_graph_decodes_in_place_past_its_first_buffer_with_torchs_logits(tiny_tokenizer_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -37,9 +37,15 @@ def supported(model) -> str | None:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2"):
         return f"model type {getattr(cfg, 'model_type', None)!r} is not a Llama-family decoder"
-    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "sliding_window", None) and \
-            getattr(cfg, "use_sliding_window", True) and cfg.model_type != "llama":
-        return "activation or sliding-window attention not handled"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not SiLU"
+    if cfg.model_type != "llama" and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention is not written by the fused graph"
+    if getattr(model, "squeeze_kv_cache", None):
+        return "a KV-cache technique is attached; the fused graph keeps a full float cache"
+    for name, mod in model.named_modules():  # early exit & co. replace a forward or hook into it
+        if "forward" in vars(mod) or mod._forward_hooks or mod._forward_pre_hooks:
+            return f"{name or 'the model'} has a replaced forward or a forward hook (a technique changes how it runs)"
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head % 16:
         return f"head size {head} is not a multiple of 16 (onnxruntime's GroupQueryAttention needs that)"
@@ -58,9 +64,9 @@ def supported(model) -> str | None:
         if type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP") or \
                 type(at).__name__ not in ("LlamaAttention", "MistralAttention", "Qwen2Attention"):
             return f"layer {i} has a modified attention or MLP block ({type(at).__name__}, {type(mlp).__name__})"
-    if getattr(cfg, "rope_scaling", None) and (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default")) not in (
-            "default", "linear", "llama3", "yarn"):  # frequencies that do not change with the length
-        return "rope scaling type not handled"
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3", "yarn"):
+        return "rope scaling that changes with the length is not handled"  # the fused tables are fixed
     return None
 
 
