@@ -269,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--quantize", choices=["int8", "int4"], default=None)
     sp.add_argument("--opset", type=int, default=None)
     sp.add_argument("--graph", choices=["fused", "portable"], default="fused",
-                    help="fused: onnxruntime's fused attention and norm ops, fastest in onnxruntime (Llama-family "
+                    help="fused: onnxruntime's fused attention and norm ops, fastest in onnxruntime (Llama "
                          "models; others fall back to portable); portable: standard ONNX ops only (optimum-onnx), "
                          "for other runtimes")
     sp.add_argument("--out", required=True, help="output folder (new or empty)")

@@ -1,4 +1,4 @@
-"""A Llama-family model written straight to an onnxruntime-fused ONNX graph.
+"""A Llama model written straight to an onnxruntime-fused ONNX graph.
 
 Why not only optimum-onnx: its traced Llama graph runs ~3,000 small ops per decoded token (causal
 mask, position and rotary arithmetic, shape ops rebuilt at every step), and on a 2-core CPU that
@@ -6,7 +6,7 @@ framework overhead, not the weights, bounds decode speed (bench/RESULTS.md, "iss
 onnxruntime ships fused kernels for exactly this block: GroupQueryAttention (causal attention with
 rotary embedding and the KV cache append in one op) and SkipSimplifiedLayerNormalization (residual
 add + RMSNorm). No kept library writes them for transformers 4.57 (onnxruntime-genai's builder needs
-transformers >= 5), so this module does, for the models whose every layer is the plain Llama block;
+transformers >= 5), so this module does, for Llama models whose every layer is the plain Llama block;
 anything else goes through optimum-onnx as before (export_onnx decides).
 
 The graph keeps optimum's contract, so the verification, the quantizers and generate.py use it
@@ -35,12 +35,10 @@ def supported(model) -> str | None:
     import torch.nn as nn
 
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2"):
-        return f"model type {getattr(cfg, 'model_type', None)!r} is not a Llama-family decoder"
+    if cfg is None or getattr(cfg, "model_type", None) != "llama":  # (Mistral / Qwen2 blocks match, but untested)
+        return f"model type {getattr(cfg, 'model_type', None)!r}: the fused writer takes Llama models"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r} is not SiLU"
-    if cfg.model_type != "llama" and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention is not written by the fused graph"
     if getattr(model, "squeeze_kv_cache", None):
         return "a KV-cache technique is attached; the fused graph keeps a full float cache"
     for name, mod in model.named_modules():  # early exit & co. replace a forward or hook into it
@@ -61,8 +59,7 @@ def supported(model) -> str | None:
             return f"layer {i} is not a plain decoder layer"
         if not all(type(getattr(m, n, None)) is nn.Linear for m, n in names):
             return f"layer {i} has a projection that is not a plain Linear (factored, routed or wrapped)"
-        if type(mlp).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP") or \
-                type(at).__name__ not in ("LlamaAttention", "MistralAttention", "Qwen2Attention"):
+        if type(mlp).__name__ != "LlamaMLP" or type(at).__name__ != "LlamaAttention":
             return f"layer {i} has a modified attention or MLP block ({type(at).__name__}, {type(mlp).__name__})"
     rope = getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", "llama3", "yarn"):

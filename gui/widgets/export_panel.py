@@ -26,7 +26,7 @@ OPSETS = (("auto", None), ("14", 14), ("17", 17), ("18", 18))
 GRAPHS = (("onnxruntime (fused, fastest)", "fused"), ("portable (standard ONNX ops)", "portable"))
 GRAPH_TIPS = {
     "fused": "Attention, rotary and the KV cache append as onnxruntime's GroupQueryAttention, residual + RMSNorm "
-             "fused: decodes faster in onnxruntime. Llama-family models; others get the portable graph and the "
+             "fused: decodes faster in onnxruntime. Llama models; others get the portable graph and the "
              "result says why.",
     "portable": "optimum-onnx's traced graph with standard ONNX ops only: for runtimes other than onnxruntime.",
 }
