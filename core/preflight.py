@@ -61,7 +61,6 @@ def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, e
     """-> {ram_bytes, disk_bytes, seconds, correction}: peak RSS, bytes written, and wall time.
     Peak RSS is the larger of two phases: building the variant (each step with the model it
     starts from) and evaluating it (the variant as saved and loaded back, plus a window's logits)."""
-    from .techniques import registry
     model_bytes = params * 4.0
     s = _shape(params, hidden, vocab, layers, intermediate)
     steps = (recipe or {}).get("steps") or []
@@ -74,10 +73,10 @@ def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, e
     evaluate = after + ctx * s["vocab"] * 4 * 3                   # a window's logits, log-softmax, gather
     if steps:
         evaluate += 0.3 * after                                  # saving and loading the variant back
-    if any(_packs(registry, st) for st in steps):
+    if any(_packs(st) for st in steps):
         evaluate += 0.55 * model_bytes                           # packed tensors beside their float weights
     if kind == "export":
-        evaluate += 3.0 * after                                  # the tracer's graph + onnxruntime's session
+        evaluate += 3.0 * after                                  # the exporter's graph + onnxruntime's session
     ram = RUNTIME_BYTES + max(build, evaluate)
     disk = (after if steps else 0) + (after * 1.3 if kind == "export" else 0)
     mparams = params / 1e6
@@ -90,10 +89,12 @@ def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, e
     return correct(est, steps, kind, history or [])
 
 
-def _packs(registry, step: dict) -> bool:
+def _packs(step: dict) -> bool:
+    """Whether the step stores packed low-bit tensors (registry metadata; no torch imported)."""
+    from .techniques import registry
     try:
         return registry.get(step.get("technique")).packs
-    except Exception:  # an unknown name is the recipe check's to report, not the estimate's
+    except registry.RecipeError:  # an unknown name is the recipe check's to report, not the estimate's
         return False
 
 
