@@ -228,8 +228,9 @@ def fuse_siblings(model) -> int:
     weight quantizers (they match each projection's own weight). -> projections merged."""
     from onnx import helper, numpy_helper
 
+    from .quantize import _initializers, _replace
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = _initializers(g)
     made_by = {o: n for n in g.node for o in n.output}
     read_by: dict[str, list] = {}
     for n in g.node:
@@ -251,13 +252,11 @@ def fuse_siblings(model) -> int:
         for j in range(len(arrays[0]) - 1):
             cat = np.concatenate([a[j] for a in arrays], axis=1 if key[0] == "MatMul" else 0)
             part = f"{name}_" + (("weight_T",) if key[0] == "MatMul" else ("B", "scales", "zero_points"))[j]
-            g.initializer.append(numpy_helper.from_array(cat, part))
-            ins.append(part)
+            ins.append(_const(g, part, cat))
         attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
         if key[0] == "MatMulNBits":
             attrs["N"] = sum(widths)
         y = name + "_y"
-        i = list(g.node).index(nodes[0])
         new = [helper.make_node(key[0], ins, [y], name=name, domain=nodes[0].domain, **attrs)]
         outs = [n.output[0] for n in nodes]
         patches = [_patch(n, inits, made_by, read_by) for n in nodes]
@@ -289,10 +288,9 @@ def fuse_siblings(model) -> int:
         else:
             new.append(helper.make_node("Split", [y, _const(g, name + "_widths", np.array(widths, np.int64))], outs,
                                         name=name + "_split", axis=-1))
-        for n in nodes:
+        _replace(g, nodes[0], new)  # where the first sibling was: every input is defined by then
+        for n in nodes[1:]:
             g.node.remove(n)
-        for k, n in enumerate(new):
-            g.node.insert(i + k, n)
         merged += len(nodes)
     used = {x for n in g.node for x in n.input}
     for t in list(g.initializer):
