@@ -299,17 +299,22 @@ def test_nbits_layout_dequantizes_to_the_engines_weights():
         z = np.full((40, kb), 8.0) if zp is None else np.stack([zp & 15, zp >> 4], -1).reshape(40, -1)[:, :kb]
         deq = ((codes - z[..., None]) * scales[..., None]).reshape(40, kb * gs)[:, :200]
         assert np.array_equal(deq, qt.dequantize().numpy()), (bits, gs, sym)
+    for sym in (True, False):  # 8 bits (a mixed-precision recipe's upgraded Linears): one byte per code
+        qt = quantize(w, 8, 64, sym)
+        b, scales, zp = nbits_arrays(qt)
+        assert b.shape == (40, 4, 64) and (zp is None) == sym
+        z = np.full((40, 4), 128.0) if zp is None else zp.astype(np.float32)
+        deq = ((b.astype(np.float32) - z[..., None]) * scales[..., None]).reshape(40, 256)[:, :200]
+        assert np.array_equal(deq, qt.dequantize().numpy()), (8, sym)
 
 
-@pytest.fixture(scope="module")
-def gptq4_variant(wide_model, short_text, tmp_path_factory):
-    """The wide model after gptq 4-bit g64 with 2 fp16 outlier columns per Linear, saved."""
-    from core.recipe import Recipe
+def gptq_variant(wide_model, short_text, tmp_path_factory, **values):
+    """The wide model after gptq 4-bit g64 (+ `values`), saved. -> (variant dir, its home)."""
     home = tmp_path_factory.mktemp("home-gptq")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SQUEEZE_HOME", str(home))
-        recipe = {"steps": [{"technique": "gptq", "bits": 4, "group_size": 64, "outliers": 2, "samples": 8,
-                             "seq_len": 128, "calib_text": str(short_text)}]}
+        recipe = {"steps": [{"technique": "gptq", "bits": 4, "group_size": 64, "samples": 8,
+                             "seq_len": 128, "calib_text": str(short_text), **values}]}
         rec = run_inline(JobSpec(model=wide_model, recipe=recipe,
                                  eval=dict(text=str(short_text), max_tokens=512, context=128, prompt_tokens=16,
                                            new_tokens=8, repeats=1)))
@@ -317,17 +322,26 @@ def gptq4_variant(wide_model, short_text, tmp_path_factory):
     return rec.result["variant_dir"], home
 
 
-def test_int4_export_writes_the_variants_own_codes_not_rtn(gptq4_variant, tiny_eval, tmp_path, monkeypatch):
-    import onnx
+@pytest.fixture(scope="module")
+def gptq4_variant(wide_model, short_text, tmp_path_factory):
+    """gptq 4-bit g64 with 2 fp16 outlier columns per Linear."""
+    return gptq_variant(wide_model, short_text, tmp_path_factory, outliers=2)
 
-    variant, home = gptq4_variant
+
+def export_int4(variant, home, out, tiny_eval, monkeypatch):
     monkeypatch.setenv("SQUEEZE_HOME", str(home))
-    out = tmp_path / "int4"
     spec = JobSpec(model=str(variant), kind="export", eval=tiny_eval,
                    export={"out": str(out), "quantize": "int4", "variant_dir": str(variant)})
     rec = run_inline(spec)
     assert rec.outcome == "done", rec.error
-    r = rec.result
+    return rec.result
+
+
+def test_int4_export_writes_the_variants_own_codes_not_rtn(gptq4_variant, tiny_eval, tmp_path, monkeypatch):
+    import onnx
+
+    out = tmp_path / "int4"
+    r = export_int4(*gptq4_variant, out, tiny_eval, monkeypatch)
     assert r["quantize"] == "int4" and r["engine_matmuls"] == 2 * 7 and r["rtn_matmuls"] == 0
     g = onnx.load(str(out / "model.onnx")).graph
     ops = [n.op_type for n in g.node]
@@ -340,6 +354,25 @@ def test_int4_export_writes_the_variants_own_codes_not_rtn(gptq4_variant, tiny_e
     exact = next(c for c in r["candidates"] if c["name"] == "wo4")
     assert exact["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
     assert r["ppl_onnx"] <= 1.03 * r["ppl_torch"] and r["size_bytes"] < 0.25 * r["fp32_size_bytes"]
+
+
+def test_int4_export_of_a_mixed_precision_gptq_keeps_its_8_bit_linears_in_8_bits(wide_model, short_text, tiny_eval,
+                                                                                 tmp_path_factory, monkeypatch):
+    import onnx
+    from onnx import helper
+
+    variant, home = gptq_variant(wide_model, short_text, tmp_path_factory, outliers=0, upgrade_8bit="mlp.down_proj")
+    out = tmp_path_factory.mktemp("mixed") / "int4"
+    r = export_int4(variant, home, out, tiny_eval, monkeypatch)
+    assert r["engine_matmuls"] == 2 * 7 and r["rtn_matmuls"] == 0
+    g = onnx.load(str(out / "model.onnx")).graph
+    bits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in g.node if n.op_type == "MatMulNBits" and "_Q4" in n.name}
+    assert sorted(bits.values()) == [4] * 6 + [8] * 2  # per layer: q/k/v, o, gate/up at 4 bits; down at 8
+    assert all(b == 8 for name, b in bits.items() if "down_proj" in name)
+    assert not any(n.op_type == "Gather" and n.name.endswith("_gather") for n in g.node)  # no fp16 columns
+    exact = next(c for c in r["candidates"] if c["name"] == "wo4")
+    assert exact["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
 
 
 def test_int4_of_a_float_model_falls_back_to_rtn_and_says_what_to_do(wide_model, tiny_eval, home, tmp_path):

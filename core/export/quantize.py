@@ -270,21 +270,22 @@ def _fingerprint(a: np.ndarray) -> str:
 
 def _engine_tensors(packed: dict) -> dict:
     """{fingerprint of W^T (K, N) as the exporter writes it: QTensor} for codes MatMulNBits can
-    carry: 2-4 bits (4-bit nibbles, the zero point says where the grid sits) in blocks it accepts."""
+    carry: 2-4 bits (4-bit nibbles, the zero point says where the grid sits) or 8 bits (a mixed-precision
+    recipe's upgraded Linears), in blocks it accepts."""
     out = {}
     for qt in packed.values():
         if getattr(qt, "kind", None) not in (None, "outliers") or not hasattr(qt, "codes"):
             continue
-        if qt.bits > 4 or qt.group_size not in NBITS_BLOCKS:
+        if qt.bits not in (2, 3, 4, 8) or qt.group_size not in NBITS_BLOCKS:
             continue
         out[_fingerprint(qt.dequantize().T.numpy())] = qt
     return out
 
 
 def nbits_arrays(qt) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """QTensor (N=out, K=in) -> MatMulNBits 4-bit inputs: B (N, kb, bs/2) uint8 (element 2j in the
-    low nibble), scales (N, kb) float32, zero points (N, ceil(kb/2)) uint8 or None for the
-    default 8 (4-bit symmetric)."""
+    """QTensor (N=out, K=in) -> MatMulNBits inputs: B (N, kb, bs/2) uint8 for 2-4 bits (element 2j in
+    the low nibble) or (N, kb, bs) for 8 bits, scales (N, kb) float32, zero points (N, ceil(kb/2))
+    uint8 (4-bit, packed in nibbles) or (N, kb) (8-bit), or None for the symmetric default (8 / 128)."""
     import torch
 
     from ..packing import unpack_bits
@@ -299,8 +300,10 @@ def nbits_arrays(qt) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     codes = np.repeat(zp, bs, axis=1)                       # padding = the zero point: dequantizes to 0
     codes[:, :k] = q
     codes = codes.reshape(n, kb, bs)
-    b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     scales = qt.scales.to(torch.float32).numpy().reshape(n, kb).copy()
+    if qt.bits == 8:
+        return codes.astype(np.uint8), scales, (None if qt.symmetric else zp)
+    b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     if qt.symmetric and qt.bits == 4:
         return b, scales, None
     zpp = np.zeros((n, kb + kb % 2), dtype=np.uint8)
@@ -338,7 +341,8 @@ def _from_engine(model, packed: dict, cand: Candidate) -> tuple[int, list[str]]:
         acc = {"accuracy_level": cand.accuracy_level} if cand.accuracy_level else {}
         cols = list(getattr(qt, "cols", []) or [])
         y = m.output[0] if not cols else p + "_main"
-        nodes = [helper.make_node("MatMulNBits", ins, [y], name=p, domain="com.microsoft", K=k, N=n, bits=4,
+        nodes = [helper.make_node("MatMulNBits", ins, [y], name=p, domain="com.microsoft", K=k, N=n,
+                                  bits=8 if qt.bits == 8 else 4,
                                   block_size=qt.group_size, **acc)]
         if cols:  # y += x[..., cols] @ (patch - grid value)^T: exact fp16 columns
             from ..packing import QTensor

@@ -80,6 +80,9 @@ class GPTQ:
     bos_weight: float = knob(1.0, min=0.0, max=1.0, step=0.05, unit="x",
                              help="Weight of the position-0 (BOS, attention-sink) tokens in the Hessian; "
                                   "1 = as they come.")
+    upgrade_8bit: str = knob("", help="Linears given 8 bits instead (no fp16 columns), comma-separated name "
+                                      "endings, e.g. mlp.down_proj for every layer's; the sensitivity map's "
+                                      "'mixed precision' fills this in for a size budget.")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -245,7 +248,9 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
     errs = {}
 
     from ..calibration import decoder_layers
+    from .quantization import excluded
     layers = decoder_layers(model)
+    eight = excluded(cfg.upgrade_8bit)
 
     def per_layer(i, lin, st_layer):
         awq_s = {}
@@ -259,13 +264,14 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
             if s is not None:  # the input is now x / s
                 H = H / s[:, None] / s[None, :]
             W = m.weight.data
-            cols = outlier_cols(H, cfg.outliers)
+            bits = 8 if eight and name.endswith(eight) else cfg.bits
+            cols = outlier_cols(H, cfg.outliers if bits == cfg.bits else 0)
             gs = W.shape[1] if cfg.group_size <= 0 else min(cfg.group_size, W.shape[1])
-            grid = Grid(cfg.bits, cfg.symmetric, cfg.clip, H.diagonal(), gs)
+            grid = Grid(bits, cfg.symmetric, cfg.clip, H.diagonal(), gs)
             Q, params = solve(W, H, cfg.group_size, grid, cfg.damping, cfg.act_order, keep_zeros_of(W), cols)
             scales = _stack([p[0] for p in params])
             zeros = None if cfg.symmetric else _stack([p[1] for p in params])
-            qt = quantize(Q, cfg.bits, cfg.group_size, cfg.symmetric, scales=scales, zeros=zeros)
+            qt = quantize(Q, bits, cfg.group_size, cfg.symmetric, scales=scales, zeros=zeros)
             if cols is not None:
                 qt = OutlierQTensor.of(qt, cols.tolist(), Q[:, cols])
             deq = qt.dequantize()
