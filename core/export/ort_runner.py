@@ -65,6 +65,9 @@ class CausalLM:
         meta = s.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get(SHARED_KV_KEY) == "1"
         self._past_meta = {}
+        vocab = next((o.shape[-1] for o in s.get_outputs() if o.name == "logits"), None)
+        self.vocab = vocab if isinstance(vocab, int) else None
+        self._io = self._io_past = None  # the binding kept between decode steps (shared caches)
         for n in self.past_names:  # (B, kv_heads, P, head_dim): heads and head_dim are fixed ints
             shape = inputs[n].shape
             self._past_meta[n] = ((shape[1], shape[3]), _NP_TYPES.get(inputs[n].type, np.float32))
@@ -119,17 +122,32 @@ class CausalLM:
         b, t = ids.shape
         if self.shared_kv and p + t > next(iter(past.values())).shape()[2]:
             past = self._buffers(p + t, past)  # full: a buffer twice as long, the cache copied once
-        io = self.session.io_binding()
+        # The binding of the cache is kept between steps when the cache is written in place (the
+        # same buffers every step): a step then re-binds only its token, mask, positions and logits
+        # (~5 % of an int4 step's time went to re-binding 60 caches in Python).
+        keep = self.shared_kv and self.vocab is not None
+        io = self._io if keep and self._io_past is past else None
+        if io is None:
+            io = self.session.io_binding()
+            for n, v in past.items():
+                io.bind_ortvalue_input(n, v)
+            if keep:
+                for n in self.past_names:  # written in place: the present is the past's own buffer
+                    io.bind_ortvalue_output(self.present_for[n], past[n])
+                self._io, self._io_past = io, past
         io.bind_cpu_input("input_ids", ids)
         if "attention_mask" in self.input_names:
             io.bind_cpu_input("attention_mask", np.ones((b, p + t), dtype=np.int64))
         if "position_ids" in self.input_names:
             io.bind_cpu_input("position_ids", np.arange(p, p + t, dtype=np.int64)[None, :].repeat(b, 0))
-        for n, v in past.items():
-            io.bind_ortvalue_input(n, v)
+        if keep:
+            logits = np.empty((b, t, self.vocab), dtype=np.float32)  # the run writes into it: no copy out
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(io)
+            return logits, past, p + t
         io.bind_output("logits", "cpu")  # (outputs come back in the order they are bound)
         for n in self.past_names:
-            if self.shared_kv:  # written in place: the present is the past's own buffer
+            if self.shared_kv:
                 io.bind_ortvalue_output(self.present_for[n], past[n])
             else:
                 io.bind_output(self.present_for[n], "cpu")
