@@ -293,17 +293,15 @@ class ActQTensor(QTensor):
 
     kind = "w8a8"
     act_scale: float = 1.0
-    float_first: bool = False  # position 0 (BOS) left in float: a fixed prefix (smoothquant float_bos)
 
     def meta(self) -> dict:
-        return {**super().meta(), "kind": self.kind, "act_scale": self.act_scale, "float_first": self.float_first}
+        return {**super().meta(), "kind": self.kind, "act_scale": self.act_scale}
 
     @classmethod
     def from_tensors(cls, name: str, meta: dict, tensors: dict) -> "ActQTensor":
         qt = cls(tuple(meta["shape"]), meta["bits"], meta["group_size"], meta["symmetric"],
                  tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
         qt.act_scale = float(meta["act_scale"])
-        qt.float_first = bool(meta.get("float_first", False))
         return qt
 
 
