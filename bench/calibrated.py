@@ -202,6 +202,9 @@ def ideas(a) -> None:
             ctx = StepContext(tokenizer=tok, state_key="bench-ideas")
             tech = registry.get(name)
             tech.apply(m, tech.make(values), ctx)
+            if "w8a8" in ctx.runtime:  # as loading the saved variant does: int8 activations at run time
+                from core.techniques.smoothquant import to_w8a8
+                to_w8a8(m, ctx.packed)
             apply_s = time.time() - t0
             ppl = ev.perplexity(m, tok, a.text, a.max_tokens, a.context)["ppl"]
             rec = {"technique": name, "values": values, "ppl": ppl, "fp32": fp_ppl, "max_tokens": a.max_tokens,
