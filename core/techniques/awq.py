@@ -24,8 +24,6 @@ class AWQ:
     symmetric: bool = symmetric_knob()
     grid: int = knob(20, min=1, max=40, step=1, unit="points",
                      help="Scaling exponents tried between 0 and 1 (more = finer search, slower).")
-    duo: bool = knob(True, help="Also try AutoAWQ's duo scaling, s = x^a / w^(1-a): channels whose weights "
-                                "sit low on their group's grid get a larger scale.")
     clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "
                                  "that lowers the output error).")
     outliers: int = outliers_knob(0)
@@ -114,22 +112,8 @@ def tie_for(group, layer, n_in: int):
     return None
 
 
-def group_relative(W, group_size: int):
-    """(in,) mean over rows of |w| / its group's max |w| (W: (out, in))."""
-    import math
-
-    import torch
-    out, inp = W.shape
-    gs = inp if group_size <= 0 else min(group_size, inp)
-    G = math.ceil(inp / gs)
-    a = torch.nn.functional.pad(W.abs(), (0, G * gs - inp)).view(out, G, gs)
-    return (a / a.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(out, G * gs)[:, :inp].mean(0)
-
-
-def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, tie=None, keep=None,
-                  duo: bool = False):
-    """Best s (in,) for Linears sharing an input: s = absmean^alpha (or AWQ's duo form, see below), alpha
-    on the grid, error on H.
+def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, tie=None, keep=None):
+    """Best s (in,) for Linears sharing an input: s = absmean^alpha, alpha on the grid, error on H.
     keep: input columns that stay fp16 (exact, and left out of the groups' ranges)."""
     import torch
     base = absmean.clamp(min=1e-5)
@@ -137,16 +121,10 @@ def search_scales(Ws: list, H, absmean, bits, group_size, symmetric, grid: int, 
         n = int(tie.max()) + 1
         pooled = torch.zeros(n).index_add_(0, tie, base) / torch.bincount(tie, minlength=n).clamp(min=1)
         base = pooled[tie]
-    alphas = [k / max(grid, 1) for k in range(grid + 1)]
-    candidates = [base ** a for a in alphas]
-    if duo:  # AutoAWQ's duo scaling: s = x^a / w^(1-a), w = each channel's mean |weight| relative to its
-        # group's maximum (channels that sit low on their group's grid get a larger scale)
-        w = torch.stack([group_relative(W, group_size) for W in Ws]).mean(0).clamp(min=1e-5)
-        if tie is not None:
-            w = (torch.zeros(n).index_add_(0, tie, w) / torch.bincount(tie, minlength=n).clamp(min=1))[tie]
-        candidates += [base ** a / w ** (1 - a) for a in alphas[1:-1]]
     best, best_s = None, torch.ones_like(base)
-    for s in candidates:
+    for k in range(grid + 1):
+        alpha = k / max(grid, 1)
+        s = base ** alpha
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
         for W in Ws:
@@ -177,7 +155,7 @@ def fold(group, layer, s, tie) -> None:
                 prev.bias.div_(sv)
 
 
-def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: int = 0, duo: bool = False) -> dict:
+def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: int = 0) -> dict:
     """AWQ-scales one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s).
     outliers: the searched error treats that many highest-energy input columns as kept in fp16."""
     import torch
@@ -189,7 +167,7 @@ def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: in
         Ws = [mods[n].weight.data for n in names]
         tie = tie_for(group, layer, Ws[0].shape[1])
         H = stat.hessian()
-        s = search_scales(Ws, H, stat.absmean, bits, group_size, symmetric, grid, tie, outlier_cols(H, outliers), duo)
+        s = search_scales(Ws, H, stat.absmean, bits, group_size, symmetric, grid, tie, outlier_cols(H, outliers))
         fold(group, layer, s, tie)
         with torch.no_grad():
             for n in names:
@@ -207,7 +185,7 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
     errs = {}
 
     def per_layer(i, lin, st):
-        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.outliers, cfg.duo)
+        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.outliers)
         for name, (m, stat) in lin.items():
             ctx.check_cancel()
             s = scales[name.split(f".{i}.", 1)[1]]
