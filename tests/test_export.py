@@ -375,6 +375,42 @@ def test_int4_export_of_a_mixed_precision_gptq_keeps_its_8_bit_linears_in_8_bits
     assert exact["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01)
 
 
+def test_a_smoothquant_variant_exports_fused_with_int8_weights_and_its_static_int8_inputs(wide_model, short_text,
+                                                                                       tiny_eval, tmp_path_factory,
+                                                                                       monkeypatch):
+    import onnx
+
+    from core.export.onnx import FUSED
+    home = tmp_path_factory.mktemp("home-sq")
+    monkeypatch.setenv("SQUEEZE_HOME", str(home))
+    recipe = {"steps": [{"technique": "smoothquant", "samples": 8, "seq_len": 128, "calib_text": str(short_text)}]}
+    rec = run_inline(JobSpec(model=wide_model, recipe=recipe, eval=tiny_eval))
+    assert rec.outcome == "done", rec.error
+    variant = rec.result["variant_dir"]
+    out = tmp_path_factory.mktemp("sq") / "w8a8"
+    rec = run_inline(JobSpec(model=str(variant), kind="export", eval=tiny_eval,
+                             export={"out": str(out), "quantize": None, "variant_dir": str(variant)}))
+    assert rec.outcome == "done", rec.error
+    r = rec.result
+    assert r["graph"] == FUSED and r["graph_note"] is None
+    g = onnx.load(str(out / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    # per layer: q/k/v (one), o, gate/up (one), down as int8 x int8 products; one static quantizer per input
+    assert ops.count("MatMulIntegerToFloat") == 2 * 4 and ops.count("QuantizeLinear") == 2 * 4
+    assert sum(t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 10_000 for t in g.initializer) == 2 * 4
+    # the int8 grids are the variant's own: same perplexity and greedy tokens as the torch W8A8 model
+    assert r["ok"] is True, r["failure"]
+    assert r["ppl_onnx"] == pytest.approx(r["ppl_torch"], rel=0.01) and r["generation_match"] == 1.0
+    assert big_float_weights(out / "model.onnx") == ["model.embed_tokens.weight"]  # (int8 with --quantize int8)
+    # --quantize int8 then takes the embedding / LM head too, and its size bound is against float weights
+    out8 = out.parent / "w8a8-int8"
+    rec = run_inline(JobSpec(model=str(variant), kind="export", eval=tiny_eval,
+                             export={"out": str(out8), "quantize": "int8", "variant_dir": str(variant)}))
+    assert rec.outcome == "done", rec.error
+    assert rec.result["ok"] is True, rec.result["failure"]
+    assert big_float_weights(out8 / "model.onnx") == [] and rec.result["size_ratio_fp32"] <= 0.3
+
+
 def test_int4_of_a_float_model_falls_back_to_rtn_and_says_what_to_do(wide_model, tiny_eval, home, tmp_path):
     rec = export(wide_model, tmp_path / "int4", tiny_eval, quantize="int4")
     assert rec.outcome == "done", rec.error

@@ -14,7 +14,9 @@ unchanged:
   inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64,
            past_key_values.{i}.key / .value (B, kv_heads_i, P, head_dim) float32
   outputs  logits (B, T, V), present.{i}.key / .value (B, kv_heads_i, P+T, head_dim)
-Each weight is a MatMul with B = W^T (K, N) as an initializer, and a tied LM head is
+smoothquant's W8A8 Linears are written as what they compute: QuantizeLinear of the input on its
+static calibrated scale, then MatMulIntegerToFloat with the variant's int8 weights (per-row scales).
+Every other weight is a MatMul with B = W^T (K, N) as an initializer, and a tied LM head is
 MatMul(x, Transpose(E)) on the embedding table, as optimum writes them: the int8 / int4 rewrites
 (core/export/quantize.py) find them the same way. Batches are unpadded (the app feeds batch 1 with
 an all-ones mask): GroupQueryAttention reads each row's length from the mask.
@@ -57,7 +59,7 @@ def supported(model) -> str | None:
                  (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
         if at is None or mlp is None or type(layer).forward is not type(layers[0]).forward:
             return f"layer {i} is not a plain decoder layer"
-        if not all(type(getattr(m, n, None)) is nn.Linear for m, n in names):
+        if not all(type(getattr(m, n, None)) is nn.Linear or _w8a8(getattr(m, n, None)) for m, n in names):
             return f"layer {i} has a projection that is not a plain Linear (factored, routed or wrapped)"
         if type(mlp).__name__ != "LlamaMLP" or type(at).__name__ != "LlamaAttention":
             return f"layer {i} has a modified attention or MLP block ({type(at).__name__}, {type(mlp).__name__})"
@@ -91,7 +93,22 @@ def build(model, folder: Path, opset: int | None = None) -> Path:
     def w(t: torch.Tensor) -> np.ndarray:
         return t.detach().to(torch.float32).numpy()
 
+    quantized_inputs: dict = {}  # (input, activation scale) -> its int8 tensor: q/k/v share one
+
     def linear(x: str, mod, name: str) -> str:
+        if _w8a8(mod):  # smoothquant: int8 weights per output channel, the input on its static int8 grid
+            a = float(mod.act_scale)
+            xq = quantized_inputs.get((x, a))
+            if xq is None:
+                # uint8 with zero point 128, not int8: onnxruntime's x86 integer GEMM is u8 x s8 (measured at
+                # M = 1: 38 GB/s of weights, s8 x s8 2.3 GB/s); the grid is the same symmetric one
+                xq = quantized_inputs[(x, a)] = node("QuantizeLinear", [x, init(name + ".a_scale", np.float32(a)),
+                                                                        init(name + ".a_zp", np.uint8(128))],
+                                                     [name + "_xq"])[0]
+            scale_in, zp_in = next(n.input[1:3] for n in nodes if n.output[0] == xq)
+            codes, scales = _int8_rows(mod.weight, getattr(model, "squeeze_packed", {}).get(name + ".weight"))
+            return node("MatMulIntegerToFloat", [xq, init(name + ".weight_int8_T", codes.T), scale_in,
+                                                 init(name + ".w_scale", scales), zp_in], [name], domain=MS)[0]
         y = node("MatMul", [x, init(name + ".weight_T", w(mod.weight).T)], [name])[0]   # (.., K) @ (K, N)
         if mod.bias is not None:
             y = node("Add", [y, init(name + ".bias", w(mod.bias))], [name + "_b"])[0]
@@ -191,6 +208,25 @@ def build(model, folder: Path, opset: int | None = None) -> Path:
     return out
 
 
+def _w8a8(mod) -> bool:
+    from ..techniques.smoothquant import W8A8Linear
+    return isinstance(mod, W8A8Linear)
+
+
+def _int8_rows(weight, qt) -> tuple[np.ndarray, np.ndarray]:
+    """(out, in) weight on a per-row symmetric int8 grid -> codes (out, in) int8, scales (out,) float32.
+    From the variant's stored codes when it has them, else read back off the grid (max |code| = 127)."""
+    import torch
+    if qt is not None and qt.bits == 8 and qt.symmetric and qt.group_size in (0, qt.shape[1]):
+        from ..packing import unpack_bits
+        n, k = qt.shape
+        codes = unpack_bits(qt.codes, 8, n * k).view(n, k).to(torch.int16) - 128
+        return codes.to(torch.int8).numpy(), qt.scales.to(torch.float32).reshape(n).numpy()
+    wt = weight.detach().to(torch.float32)
+    scales = (wt.abs().amax(1) / 127).clamp(min=1e-12)
+    return torch.round(wt / scales[:, None]).clamp(-127, 127).to(torch.int8).numpy(), scales.numpy()
+
+
 def _rms(node, init, w, norm, residual: str, add: str | None, eps: float, name: str) -> tuple[str, str]:
     """RMSNorm of residual (+ add): -> (normed, the new residual). One fused op either way."""
     gamma = init(name + ".weight", w(norm.weight))
@@ -223,7 +259,8 @@ def fuse_file(path: Path) -> int:
 
 def fuse_siblings(model) -> int:
     """Projections that read the same input (q/k/v; gate/up) become one wider MatMul (fp32 weights
-    concatenated along N) or MatMulNBits (codes, scales and zero points concatenated along N) and
+    concatenated along N), MatMulNBits (codes, scales and zero points concatenated along N) or
+    MatMulIntegerToFloat (W8A8: int8 weights and their column scales along N, one input scale) and
     a Split back to the original outputs: fewer, larger kernels per decoded token. Run after the
     weight quantizers (they match each projection's own weight). -> projections merged."""
     from onnx import helper, numpy_helper
@@ -249,7 +286,10 @@ def fuse_siblings(model) -> int:
         widths = [a[-1] for a in arrays]
         name = nodes[0].name + "_fused"
         ins = [nodes[0].input[0]]
-        for j in range(len(arrays[0]) - 1):
+        if key[0] == "MatMulIntegerToFloat":  # int8 B (K, N) and its per-column scales; one input scale
+            ins += [_const(g, name + "_B", np.concatenate([a[0] for a in arrays], axis=1)), nodes[0].input[2],
+                    _const(g, name + "_scales", np.concatenate([a[1] for a in arrays])), nodes[0].input[4]]
+        for j in range(len(arrays[0]) - 1 if key[0] != "MatMulIntegerToFloat" else 0):
             cat = np.concatenate([a[j] for a in arrays], axis=1 if key[0] == "MatMul" else 0)
             part = f"{name}_" + (("weight_T",) if key[0] == "MatMul" else ("B", "scales", "zero_points"))[j]
             ins.append(_const(g, part, cat))
@@ -326,12 +366,17 @@ def _fusable(n, inits) -> tuple | None:
         a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         return ("MatMulNBits", n.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0),
                 len(n.input))
+    if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 5 and n.input[1] in inits and n.input[3] in inits:
+        return ("MatMulIntegerToFloat", n.input[0], n.input[2], n.input[4], inits[n.input[1]].dims[0])  # same input
     return None
 
 
 def _weights(n, inits) -> list:
     """The node's constant inputs, each with N as its first axis (MatMul: B (K, N), N on axis 1), then N."""
     from onnx import helper, numpy_helper
+    if n.op_type == "MatMulIntegerToFloat":  # B (K, N), per-column scales (N,)
+        b, sc = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[3]])
+        return [b, sc, b.shape[1]]
     arrs = [numpy_helper.to_array(inits[x]) for x in n.input[1:]]
     if n.op_type == "MatMul":
         return [arrs[0], arrs[0].shape[1]]

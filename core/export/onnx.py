@@ -250,7 +250,7 @@ def _quantized(target, fp32_file, stage, candidates, packed, windows, bos, promp
     if not candidates:
         raise ExportError(f"no {target} candidates to try")
     ppl_limit, size_limit = LIMITS[target]
-    fp32_size = model_bytes(fp32_file)
+    fp32_size = float_bytes(fp32_file)
     ref_ppl = torch_numbers.get("ppl")
     work = stage / ".candidates"
     rows, verified = [], {}
@@ -384,6 +384,17 @@ def _zipped_bytes(model_file: Path) -> int:
                 n += len(z.compress(chunk))
         n += len(z.flush())
     return n
+
+
+def float_bytes(model_file: Path) -> int:
+    """The file's size were every weight float32: what the int8 / int4 size bounds compare to (a W8A8
+    variant's own export already holds int8 weights; for any other it is the file's size)."""
+    import numpy as np
+    import onnx
+    m = onnx.load(str(model_file), load_external_data=False)
+    narrow = sum(int(np.prod(t.dims)) * 3 for t in m.graph.initializer
+                 if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    return model_bytes(model_file) + narrow
 
 
 def model_bytes(model_file: Path) -> int:
