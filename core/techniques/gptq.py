@@ -81,8 +81,8 @@ class GPTQ:
                              help="Weight of the position-0 (BOS, attention-sink) tokens in the Hessian; "
                                   "1 = as they come.")
     upgrade_8bit: str = knob("", help="Linears given 8 bits instead (no fp16 columns), comma-separated name "
-                                      "endings, e.g. mlp.down_proj for every layer's; the sensitivity map's "
-                                      "'mixed precision' fills this in for a size budget.")
+                                      "endings, e.g. mlp.down_proj for every layer's: with outliers 0, 4-bit "
+                                      "quality that exports to faster ONNX than fp16 columns.")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
