@@ -195,18 +195,24 @@ def ideas(a) -> None:
         fp, tok, _ = models.load(MODEL)
         fp_ppl = ev.perplexity(fp, tok, a.text, a.max_tokens, a.context)["ppl"]
         for spec in a.ideas.split(";"):
-            name, _, js = spec.partition(":")
-            values = json.loads(js or "{}")
             m = copy.deepcopy(fp)
             t0 = time.time()
             ctx = StepContext(tokenizer=tok, state_key="bench-ideas")
-            tech = registry.get(name)
-            tech.apply(m, tech.make(values), ctx)
+            ctx.base_model = lambda: copy.deepcopy(fp)  # distill's teacher: the model before the recipe
+            steps = []
+            for part in spec.split("+"):  # 'a:{json}+b:{json}': one recipe, applied in order
+                name, _, js = part.partition(":")
+                values = json.loads(js or "{}")
+                tech = registry.get(name)
+                tech.apply(m, tech.make(values), ctx)
+                steps.append((name, values))
             if "w8a8" in ctx.runtime:  # as loading the saved variant does: int8 activations at run time
                 from core.techniques.smoothquant import to_w8a8
                 to_w8a8(m, ctx.packed)
             apply_s = time.time() - t0
             ppl = ev.perplexity(m, tok, a.text, a.max_tokens, a.context)["ppl"]
+            name = " → ".join(n for n, _ in steps)
+            values = steps[0][1] if len(steps) == 1 else [v for _, v in steps]
             rec = {"technique": name, "values": values, "ppl": ppl, "fp32": fp_ppl, "max_tokens": a.max_tokens,
                    "context": a.context, "apply_s": round(apply_s, 1)}
             IDEAS.parent.mkdir(exist_ok=True)

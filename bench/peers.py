@@ -15,6 +15,7 @@ ORTQuantizer), all verified the same way in one process; ratios to torch fp32 ea
 the same run. Section "peers-onnx", bench/results/peers-onnx.json.
 
     .venv/bin/python bench/peers.py --onnx [--max-tokens 8192] [--context 1024]
+    .venv/bin/python bench/peers.py --onnx --exports-only --max-tokens 1024   # files for decode_rounds.py
 """
 from __future__ import annotations
 
@@ -191,6 +192,9 @@ def onnx_main(a) -> None:
         print(f"{name}: ppl {res['ppl_onnx']:.3f} (torch {res['ppl_torch']:.3f}), decode "
               f"{res['decode_tokens_per_s_onnx']:.1f} (torch {res['decode_tokens_per_s_torch']:.1f}) "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if a.exports_only:  # the files for bench/decode_rounds.py, no table
+        print(tmp)
+        return
     ref = rows[0]  # torch fp32 eager and the fp32 ONNX file: the reference of every ratio
     settings = EvalSettings(**ev)
     fp, tok, _ = models.load(a.model)
@@ -265,6 +269,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--text", type=Path, default=TEXT)
     ap.add_argument("--onnx", action="store_true", help="the deployment table of issue 6")
+    ap.add_argument("--exports-only", action="store_true",
+                    help="with --onnx: only write (and verify) our exports, for bench/decode_rounds.py")
     ap.add_argument("--model", default=MODEL, help="(a smoke run on another model; the table is for the bundled one)")
     a = ap.parse_args()
     a.max_tokens = a.max_tokens or (8192 if a.onnx else 32768)

@@ -44,6 +44,9 @@ def make_session(path, threads: int | None = None) -> ort.InferenceSession:
     # also what a user deploying the file gets. (On a busy machine spinning threads steal cores;
     # session.intra_op.allow_spinning = 0 is the knob for that.)
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    # Every decode step feeds a mask one token longer, so a memory pattern planned for one step's
+    # shapes never serves the next: skipping the planning is ~1 % faster per int4 step (10 rounds).
+    so.enable_mem_pattern = False
     so.log_severity_level = 3  # errors only: no per-node warnings on stderr
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
