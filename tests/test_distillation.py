@@ -61,6 +61,21 @@ def test_distill_after_dropping_layers_lowers_the_kl_on_held_out_text(tiny4, hom
     assert not any(p.requires_grad for p in student.parameters())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_both_arithmetics_lower_the_kl_and_say_which_ran(tiny4, home, precision):
+    student, tok, ctx = _pruned_student(tiny4, key=f"distill-{precision}")
+    lines = []
+    ctx.log = lines.append
+    teacher = models.load(tiny4)[0]
+    held_out = samples(tok, ROOT / "resources" / "data" / "calib.txt", 8, 128, seed=12345)
+    before = _kl(student, teacher, held_out)
+    tech = registry.get("distill")
+    tech.apply(student, tech.make({**FAST, "steps": 30, "precision": precision}), ctx)
+    assert _kl(student, teacher, held_out) < 0.7 * before
+    assert any(("bf16 autocast" if precision == "bf16" else "fp32") + " arithmetic" in line for line in lines), lines
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # weights stay fp32
+
+
 def test_cancelled_and_resumed_reaches_the_same_final_loss(tiny4, home):
     tech = registry.get("distill")
     cfg = tech.make({**FAST, "steps": 20, "checkpoint_every": 10, "hidden_mse": 0.5})

@@ -43,7 +43,8 @@ class Distill:
     """Distillation: train the compressed model to imitate the original one (KL on logits, optional hidden-state MSE)."""
 
     steps: int = knob(80, min=10, max=5000, step=10, unit="steps",
-                      help="Optimizer steps; the default fits about 15 minutes on 2 CPU cores for a 135M model.")
+                      help="Optimizer steps; the default fits well inside 15 minutes on 2 CPU cores for a 135M model "
+                           "(about 6 minutes with bf16 arithmetic, 10 in fp32).")
     lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="learning rate",
                      help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up).")
     temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="T",
@@ -59,6 +60,10 @@ class Distill:
                                  help="Write a checkpoint every this many steps: a cancelled or crashed run "
                                       "resumes from the last one.")
     seed: int = knob(0, min=0, max=2**31 - 1, step=1, help="Seed of the batch order.")
+    precision: str = knob("auto", choices=("auto", "bf16", "fp32"),
+                          help="Arithmetic of the forward and backward passes (weights and optimizer stay fp32): "
+                               "bf16 autocast is ~1.8x faster per step on CPUs with native bf16 (AVX512-BF16 / "
+                               "AMX); auto picks it where the CPU has it, fp32 elsewhere.")
 
 
 def checkpoint_dir(ctx: StepContext, cfg: Distill):
@@ -88,6 +93,18 @@ def lr_at(step: int, total: int, lr: float) -> float:
         return lr * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def use_bf16(precision: str) -> bool:
+    """bf16 autocast for this run: asked for, or 'auto' on a CPU with native bf16 (where it is not, autocast
+    emulates bf16 and is slower than fp32)."""
+    import torch
+    if precision != "auto":
+        return precision == "bf16"
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def kd_loss(s_logits, t_logits, temperature: float):
@@ -196,15 +213,19 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     model.train()
     t0, done_here = time.perf_counter(), 0
     every_log = max(1, min(10, cfg.steps // 20))
+    bf16 = use_bf16(cfg.precision)
+    if start == 0:
+        ctx.log(f"distill: {'bf16 autocast' if bf16 else 'fp32'} arithmetic")
     try:
         with torch.enable_grad():
             for step in range(start, cfg.steps):
                 ctx.check_cancel()
                 batch = ids[batch_indices(step, len(ids), cfg.batch_size, cfg.seed)]
-                with torch.no_grad():
-                    t_out = teacher(batch, output_hidden_states=use_hidden, use_cache=False)
-                s_out = model(batch, output_hidden_states=use_hidden, use_cache=False)
-                loss = kd_loss(s_out.logits, t_out.logits, cfg.temperature)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    with torch.no_grad():
+                        t_out = teacher(batch, output_hidden_states=use_hidden, use_cache=False)
+                    s_out = model(batch, output_hidden_states=use_hidden, use_cache=False)
+                loss = kd_loss(s_out.logits, t_out.logits, cfg.temperature)  # in fp32 (kd_loss casts)
                 if use_hidden:
                     loss = loss + cfg.hidden_mse * _hidden_loss(s_out.hidden_states, t_out.hidden_states, pairs)
                 del t_out
