@@ -214,8 +214,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     t0, done_here = time.perf_counter(), 0
     every_log = max(1, min(10, cfg.steps // 20))
     bf16 = use_bf16(cfg.precision)
-    if start == 0:
-        ctx.log(f"distill: {'bf16 autocast' if bf16 else 'fp32'} arithmetic")
+    ctx.log(f"distill: {'bf16 autocast' if bf16 else 'fp32'} arithmetic")
     try:
         with torch.enable_grad():
             for step in range(start, cfg.steps):
