@@ -164,6 +164,39 @@ def test_importance_finds_the_planted_dead_layer_head_and_channels(tmp_path, tin
     assert torch.allclose(torch.stack(steps[:-1], 1), after[:, -4:-1], atol=1e-4)
 
 
+def test_linear_heal_brings_a_layer_prune_closer_to_the_full_model_on_unseen_text(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    from core import models
+    src = make_tiny_llama(tmp_path / "src", tiny_tokenizer_dir, num_hidden_layers=4)
+    full = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():  # layer 2 writes little into the residual stream: the one block influence drops
+        full.model.layers[2].self_attn.o_proj.weight.mul_(0.3)
+        full.model.layers[2].mlp.down_proj.weight.mul_(0.3)
+    full.save_pretrained(tmp_path / "m")
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / "m" / f.name)
+    full, tok, _ = models.load(str(tmp_path / "m"))
+    ids = ids_of(tok)  # not calibration text
+    with torch.no_grad():
+        want = torch.log_softmax(full(ids).logits, -1)
+
+    def kl_after(heal: bool):
+        model, _, _ = models.load(str(tmp_path / "m"))
+        tech = registry.get("structured_prune")
+        info = tech.apply(model, tech.make({"layers": 0.25, "ffn": 0.0, "linear_heal": heal, **CALIB}),
+                          StepContext(tokenizer=tok))
+        with torch.no_grad():
+            got = torch.log_softmax(model(ids).logits, -1)
+        return float((want.exp() * (want - got)).sum(-1).mean()), info
+
+    plain, info_plain = kl_after(False)
+    healed, info = kl_after(True)
+    assert info["layers_removed"] == info_plain["layers_removed"] == [2] and "healed_runs" not in info_plain
+    assert info["healed_runs"] == [[2, 2]]  # folded into layer 1's down_proj: same shapes, closer outputs
+    assert healed < 0.8 * plain, (healed, plain)
+
+
 def test_low_rank_ranks_as_set_file_smaller_by_the_factors_and_loads_with_remote_code(tiny_model, tiny_eval, home):
     base = run(tiny_model, tiny_eval, evaluate=False)
     r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}))

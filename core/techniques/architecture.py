@@ -1,7 +1,8 @@
 """Architecture: techniques that change the model's shapes, so that it computes less.
 
 structured_prune  whole decoder layers (ShortGPT block influence), attention heads and FFN
-                  channels go; the result is a plain, smaller Llama: its config.json carries the
+                  channels go (each run of removed layers optionally replaced by a linear map folded
+                  into the down_proj before it, ReplaceMe-style); the result is a plain, smaller Llama: its config.json carries the
                   new num_hidden_layers / num_attention_heads / num_key_value_heads /
                   intermediate_size (and head_dim, explicitly), so `AutoModelForCausalLM.
                   from_pretrained(dir)` of plain transformers loads it.
@@ -46,6 +47,10 @@ class StructuredPrune:
     layers: float = knob(0.0, min=0.0, max=0.75, step=0.05, unit="fraction",
                          help="Fraction of decoder layers removed: those that change the hidden state least "
                               "on the calibration text (ShortGPT block influence).")
+    linear_heal: bool = knob(False, help="Stand in for each run of removed layers with a linear map, fitted by "
+                                         "least squares on the calibration text and folded into the down_proj "
+                                         "of the layer before it (ReplaceMe): no training, no extra weights. "
+                                         "Helps a prune used as it is; leave off before distill.")
     heads: float = knob(0.0, min=0.0, max=0.75, step=0.05, unit="fraction",
                         help="Fraction of attention heads removed, the same number in every layer, the least "
                              "important on calibration data; grouped-query structure kept.")
@@ -116,7 +121,7 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
         stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.5)
     influence = None
     if drop_layers:
-        influence = block_influence(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, start=0.5, span=0.3)
+        influence = block_influence(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, start=0.5, span=0.2)
 
     # 2. whole layers
     keep_layers = list(range(n_layers))
@@ -126,6 +131,9 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
         keep_layers = [i for i in range(n_layers) if i not in gone]
         info["layers_removed"] = gone
         info["block_influence"] = [round(float(b), 5) for b in influence]
+        if cfg.linear_heal:
+            info["healed_runs"] = linear_heal(model, layers, gone, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
+                                              start=0.7, span=0.1)
     inner = model.model
     inner.layers = torch.nn.ModuleList([layers[i] for i in keep_layers])
     config.num_hidden_layers = len(keep_layers)
@@ -267,6 +275,87 @@ def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib
         for h in handles:
             h.remove()
     return (1.0 - sums / count).tolist()
+
+
+def _runs(gone: list[int]) -> list[tuple[int, int]]:
+    """[3, 12, 13, 14, 17] -> [(3, 3), (12, 14), (17, 17)]: maximal runs of consecutive layers."""
+    runs: list[list[int]] = []
+    for g in sorted(gone):
+        if runs and runs[-1][1] == g - 1:
+            runs[-1][1] = g
+        else:
+            runs.append([g, g])
+    return [(a, b) for a, b in runs]
+
+
+def linear_heal(model, layers, gone: list[int], ctx: StepContext, n_samples: int, seq_len: int,
+                calib_text: str = "", damping: float = 0.01, start: float = 0.0, span: float = 1.0) -> list:
+    """ReplaceMe (Shopkhoev et al., 2025): for each run a..b of removed layers, find T (hidden x hidden)
+    with  Y + M T ≈ H_b, where M is the MLP output of layer a-1, Y the rest of that layer's output
+    and H_b what layer b put out in the full model; then down_proj(a-1) <- T^T W, so the pruned model
+    computes Y + M T with no new weights. Runs are fitted in order, each on the model with the earlier
+    runs already removed and folded (its inputs are what the pruned model will see); the least-squares
+    problem is damped toward T = I (plain removal). Position 0 (the attention sink, whose massive
+    activation no layer changes) is left out of the fit. Returns the runs healed, as [a, b] pairs."""
+    import torch
+
+    from .. import calibration
+
+    decoder = getattr(model, "model", model)
+    ids = calibration.samples(ctx.tokenizer, calibration.text_path(calib_text), n_samples, seq_len)
+    runs = [(a, b) for a, b in _runs(gone) if a > 0]  # a run from layer 0 has no layer before it
+    full = decoder.layers
+    batch = 8
+
+    def flat(y):  # (batch, seq, hidden) -> (batch * (seq - 1), hidden), position 0 left out
+        y = y[0] if isinstance(y, tuple) else y
+        return y.detach()[:, 1:].reshape(-1, y.shape[-1]).double()
+
+    targets: dict[int, list] = {a: [] for a, _ in runs}  # float32: (tokens, hidden) per batch
+    hooks = [layers[b].register_forward_hook(
+        lambda _m, _i, out, a=a: targets[a].append(flat(out).float())) for a, b in runs]
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(ids), batch):
+                ctx.check_cancel()
+                decoder(ids[i:i + batch], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    done, removed = [], set()
+    try:
+        for k, (a, b) in enumerate(runs):
+            prev = max(i for i in range(a) if i not in removed)
+            cap: dict = {}
+            hooks = [layers[prev].mlp.register_forward_hook(lambda _m, _i, out: cap.__setitem__("m", flat(out))),
+                     layers[prev].register_forward_hook(lambda _m, _i, out: cap.__setitem__("h", flat(out)))]
+            decoder.layers = torch.nn.ModuleList([layers[i] for i in range(prev + 1) if i not in removed])
+            d = layers[prev].mlp.down_proj.out_features
+            mm = torch.zeros(d, d, dtype=torch.float64)
+            mt = torch.zeros(d, d, dtype=torch.float64)
+            try:
+                with torch.inference_mode():
+                    for j, i in enumerate(range(0, len(ids), batch)):
+                        ctx.check_cancel()
+                        decoder(ids[i:i + batch], use_cache=False)
+                        m, h = cap["m"], cap["h"]
+                        mm += m.T @ m
+                        mt += m.T @ (targets[a][j].double() - (h - m))
+            finally:
+                for h in hooks:
+                    h.remove()
+            lam = damping * mm.diagonal().mean()
+            eye = torch.eye(d, dtype=torch.float64)
+            t = torch.linalg.solve(mm + lam * eye, mt + lam * eye)  # (hidden, hidden)
+            w = layers[prev].mlp.down_proj.weight
+            with torch.no_grad():
+                w.copy_((t.T @ w.double()).to(w.dtype))
+            removed |= set(range(a, b + 1))
+            done.append([a, b])
+            ctx.progress(start + span * (k + 1) / len(runs), "linear stand-ins for removed layers")
+    finally:
+        decoder.layers = full
+    return done
 
 
 # ---------------------------------------------------------------- low rank
