@@ -37,7 +37,7 @@ ROWS = [
      "rtn 4-bit g64 sym", [{"technique": "rtn", **G4}]),
     ("gptq3", "gptq 3-bit g64 sym", 1.60, [{"technique": "gptq", **G3, **GPTQ}],
      "rtn 3-bit g64 sym", [{"technique": "rtn", **G3}]),
-    ("sq", "smoothquant W8A8", 1.05, [{"technique": "smoothquant", "sequential": True}],
+    ("sq", "smoothquant W8A8", 1.05, [{"technique": "smoothquant", "sequential": True, "float_inputs": 6}],
      "W8A8 without smoothing (alpha 0)", [{"technique": "smoothquant", "alpha": 0.0}]),
     ("ws16", "weight_sharing 16 entries/channel (4-bit)", 1.10, [{"technique": "weight_sharing", "entries": 16, **WS}],
      "rtn 4-bit per-channel", [{"technique": "rtn", "bits": 4, "group_size": 0}]),

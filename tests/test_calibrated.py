@@ -261,6 +261,35 @@ def test_smoothquant_runs_int8_activations_from_the_saved_file(tiny_model, tiny_
     assert len(torch.unique(torch.round(seen["x"] / q.act_scale))) <= 255
 
 
+def test_smoothquant_fallback_keeps_the_noisiest_inputs_float_and_every_weight_int8(tiny_model, tiny_eval, home):
+    from core.techniques.smoothquant import W8A8Linear
+    full = run(tiny_model, tiny_eval, ("smoothquant", FAST))
+    r = run(tiny_model, tiny_eval, ("smoothquant", {"float_inputs": 3, **FAST}))
+    kept = r["steps"][0]["float_inputs"]
+    assert len(kept) == 3
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())["packed"]
+    assert {n.removesuffix(".weight") for n, m in man.items() if m.get("kind") != "w8a8"} == set(kept)
+    assert r["size_bytes"] == pytest.approx(full["size_bytes"], abs=4096)  # weights stay int8 (no act scale)
+    model, _ = load_variant(r["variant_dir"])
+    mods = dict(model.named_modules())
+    for name, mod in mods.items():
+        if name.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+            assert isinstance(mod, W8A8Linear) == (name not in kept), name
+    for name in kept:  # int8 weights per output row: at most 255 levels in a row
+        w = mods[name].weight
+        assert all(len(torch.unique(row)) <= 255 for row in w)
+
+
+def test_output_noise_matches_what_an_int8_input_grid_does_to_each_output():
+    from core.techniques.smoothquant import output_noise
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 64, generator=g) * torch.linspace(0.2, 3.0, 64)   # (tokens, in)
+    w = torch.randn(32, 64, generator=g) * torch.linspace(0.1, 2.0, 32)[:, None]
+    step = float(x.abs().max()) / 127
+    measured = ((torch.round(x / step) * step - x) @ w.T).pow(2).mean(0)      # (out,)
+    assert torch.allclose(output_noise(w, step), measured, rtol=0.1)
+
+
 def test_gptq_outlier_columns_are_kept_in_fp16_in_the_file(tiny_model, tiny_eval, home):
     fp = decoder_weights(models.load(tiny_model)[0])
     plain = run(tiny_model, tiny_eval, ("gptq", {"bits": 3, "outliers": 0, **FAST}))

@@ -26,6 +26,10 @@ class SmoothQuant:
     act_percentile: float = knob(1.0, min=0.9, max=1.0, step=0.001, unit="fraction",
                                  help="Static activation range: the maximum seen in calibration (1) or a clip "
                                       "below it, as a fraction of that maximum.")
+    float_inputs: int = knob(0, min=0, max=64, step=1, unit="Linears",
+                             help="Fallback: this many Linears keep float inputs (their weights stay int8), "
+                                  "those whose static int8 input grid costs the most loss on the calibration "
+                                  "text (its rounding noise weighted by the loss gradient at their output).")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -61,10 +65,11 @@ def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
     import torch
 
     from ..calibration import decoder_layers, each_layer
-    from ..packing import ActQTensor, quantize
+    from ..packing import ActQTensor, QTensor, quantize
 
     layers = decoder_layers(model)
-    ranges = {}
+    ranges, noise = {}, {}
+    g2 = output_grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text) if cfg.float_inputs else {}
 
     def per_layer(i, lin, st):
         scales = smooth_layer(layers[i], st, cfg.alpha)
@@ -77,10 +82,63 @@ def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
             m.weight.data.copy_(aq.dequantize())
             ctx.packed[f"{name}.weight"] = aq
             ranges[name] = amax
+            if cfg.float_inputs:
+                noise[name] = float(g2[name] @ output_noise(m.weight.data, aq.act_scale))
 
     each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
+    kept = sorted(noise, key=noise.get, reverse=True)[:cfg.float_inputs]
+    for name in kept:  # weight-only int8 (a plain QTensor): no activation grid at run time
+        aq = ctx.packed[f"{name}.weight"]
+        ctx.packed[f"{name}.weight"] = QTensor(aq.shape, aq.bits, aq.group_size, aq.symmetric, aq.codes,
+                                               aq.scales, aq.zeros)
     ctx.runtime.append("w8a8")
-    return {"layers": len(ranges), "alpha": cfg.alpha, "max_act_range": max(ranges.values(), default=0.0)}
+    info = {"layers": len(ranges), "alpha": cfg.alpha, "max_act_range": max(ranges.values(), default=0.0)}
+    if kept:
+        info["float_inputs"] = kept
+        ctx.log(f"smoothquant: float inputs (weights int8) for {len(kept)} Linears: " + ", ".join(kept))
+    return info
+
+
+def output_noise(w, act_scale: float):
+    """(out,) variance that a static int8 input grid of step act_scale adds to each output of y = W x:
+    rounding noise of variance step^2 / 12 per input element, independent across inputs."""
+    return act_scale ** 2 / 12 * (w.float() ** 2).sum(1)
+
+
+def output_grad_moments(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "") -> dict:
+    """{decoder Linear name: (out,) sum over calibration tokens of (d loss / d output)^2}: with
+    output_noise, the second-order estimate of the loss an input grid costs (Fisher-weighted noise)."""
+    import torch
+
+    from ..calibration import samples, text_path
+    from .base import target_linears
+
+    ids = samples(ctx.tokenizer, text_path(calib_text), n_samples, seq_len)
+    acc: dict = {}
+
+    def keep(name):
+        def fn(_m, _i, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: acc.__setitem__(name, acc.get(name, 0) + (g.float() ** 2).sum((0, 1))))
+        return fn
+
+    needs = {p: p.requires_grad for p in model.parameters()}
+    hooks = [m.register_forward_hook(keep(n)) for n, m in target_linears(model)]
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    try:
+        for p in needs:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for b in range(0, len(ids), 2):  # 2 windows at a time: the logits are (2, seq, vocab)
+                ctx.check_cancel()
+                x = ids[b:b + 2]
+                model(x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in needs.items():
+            p.requires_grad_(r)
+    return acc
 
 
 class W8A8Linear:
