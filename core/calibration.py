@@ -280,3 +280,39 @@ def _weights_digest(model) -> str:
         h.update(flat[::max(1, flat.numel() // 4096)].numpy().tobytes())
         h.update(flat.abs().sum().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def grad_moments(model, ctx, n_samples: int, seq_len: int, calib_text: str = "") -> dict:
+    """{decoder Linear name: (out,) sum over calibration tokens of (d loss / d output)^2}, the
+    diagonal Fisher of each Linear's output: an error e added to that output costs about
+    1/2 * sum(g2 * e^2) of loss. One backward pass per 2 windows; nothing cached (cheap)."""
+    from .techniques.base import target_linears
+
+    if ctx.tokenizer is None:
+        raise DataError("calibration needs the model's tokenizer")
+    ids = samples(ctx.tokenizer, text_path(calib_text), n_samples, seq_len)
+    acc: dict = {}
+
+    def keep(name):
+        def fn(_m, _i, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: acc.__setitem__(name, acc.get(name, 0) + (g.float() ** 2).sum((0, 1))))
+        return fn
+
+    needs = {p: p.requires_grad for p in model.parameters()}
+    hooks = [m.register_forward_hook(keep(n)) for n, m in target_linears(model)]
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    try:
+        for p in needs:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for b in range(0, len(ids), 2):  # 2 windows at a time: the logits are (2, seq, vocab)
+                ctx.check_cancel()
+                x = ids[b:b + 2]
+                model(x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in needs.items():
+            p.requires_grad_(r)
+    return acc

@@ -199,7 +199,7 @@ def test_linear_heal_brings_a_layer_prune_closer_to_the_full_model_on_unseen_tex
 
 def test_low_rank_ranks_as_set_file_smaller_by_the_factors_and_loads_with_remote_code(tiny_model, tiny_eval, home):
     base = run(tiny_model, tiny_eval, evaluate=False)
-    r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}))
+    r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "uniform", **CALIB}))
     d = Path(r["variant_dir"])
     # rank = floor(keep * out * in / (out + in)): q/o 96x96 -> 24, k/v 48x96 -> 16, gate/up/down 160x96 -> 30
     assert (rank_for(96, 96, 0.5), rank_for(48, 96, 0.5), rank_for(160, 96, 0.5)) == (24, 16, 30)
@@ -233,7 +233,7 @@ def test_low_rank_ranks_as_set_file_smaller_by_the_factors_and_loads_with_remote
 
 def test_low_rank_after_structured_prune_composes_and_loads(deep_model, tiny_eval, home):
     r = run(deep_model, tiny_eval, ("structured_prune", {"layers": 0.25, "ffn": 0.5, **CALIB}),
-            ("low_rank", {"keep": 0.6, **CALIB}), evaluate=False)
+            ("low_rank", {"keep": 0.6, "allocation": "uniform", **CALIB}), evaluate=False)
     d = Path(r["variant_dir"])
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and cfg["intermediate_size"] == 80
@@ -262,6 +262,36 @@ def test_activation_aware_factors_beat_plain_svd_on_the_inputs_they_were_fitted_
     assert torch.allclose(b @ a, w, atol=1e-3)
 
 
+def test_loss_allocation_spends_the_budget_on_the_directions_worth_most_per_parameter():
+    from core.techniques.architecture import allocate
+    shapes = {"big": (100, 100), "small": (10, 30)}     # a direction costs 200 / 40 parameters
+    costs = {"big": torch.tensor([50.0, 40.0, 1.0, 0.5] + [0.0] * 96),
+             "small": torch.tensor([9.0, 4.0, 2.0, 0.1] + [0.0] * 6)}
+    plan = allocate(costs, shapes, keep=520 / 10300)    # 520 parameters to spend
+    # per parameter: big 0.25, 0.2, 0.005 / small 0.225, 0.1, 0.05: big's two best (400), small's three (120)
+    assert plan == {"big": [0, 1], "small": [0, 1, 2]}
+    # a Linear whose kept directions would outweigh its dense weight stays dense: past its break-even
+    # rank (7.5) more directions cost nothing, and the rest of the budget goes to the other Linear
+    costs = {"big": torch.ones(100), "small": torch.arange(10, 0, -1).float()}
+    plan = allocate(costs, shapes, keep=700 / 10300)
+    assert plan["small"] is None and len(plan["big"]) == 2
+
+
+def test_loss_allocation_keeps_the_budget_and_the_variant_loads(tiny_model, tiny_eval, home):
+    base = run(tiny_model, tiny_eval, evaluate=False)
+    r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "loss", **CALIB}), evaluate=False)
+    info = r["steps"][0]
+    assert info["allocation"] == "loss" and 0.45 <= info["kept"] <= 0.5
+    assert base["params"] - r["params"] == info["linear_params_before"] - info["linear_params_after"]
+    d = Path(r["variant_dir"])
+    ranks = json.loads((d / "config.json").read_text())[LOWRANK_KEY]
+    assert len(set(ranks.values())) > 3  # not one rank per shape: the ranks follow the loss
+    ours, tok = load_variant(d)
+    plain, logits = plain_logits(d, ids_of(tok), trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids_of(tok)).logits, logits, atol=1e-5)
+
+
 def test_rank_rule_skips_linears_whose_factors_would_not_be_smaller():
     assert rank_for(576, 576, 0.8) == 230 and rank_for(1536, 576, 0.8) == 335 and rank_for(192, 576, 0.8) == 115
     assert rank_for(4, 4, 0.2) == 0        # floor(0.4) = 0: nothing to keep
@@ -284,8 +314,8 @@ def test_shape_changes_come_before_quantization(steps, words):
 
 
 def test_quantization_after_low_rank_packs_the_factors_and_loads_back(tiny_model, tiny_eval, home):
-    lr = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}))
-    q = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, **CALIB}), ("rtn", {"bits": 8, "group_size": 32}))
+    lr = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "uniform", **CALIB}))
+    q = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "uniform", **CALIB}), ("rtn", {"bits": 8, "group_size": 32}))
     man = json.loads((Path(q["variant_dir"]) / "squeeze.json").read_text())
     assert len(man["packed"]) == 28  # both factors of the 14 factored Linears
     assert "model.layers.0.mlp.down_proj.1.weight" in man["packed"]

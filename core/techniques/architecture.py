@@ -365,7 +365,13 @@ class LowRank:
     """Low rank: each decoder Linear replaced by two thin factors from a truncated SVD (activation-aware optional)."""
 
     keep: float = knob(0.8, min=0.05, max=0.95, step=0.05, unit="fraction",
-                       help="Fraction of each Linear's parameters kept: rank = floor(keep x out x in / (out + in)).")
+                       help="Fraction of the decoder Linears' parameters kept.")
+    allocation: str = knob("loss", choices=("loss", "uniform"),
+                           help="loss: ranks differ per Linear, the singular directions kept across the whole "
+                                "model are those worth most loss per parameter (truncation error weighted by "
+                                "the loss gradient at each output); a Linear that would keep more than its "
+                                "break-even rank stays dense. uniform: every Linear keeps the same fraction, "
+                                "rank = floor(keep x out x in / (out + in)).")
     activation_aware: bool = knob(True, help="Whiten by the calibration inputs before the SVD (SVD-LLM): the "
                                              "truncation error is measured on what each Linear really sees.")
     damping: float = knob(0.01, min=0.0, max=1.0, step=0.01, unit="x mean diag",
@@ -381,17 +387,30 @@ def rank_for(out_f: int, in_f: int, keep: float) -> int:
     return r if r >= 1 and r * (out_f + in_f) < out_f * in_f else 0
 
 
-def factors(w, r: int, h=None, damping: float = 0.01):
+def factors(w, r: int, h=None, damping: float = 0.01, pick=None):
     """(A: r x in, B: out x r) with B @ A the best rank-r approximation of w: plain SVD, or with h
     (in x in, sum of x x^T) the SVD of w S, S the Cholesky factor of h (h = S S^T), so that
-    ||(W - B A) X|| is what is minimised (SVD-LLM). Singular values are split evenly between the factors."""
+    ||(W - B A) X|| is what is minimised (SVD-LLM). Singular values are split evenly between the factors.
+    pick: the indices of the singular directions to keep (default: the r largest)."""
+    import torch
+
+    u, s, vh, s_chol = _svd(w, h, damping)
+    idx = torch.arange(r) if pick is None else torch.as_tensor(pick, dtype=torch.long)
+    root = s[idx].sqrt()
+    m = root[:, None] * vh[idx]                                      # (r, in) = sqrt(S_r) V_r^T
+    if s_chol is not None:
+        m = torch.linalg.solve_triangular(s_chol.T, m.T, upper=True).T  # m @ S^-1
+    return m.float(), (u[:, idx] * root).float()
+
+
+def _svd(w, h=None, damping: float = 0.01):
+    """SVD of w (plain) or of w S with h = S S^T (whitened) -> (u, s, vh, S or None), in float64."""
     import torch
 
     w64 = w.detach().double()
     if h is None:
         u, s, vh = torch.linalg.svd(w64, full_matrices=False)
-        root = s[:r].sqrt()
-        return (root[:, None] * vh[:r]).float(), (u[:, :r] * root).float()
+        return u, s, vh, None
     h64 = h.double()
     diag = h64.diagonal()
     h64 = h64 + torch.eye(len(h64), dtype=h64.dtype) * (damping * diag.mean() + 1e-8 * diag.max())
@@ -402,10 +421,44 @@ def factors(w, r: int, h=None, damping: float = 0.01):
             if not bad:
                 break
     u, s, vh = torch.linalg.svd(w64 @ s_chol, full_matrices=False)
-    root = s[:r].sqrt()
-    m = root[:, None] * vh[:r]                                   # (r, in) = sqrt(S_r) V_r^T
-    a = torch.linalg.solve_triangular(s_chol.T, m.T, upper=True).T  # m @ S^-1
-    return a.float(), (u[:, :r] * root).float()
+    return u, s, vh, s_chol
+
+
+def allocate(costs: dict, shapes: dict, keep: float) -> dict:
+    """Global rank allocation. costs: {name: (k,) loss of dropping each singular direction},
+    shapes: {name: (out, in)}. Keeps the directions worth most loss per parameter (a direction of
+    an out x in Linear costs out + in) until keep x the dense parameters are spent; a Linear whose
+    directions would cost more than its dense weight stays dense (None). -> {name: kept indices | None}."""
+    import torch
+
+    budget = keep * sum(o * i for o, i in shapes.values())
+    cand = [(float(c) / sum(shapes[n]), n, j) for n, cs in costs.items() for j, c in enumerate(cs)]
+    cand.sort(key=lambda t: -t[0])
+    picked: dict[str, list[int]] = {n: [] for n in costs}
+    used = 0.0
+
+    def size(n, r):
+        o, i = shapes[n]
+        return min(r * (o + i), o * i)
+
+    for n in costs:  # every Linear keeps at least its most valuable direction
+        best = int(torch.as_tensor(costs[n]).argmax())
+        picked[n].append(best)
+        used += size(n, 1)
+    for _, n, j in cand:
+        if j in picked[n][:1]:
+            continue
+        r = len(picked[n])
+        extra = size(n, r + 1) - size(n, r)
+        if used + extra > budget:
+            continue  # a cheaper direction elsewhere may still fit
+        picked[n].append(j)
+        used += extra
+    out = {}
+    for n, idx in picked.items():
+        o, i = shapes[n]
+        out[n] = None if len(idx) * (o + i) >= o * i else sorted(idx)
+    return out
 
 
 def factored(lin, a, b):
@@ -433,46 +486,72 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
 
     if getattr(model.config, LOWRANK_KEY, None):
         raise DataError("the model is already factored by low_rank; keep one low_rank step")
-    plan = {n: rank_for(m.out_features, m.in_features, cfg.keep) for n, m in target_linears(model)}
+    linears = dict(target_linears(model))
+    plan: dict = {n: rank_for(m.out_features, m.in_features, cfg.keep) or None for n, m in linears.items()}
+    stats = None
+    if cfg.activation_aware:
+        stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.4)
+    layer_of = {n: int(n.split(".layers.", 1)[1].split(".", 1)[0]) for n in linears}
+
+    memo: dict = {}  # the last layer's statistics (read from disk once per layer and pass)
+
+    def stat_of(name):
+        if stats is None:
+            return None
+        i = layer_of[name]
+        if i not in memo:
+            memo.clear()
+            memo[i] = stats.layer(i)
+        return memo[i].get(name.split(f".layers.{i}.", 1)[1])
+
+    if cfg.allocation == "loss":
+        # loss of dropping direction t of W (S): sigma_t^2 * sum_k g2_k u_tk^2, its output error
+        # (sigma_t u_t per whitened input) weighted by the loss gradient's second moment at each output
+        g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+        costs = {}
+        for k, (name, lin) in enumerate(linears.items()):
+            ctx.check_cancel()
+            st = stat_of(name)
+            u, s, _, _ = _svd(lin.weight.data, st.h if st is not None else None, cfg.damping)
+            costs[name] = (s ** 2 * (u ** 2 * g2[name].double()[:, None]).sum(0)).float()
+            ctx.progress(0.4 + 0.3 * (k + 1) / len(linears), "rank allocation")
+        plan = allocate(costs, {n: (m.out_features, m.in_features) for n, m in linears.items()}, cfg.keep)
     ranks: dict[str, int] = {}
     before = after = 0
     err = []
-
-    def do(name, lin, stat):
-        nonlocal before, after
-        r = plan.get(name, 0)
+    start = 0.7 if cfg.allocation == "loss" else 0.4
+    for k, (name, lin) in enumerate(linears.items()):
+        ctx.check_cancel()
+        ctx.progress(start + (1 - start) * k / len(linears), name)
+        p = plan.get(name)
         before += lin.weight.numel()
-        if not r:
+        if p is None:
             after += lin.weight.numel()
-            return
-        a, b = factors(lin.weight.data, r, stat.h if stat is not None else None, cfg.damping)
-        if stat is not None:  # relative output error on the calibration inputs
+            continue
+        st = stat_of(name)
+        r, pick = (p, None) if isinstance(p, int) else (len(p), p)
+        a, b = factors(lin.weight.data, r, st.h if st is not None else None, cfg.damping, pick)
+        if st is not None:  # relative output error on the calibration inputs
             delta = (b @ a - lin.weight.data).double()
-            hd = stat.h.double()
+            hd = st.h.double()
             err.append(float(((delta @ hd) * delta).sum() / ((lin.weight.data.double() @ hd)
                                                                * lin.weight.data.double()).sum()))
         _swap(model, name, factored(lin, a, b))
         ranks[name] = r
         after += a.numel() + b.numel()
-
-    if cfg.activation_aware:
-        def fn(_i, lins, _st):
-            for name, (lin, stat) in lins.items():
-                do(name, lin, stat)
-        calibration.each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, fn, share=0.5)
-    else:
-        items = target_linears(model)
-        for k, (name, lin) in enumerate(items):
-            ctx.check_cancel()
-            do(name, lin, None)
-            ctx.progress((k + 1) / len(items), name)
+    ctx.progress(1.0)
     if not ranks:
         return {"factored": 0, "keep": cfg.keep, "linear_params_before": before, "linear_params_after": after}
     set_low_rank_config(model.config, ranks)
-    info = {"factored": len(ranks), "skipped": len(plan) - len(ranks), "keep": cfg.keep,
+    info = {"factored": len(ranks), "skipped": len(linears) - len(ranks), "keep": cfg.keep,
+            "allocation": cfg.allocation,
             "linear_params_before": before, "linear_params_after": after,
-            "kept": round(after / max(before, 1), 4),
-            "ranks": sorted(set(ranks.values()))}
+            "kept": round(after / max(before, 1), 4)}
+    distinct = sorted(set(ranks.values()))
+    if len(distinct) <= 8:
+        info["ranks"] = distinct
+    else:
+        info["rank_range"] = [distinct[0], sorted(ranks.values())[len(ranks) // 2], distinct[-1]]  # min, median, max
     if err:
         info["mean_relative_output_error"] = round(sum(err) / len(err), 5)
     return info

@@ -64,12 +64,12 @@ def smooth_layer(layer, st: dict, alpha: float) -> dict:
 def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
     import torch
 
-    from ..calibration import decoder_layers, each_layer
+    from ..calibration import decoder_layers, each_layer, grad_moments
     from ..packing import ActQTensor, QTensor, quantize
 
     layers = decoder_layers(model)
     ranges, noise = {}, {}
-    g2 = output_grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text) if cfg.float_inputs else {}
+    g2 = grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text) if cfg.float_inputs else {}
 
     def per_layer(i, lin, st):
         scales = smooth_layer(layers[i], st, cfg.alpha)
@@ -101,44 +101,9 @@ def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
 
 def output_noise(w, act_scale: float):
     """(out,) variance that a static int8 input grid of step act_scale adds to each output of y = W x:
-    rounding noise of variance step^2 / 12 per input element, independent across inputs."""
+    rounding noise of variance step^2 / 12 per input element, independent across inputs. Weighted by
+    calibration.grad_moments it is the second-order estimate of the loss the grid costs."""
     return act_scale ** 2 / 12 * (w.float() ** 2).sum(1)
-
-
-def output_grad_moments(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "") -> dict:
-    """{decoder Linear name: (out,) sum over calibration tokens of (d loss / d output)^2}: with
-    output_noise, the second-order estimate of the loss an input grid costs (Fisher-weighted noise)."""
-    import torch
-
-    from ..calibration import samples, text_path
-    from .base import target_linears
-
-    ids = samples(ctx.tokenizer, text_path(calib_text), n_samples, seq_len)
-    acc: dict = {}
-
-    def keep(name):
-        def fn(_m, _i, out):
-            if out.requires_grad:
-                out.register_hook(lambda g: acc.__setitem__(name, acc.get(name, 0) + (g.float() ** 2).sum((0, 1))))
-        return fn
-
-    needs = {p: p.requires_grad for p in model.parameters()}
-    hooks = [m.register_forward_hook(keep(n)) for n, m in target_linears(model)]
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
-    try:
-        for p in needs:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for b in range(0, len(ids), 2):  # 2 windows at a time: the logits are (2, seq, vocab)
-                ctx.check_cancel()
-                x = ids[b:b + 2]
-                model(x, labels=x, use_cache=False).loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, r in needs.items():
-            p.requires_grad_(r)
-    return acc
 
 
 class W8A8Linear:
