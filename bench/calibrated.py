@@ -41,14 +41,14 @@ ROWS = [
      "W8A8 without smoothing (alpha 0)", [{"technique": "smoothquant", "alpha": 0.0}]),
     ("ws16", "weight_sharing 16 entries/channel (4-bit)", 1.10, [{"technique": "weight_sharing", "entries": 16, **WS}],
      "rtn 4-bit per-channel", [{"technique": "rtn", "bits": 4, "group_size": 0}]),
-    ("sgpt50", "sparsegpt 50 % unstructured", 1.40, [{"technique": "sparsegpt", "sparsity": 0.5, **SGPT}],
+    ("sgpt50", "sparsegpt 50 % unstructured", 1.40, [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT}],
      "magnitude 50 %", [{"technique": "magnitude_prune", "sparsity": 0.5}]),
-    ("wanda50", "wanda 50 % unstructured", 1.60, [{"technique": "wanda", "sparsity": 0.5}],
+    ("wanda50", "wanda 50 % unstructured", 1.60, [{"technique": "wanda", "sparsity": 0.5, "nonuniform": 0.5}],
      "magnitude 50 %", [{"technique": "magnitude_prune", "sparsity": 0.5}]),
     ("sgpt24", "sparsegpt 2:4", 2.20, [{"technique": "sparsegpt", "pattern": "2:4", **SGPT}],
      "wanda 2:4 (magnitude has no N:M)", [{"technique": "wanda", "pattern": "2:4"}]),
     ("sgpt50-gptq4", "sparsegpt 50 % → gptq 4-bit g64 sym", 1.55,
-     [{"technique": "sparsegpt", "sparsity": 0.5, **SGPT}, {"technique": "gptq", **G4, **GPTQ}],
+     [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT}, {"technique": "gptq", **G4, **GPTQ}],
      "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
 ]
 

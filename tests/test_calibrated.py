@@ -159,17 +159,44 @@ def test_nm_pattern_holds_in_every_group_and_the_file_shrinks(tiny_model, tiny_e
 
 @pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
 def test_unstructured_sparsity_is_honoured_per_layer(tiny_model, home, name):
-    model, _, info = apply(tiny_model, name, {"sparsity": 0.6, **FAST})
+    model, _, info = apply(tiny_model, name, {"sparsity": 0.6, "nonuniform": 0.0, **FAST})
     for wname, w in decoder_weights(model).items():
         assert float((w == 0).float().mean()) == pytest.approx(0.6, abs=0.01), wname
     assert info["sparsity"] == pytest.approx(0.6, abs=0.01)
 
 
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+def test_nonuniform_sparsity_keeps_the_overall_fraction_and_prunes_the_cheap_linears_harder(tmp_path, tiny_tokenizer_dir,
+                                                                                           home, name):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_llama
+    src = make_tiny_llama(tmp_path / "src", tiny_tokenizer_dir)
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():  # layer 1's o_proj barely reaches the output: its weights cost the least loss
+        m.model.layers[1].self_attn.o_proj.weight.mul_(0.05)
+    m.save_pretrained(tmp_path / "m")
+    for f in tiny_tokenizer_dir.iterdir():
+        (tmp_path / "m" / f.name).write_bytes(f.read_bytes())
+    model, _, info = apply(str(tmp_path / "m"), name, {"sparsity": 0.5, "nonuniform": 1.0, **FAST})
+    w = decoder_weights(model)
+    frac = {n: float((x == 0).float().mean()) for n, x in w.items()}
+    zeros = sum(int((x == 0).sum()) for x in w.values()) / sum(x.numel() for x in w.values())
+    assert zeros == pytest.approx(0.5, abs=0.02) and info["sparsity"] == pytest.approx(zeros, abs=1e-6)
+    assert frac["model.layers.1.self_attn.o_proj"] > 0.8 and min(frac.values()) < 0.45
+    assert info["sparsity_range"][0] < 0.45 < 0.8 < info["sparsity_range"][1] <= 0.95
+    # halfway: each Linear moves half as far from the slider's 50 % (the top one was capped at 95 % above)
+    _, _, half = apply(str(tmp_path / "m"), name, {"sparsity": 0.5, "nonuniform": 0.5, **FAST})
+    assert half["sparsity_range"][0] == pytest.approx(0.5 + (info["sparsity_range"][0] - 0.5) / 2, abs=0.01)
+    assert 0.5 + (info["sparsity_range"][1] - 0.5) / 2 <= half["sparsity_range"][1] <= 0.75
+
+
 def test_calibrated_pruning_keeps_layer_outputs_better_than_magnitude(tiny_model, home):
     from core.techniques.gptq import layer_error
     fp = models.load(tiny_model)[0]
-    s, ctx, _ = apply(tiny_model, "sparsegpt", {"sparsity": 0.5, **FAST})
-    w, _, _ = apply(tiny_model, "wanda", {"sparsity": 0.5, **FAST}, StepContext(state_key=ctx.state_key))
+    s, ctx, _ = apply(tiny_model, "sparsegpt", {"sparsity": 0.5, "nonuniform": 0.0, **FAST})
+    w, _, _ = apply(tiny_model, "wanda", {"sparsity": 0.5, "nonuniform": 0.0, **FAST},
+                    StepContext(state_key=ctx.state_key))
     mg, _, _ = apply(tiny_model, "magnitude_prune", {"sparsity": 0.5})
     stats = calibration.calibrate(fp, ctx, FAST["samples"], FAST["seq_len"])
     W0, Ws, Ww, Wm = (decoder_weights(x) for x in (fp, s, w, mg))
@@ -186,7 +213,7 @@ def test_calibrated_pruning_keeps_layer_outputs_better_than_magnitude(tiny_model
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_then_gptq_keeps_the_zeros(tiny_model, tiny_eval, home, pattern):
-    r = run(tiny_model, tiny_eval, ("sparsegpt", {"sparsity": 0.5, "pattern": pattern, **FAST}),
+    r = run(tiny_model, tiny_eval, ("sparsegpt", {"sparsity": 0.5, "pattern": pattern, "nonuniform": 0.0, **FAST}),
             ("gptq", {"bits": 4, **FAST}))
     model, _ = load_variant(r["variant_dir"])
     for wname, w in decoder_weights(model).items():
@@ -340,7 +367,7 @@ def test_sequential_cancel_stops_between_layers(tiny_model, home):
     notes = []
     ctx = StepContext(progress=lambda f, n: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
     with pytest.raises(Cancelled):
-        apply(tiny_model, "sparsegpt", {"sequential": True, **FAST}, ctx)
+        apply(tiny_model, "sparsegpt", {"sequential": True, "nonuniform": 0.0, **FAST}, ctx)
     assert any("sequential" in n for n in notes) and not any("layer 2/" in n for n in notes)
 
 

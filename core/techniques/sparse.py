@@ -28,6 +28,11 @@ class Wanda:
     sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
                            help="Fraction of each Linear weight set to zero (unstructured pattern).")
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
+    nonuniform: float = knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
+                             help="Unstructured only: how far each Linear's sparsity moves from the slider's "
+                                  "value toward a loss-based one (the model-wide ranking of |W| x input norm "
+                                  "weighted by the loss gradient at each output). 0: the same sparsity in every "
+                                  "Linear. The model's overall sparsity stays as set.")
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -41,6 +46,11 @@ class SparseGPT:
     sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
                            help="Fraction of each Linear weight set to zero (unstructured pattern).")
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
+    nonuniform: float = knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
+                             help="Unstructured only: how far each Linear's sparsity moves from the slider's "
+                                  "value toward a loss-based one (the model-wide ranking of |W| x input norm "
+                                  "weighted by the loss gradient at each output). 0: the same sparsity in every "
+                                  "Linear. The model's overall sparsity stays as set.")
     damping: float = damping_knob()
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
@@ -116,6 +126,39 @@ def _check_pattern(model, pattern):
                           f"{bad[0]} has {dict(target_linears(model))[bad[0]].in_features}", field="pattern")
 
 
+def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
+    """{Linear name: sparsity}: the model-wide ranking of g2_k W_kj^2 |X_j|^2 (the loss that zeroing
+    one weight costs, to second order, with g2 the loss gradient's second moment at output k) sets
+    each Linear's share; nonuniform moves each from cfg.sparsity toward it. The mean over weights stays
+    cfg.sparsity (one threshold over all of them)."""
+    import torch
+
+    from .. import calibration
+    from .base import target_linears
+
+    g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+    stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.3)
+    layers = calibration.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    scores = {}
+    for i in range(len(layers)):
+        st = stats.layer(i)
+        for short, m in layers[i].named_modules():
+            name = f"{prefix}.{i}.{short}"
+            if isinstance(m, torch.nn.Linear) and short in st and name in g2:
+                w = m.weight.detach().float()
+                scores[name] = g2[name][:, None] * w ** 2 * st[short].col_norm()[None, :] ** 2  # (out, in)
+    # one threshold over every weight, from an even subsample (the full set is the model's size again)
+    sample = torch.cat([v.flatten()[::16] for v in scores.values()])
+    thr = sample.kthvalue(max(1, int(cfg.sparsity * sample.numel()))).values
+    plan = {}
+    for name, v in scores.items():
+        share = float((v <= thr).float().mean())
+        plan[name] = min(0.95, max(0.0, cfg.sparsity + cfg.nonuniform * (share - cfg.sparsity)))
+    assert set(plan) == {n for n, _ in target_linears(model)}, "a Linear without statistics"
+    return plan
+
+
 def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
     from ..calibration import each_layer
     from ..packing import NMTensor
@@ -123,13 +166,16 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
     _check_pattern(model, pattern)
     zeros = total = 0
     err = 0.0
+    plan = {}
+    if pattern is None and cfg.nonuniform > 0 and 0 < cfg.sparsity < 1:
+        plan = sparsity_plan(model, ctx, cfg)
 
     def per_layer(i, lin, _st):
         nonlocal zeros, total, err
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             W = m.weight.data
-            new = solve_one(W, st)
+            new = solve_one(W, st, plan.get(name, cfg.sparsity))
             err += layer_error(W, new, st.hessian())
             W.copy_(new)
             zeros += int((new == 0).sum())
@@ -138,15 +184,18 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
                 ctx.packed[f"{name}.weight"] = NMTensor(m.weight, pattern[1] - pattern[0], pattern[1])
 
     each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
-    return {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
+    info = {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
+    if plan:
+        info["sparsity_range"] = [round(min(plan.values()), 4), round(max(plan.values()), 4)]
+    return info
 
 
 @technique(Wanda, name="wanda", family="pruning")
 def wanda(model, cfg: Wanda, ctx: StepContext) -> dict:
     pattern = nm(cfg.pattern)
 
-    def one(W, st):
-        return W * ~wanda_mask(W, st.col_norm(), cfg.sparsity, pattern)
+    def one(W, st, sparsity):
+        return W * ~wanda_mask(W, st.col_norm(), sparsity, pattern)
 
     return _prune(model, ctx, cfg, one)
 
@@ -155,7 +204,7 @@ def wanda(model, cfg: Wanda, ctx: StepContext) -> dict:
 def sparsegpt(model, cfg: SparseGPT, ctx: StepContext) -> dict:
     pattern = nm(cfg.pattern)
 
-    def one(W, st):
-        return sparsegpt_solve(W, st.hessian(), cfg.sparsity, pattern, cfg.damping)
+    def one(W, st, sparsity):
+        return sparsegpt_solve(W, st.hessian(), sparsity, pattern, cfg.damping)
 
     return _prune(model, ctx, cfg, one)
