@@ -396,6 +396,26 @@ def test_awq_outlier_columns_are_kept_in_fp16(tiny_model, tiny_eval, home):
     assert sum(len(torch.unique(row)) > 2 ** 3 for row in kept.T) == 2  # not on the 3-bit grid
 
 
+def test_awq_loss_allocated_outliers_spend_the_same_fp16_budget_where_rounding_costs_most(tiny_model, tiny_eval,
+                                                                                         home):
+    uniform = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 4, "grid": 4, **FAST}))
+    r = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 4, "grid": 4, "outlier_allocation": "loss",
+                                            **FAST}))
+    man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())["packed"]
+    fp16 = sum(m["shape"][0] * len(m.get("cols", [])) for m in man.values())
+    rows = sum(m["shape"][0] for m in man.values())
+    assert 4 * rows - 160 * 3 < fp16 <= 4 * rows   # the uniform budget, less at most one group's column
+    counts = {n: len(m.get("cols", [])) for n, m in man.items()}
+    assert len(set(counts.values())) > 1            # spread by loss, not 4 everywhere
+    # q/k/v share one input and so one set of columns; gate/up too
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert man[p + "self_attn.q_proj.weight"].get("cols") == man[p + "self_attn.v_proj.weight"].get("cols")
+        assert man[p + "mlp.gate_proj.weight"].get("cols") == man[p + "mlp.up_proj.weight"].get("cols")
+    assert r["size_bytes"] == pytest.approx(uniform["size_bytes"], rel=0.02)
+    assert r["steps"][0]["outlier_columns"][2] > 4
+
+
 def test_weight_sharing_outlier_columns_survive_the_file(tiny_model, tiny_eval, home):
     plain = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": 4, **FAST}))
     r = run(tiny_model, tiny_eval, ("weight_sharing", {"entries": 4, "outliers": 3, **FAST}))

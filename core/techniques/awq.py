@@ -27,6 +27,11 @@ class AWQ:
     clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "
                                  "that lowers the output error).")
     outliers: int = outliers_knob(0)
+    outlier_allocation: str = knob("uniform", choices=("uniform", "loss"),
+                                   help="uniform: every Linear keeps `outliers` fp16 columns, its highest-energy "
+                                        "inputs. loss: the same number of fp16 values in all, spent model-wide on "
+                                        "the columns whose 4-bit rounding costs most loss (error x input energy x "
+                                        "squared loss gradient at each output).")
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -155,9 +160,10 @@ def fold(group, layer, s, tie) -> None:
                 prev.bias.div_(sv)
 
 
-def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: int = 0) -> dict:
+def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: int = 0, cols_for=None) -> dict:
     """AWQ-scales one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s).
-    outliers: the searched error treats that many highest-energy input columns as kept in fp16."""
+    outliers: the searched error treats that many highest-energy input columns as kept in fp16
+    (cols_for: {first Linear of a group: its fp16 columns} instead, when given)."""
     import torch
     mods = dict(layer.named_modules())
     scales = {}
@@ -167,7 +173,8 @@ def scale_layer(layer, st: dict, bits, group_size, symmetric, grid, outliers: in
         Ws = [mods[n].weight.data for n in names]
         tie = tie_for(group, layer, Ws[0].shape[1])
         H = stat.hessian()
-        s = search_scales(Ws, H, stat.absmean, bits, group_size, symmetric, grid, tie, outlier_cols(H, outliers))
+        cols = cols_for.get(names[0]) if cols_for is not None else outlier_cols(H, outliers)
+        s = search_scales(Ws, H, stat.absmean, bits, group_size, symmetric, grid, tie, cols)
         fold(group, layer, s, tie)
         with torch.no_grad():
             for n in names:
@@ -183,16 +190,22 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
 
     layers = decoder_layers(model)
     errs = {}
+    plan = outlier_plan(model, ctx, cfg) if cfg.outliers > 0 and cfg.outlier_allocation == "loss" else None
 
     def per_layer(i, lin, st):
-        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.outliers)
+        cols_for = None if plan is None else plan[i]
+        scales = scale_layer(layers[i], st, cfg.bits, cfg.group_size, cfg.symmetric, cfg.grid, cfg.outliers,
+                             cols_for)
+        first = {n: g["linears"][0] for g in groups_of(layers[i]) for n in g["linears"]}
         for name, (m, stat) in lin.items():
             ctx.check_cancel()
-            s = scales[name.split(f".{i}.", 1)[1]]
+            short = name.split(f".{i}.", 1)[1]
+            s = scales[short]
             H0 = stat.hessian()
             H = H0 / s[:, None] / s[None, :]  # the Hessian of the scaled input x / s
             W = m.weight.data
-            cols = outlier_cols(H0, cfg.outliers)  # as the scale search assumed
+            # as the scale search assumed
+            cols = outlier_cols(H0, cfg.outliers) if cols_for is None else cols_for.get(first[short])
             Wg = W.clone()
             if cols is not None:  # fp16 columns do not stretch their groups' grids
                 Wg[:, cols] = 0.0
@@ -207,5 +220,46 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
             ctx.packed[f"{name}.weight"] = qt
 
     each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
-    return {"layers": len(errs), "bits": cfg.bits, "group_size": cfg.group_size,
-            "output_error": sum(errs.values())}
+    info = {"layers": len(errs), "bits": cfg.bits, "group_size": cfg.group_size, "output_error": sum(errs.values())}
+    if plan is not None:
+        counts = [0 if c is None else len(c) for p in plan for c in p.values()]
+        info["outlier_columns"] = [min(counts), sorted(counts)[len(counts) // 2], max(counts)]  # per group
+    return info
+
+
+def outlier_plan(model, ctx: StepContext, cfg) -> list[dict]:
+    """[per layer: {first Linear of a group: sorted fp16 columns or None}]. The budget is the fp16
+    values of `outliers` columns in every Linear; a column of a group costs the group's output rows
+    and is worth sum over its Linears of sum_k g2_k (W - RTN(W))_kj^2 * E[x_j^2] (the loss its 4-bit
+    rounding costs, to second order); the columns worth most per value are kept, model-wide."""
+    import torch
+
+    from .. import calibration
+
+    g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+    stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.3)
+    layers = calibration.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    cand, budget = [], 0
+    for i, layer in enumerate(layers):
+        st, mods = stats.layer(i), dict(layer.named_modules())
+        for group in groups_of(layer):
+            names = group["linears"]
+            energy = st[names[0]].hessian().diagonal()           # (in,) E[x_j^2]
+            worth = torch.zeros_like(energy)
+            rows = 0
+            for n in names:
+                w = mods[n].weight.data.float()
+                q, _, _ = fake_quant(w, cfg.bits, cfg.group_size, cfg.symmetric)
+                worth += (g2[f"{prefix}.{i}.{n}"][:, None] * (w - q) ** 2).sum(0)
+                rows += w.shape[0]
+            worth *= energy
+            budget += cfg.outliers * rows
+            cand += [(float(v) / rows, i, names[0], j, rows) for j, v in enumerate(worth)]
+    cand.sort(key=lambda t: -t[0])
+    chosen: list[dict] = [{g["linears"][0]: [] for g in groups_of(layer)} for layer in layers]
+    for _, i, first, j, rows in cand:
+        if rows <= budget:
+            chosen[i][first].append(j)
+            budget -= rows
+    return [{k: (torch.tensor(sorted(v)) if v else None) for k, v in layer.items()} for layer in chosen]
