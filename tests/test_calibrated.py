@@ -386,7 +386,7 @@ def test_gptq_range_search_never_raises_a_rows_error_and_cuts_it_on_heavy_tails(
 
 
 def test_awq_outlier_columns_are_kept_in_fp16(tiny_model, tiny_eval, home):
-    r = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 2, **FAST}))
+    r = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 2, "outlier_allocation": "uniform", **FAST}))
     man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())
     meta = man["packed"]["model.layers.1.mlp.gate_proj.weight"]
     assert meta["kind"] == "outliers" and len(meta["cols"]) == 2
@@ -398,7 +398,8 @@ def test_awq_outlier_columns_are_kept_in_fp16(tiny_model, tiny_eval, home):
 
 def test_awq_loss_allocated_outliers_spend_the_same_fp16_budget_where_rounding_costs_most(tiny_model, tiny_eval,
                                                                                          home):
-    uniform = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 4, "grid": 4, **FAST}))
+    uniform = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 4, "grid": 4, "outlier_allocation": "uniform",
+                                                  **FAST}))
     r = run(tiny_model, tiny_eval, ("awq", {"bits": 3, "outliers": 4, "grid": 4, "outlier_allocation": "loss",
                                             **FAST}))
     man = json.loads((Path(r["variant_dir"]) / "squeeze.json").read_text())["packed"]

@@ -27,7 +27,7 @@ class AWQ:
     clip: bool = knob(True, help="Also search a clipping ratio per group (shrinks the grid's range when "
                                  "that lowers the output error).")
     outliers: int = outliers_knob(0)
-    outlier_allocation: str = knob("uniform", choices=("uniform", "loss"),
+    outlier_allocation: str = knob("loss", choices=("loss", "uniform"),
                                    help="uniform: every Linear keeps `outliers` fp16 columns, its highest-energy "
                                         "inputs. loss: the same number of fp16 values in all, spent model-wide on "
                                         "the columns whose 4-bit rounding costs most loss (error x input energy x "
