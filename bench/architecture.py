@@ -21,12 +21,16 @@ from common import HERE, MODEL, ROOT, TEXT, eval_settings, isolated_home, run_re
 ROWS = [
     ("layers25", "structured_prune 25 % of layers", "ppl ≤ 1.5× and decode ≥ 1.25× are for prune → distill",
      [{"technique": "structured_prune", "layers": 0.25, "heads": 0.0, "ffn": 0.0}]),
+    ("layers25-heal", "structured_prune 25 % of layers + linear_heal (reference)", "—",
+     [{"technique": "structured_prune", "layers": 0.25, "heads": 0.0, "ffn": 0.0, "linear_heal": True}]),
     ("ffn30", "structured_prune 30 % FFN channels", "size ≤ 0.8× (ppl ≤ 1.4× is for prune → distill)",
      [{"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.3}]),
     ("lowrank80", "low_rank keep 80 % of Linear params, activation-aware", "ppl ≤ 1.5×",
-     [{"technique": "low_rank", "keep": 0.8, "activation_aware": True}]),
+     [{"technique": "low_rank", "keep": 0.8, "activation_aware": True, "allocation": "loss"}]),
+    ("lowrank80-uniform", "low_rank keep 80 %, activation-aware, the same rank per shape (reference)", "—",
+     [{"technique": "low_rank", "keep": 0.8, "activation_aware": True, "allocation": "uniform"}]),
     ("lowrank80-plain", "low_rank keep 80 %, plain SVD (reference)", "—",
-     [{"technique": "low_rank", "keep": 0.8, "activation_aware": False}]),
+     [{"technique": "low_rank", "keep": 0.8, "activation_aware": False, "allocation": "uniform"}]),
     ("heads33", "structured_prune 1/3 of query heads (reference)", "—",
      [{"technique": "structured_prune", "layers": 0.0, "heads": 0.33, "ffn": 0.0}]),
 ]
@@ -135,7 +139,9 @@ def _shape(info: list[dict]) -> str:
             if s.get("layers_removed"):
                 parts.append("removed " + ",".join(str(i) for i in s["layers_removed"]))
         elif s["technique"] == "low_rank":
-            parts.append(f"{s['factored']} Linears factored, ranks {s['ranks']}, "
+            ranks = (f"ranks {s['ranks']}" if "ranks" in s else
+                     "ranks {} / {} / {} (min / median / max)".format(*s["rank_range"]))
+            parts.append(f"{s['factored']} Linears factored ({s['skipped']} dense), {ranks}, "
                          f"{s['kept']:.3f} of Linear params kept")
     return "; ".join(parts)
 
