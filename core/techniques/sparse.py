@@ -21,18 +21,26 @@ def nm(pattern: str) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
+def sparsity_knob():
+    return knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
+                help="Fraction of the decoder Linears' weights set to zero (unstructured pattern): in every "
+                     "Linear, or on average over them with nonuniform.")
+
+
+def nonuniform_knob():
+    return knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
+                help="Unstructured only: how far each Linear's sparsity moves from the slider's value toward a "
+                     "loss-based one (the model-wide ranking of |W| x input norm weighted by the loss gradient at "
+                     "each output). 0: the same sparsity in every Linear. The overall sparsity stays as set.")
+
+
 @dataclass(frozen=True)
 class Wanda:
     """Wanda: prune the weights with the smallest |W| x input-activation norm, per output row."""
 
-    sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
-                           help="Fraction of each Linear weight set to zero (unstructured pattern).")
+    sparsity: float = sparsity_knob()
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
-    nonuniform: float = knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
-                             help="Unstructured only: how far each Linear's sparsity moves from the slider's "
-                                  "value toward a loss-based one (the model-wide ranking of |W| x input norm "
-                                  "weighted by the loss gradient at each output). 0: the same sparsity in every "
-                                  "Linear. The model's overall sparsity stays as set.")
+    nonuniform: float = nonuniform_knob()
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
@@ -43,14 +51,9 @@ class Wanda:
 class SparseGPT:
     """SparseGPT: second-order pruning that updates the remaining weights to keep each layer's output."""
 
-    sparsity: float = knob(0.5, min=0.0, max=0.95, step=0.05, unit="fraction",
-                           help="Fraction of each Linear weight set to zero (unstructured pattern).")
+    sparsity: float = sparsity_knob()
     pattern: str = knob("unstructured", choices=PATTERNS, help=PATTERN_HELP)
-    nonuniform: float = knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
-                             help="Unstructured only: how far each Linear's sparsity moves from the slider's "
-                                  "value toward a loss-based one (the model-wide ranking of |W| x input norm "
-                                  "weighted by the loss gradient at each output). 0: the same sparsity in every "
-                                  "Linear. The model's overall sparsity stays as set.")
+    nonuniform: float = nonuniform_knob()
     damping: float = damping_knob()
     samples: int = samples_knob()
     seq_len: int = seq_len_knob()
