@@ -37,8 +37,25 @@ def _step_ram(step: dict, model_bytes: float, s: dict) -> float:
         return model_bytes + 3 * trainable + saved + logits               # + the teacher, gradients, Adam's moments
     if name in CALIBRATED:              # one decoder layer at a time: its inputs and the widest Hessian
         acts = step.get("samples", 64) * step.get("seq_len", 512) * h * 4
-        return acts + max(h, inter) ** 2 * 4 + 0.05 * model_bytes
+        calib = acts + max(h, inter) ** 2 * 4 + 0.05 * model_bytes
+        if not _loss_gradients(step):
+            return calib
+        tokens = 2 * step.get("seq_len", 512)  # calibration.grad_moments: backward over 2 windows at a time
+        return max(calib, s["layers"] * tokens * (16 * h + 6 * inter) * 4 + 3 * tokens * vocab * 4)
     return 0.05 * model_bytes
+
+
+def _loss_gradients(step: dict) -> bool:
+    """Whether the step runs a backward pass for loss gradients (calibration.grad_moments)."""
+    from .techniques import registry
+    try:
+        cfg = registry.get(step["technique"]).make({k: v for k, v in step.items() if k != "technique"})
+    except Exception:  # an invalid step is reported by the recipe check, not here
+        return False
+    pattern = getattr(cfg, "pattern", "unstructured")
+    return (getattr(cfg, "float_inputs", 0) > 0 or getattr(cfg, "allocation", "") == "loss"
+            or (getattr(cfg, "nonuniform", 0) > 0 and pattern == "unstructured")
+            or (getattr(cfg, "outliers", 0) > 0 and getattr(cfg, "outlier_allocation", "") == "loss"))
 
 
 def _kept(step: dict, model_bytes: float, s: dict) -> float:
