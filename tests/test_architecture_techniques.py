@@ -277,9 +277,11 @@ def test_loss_allocation_spends_the_budget_on_the_directions_worth_most_per_para
     assert plan["small"] is None and len(plan["big"]) == 2
 
 
-def test_loss_allocation_keeps_the_budget_and_the_variant_loads(tiny_model, tiny_eval, home):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_loss_allocation_keeps_the_budget_and_the_variant_loads(tiny_model, tiny_eval, home, sequential):
     base = run(tiny_model, tiny_eval, evaluate=False)
-    r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "loss", **CALIB}), evaluate=False)
+    r = run(tiny_model, tiny_eval, ("low_rank", {"keep": 0.5, "allocation": "loss", "sequential": sequential,
+                                                 **CALIB}), evaluate=False)
     info = r["steps"][0]
     assert info["allocation"] == "loss" and 0.45 <= info["kept"] <= 0.5
     assert base["params"] - r["params"] == info["linear_params_before"] - info["linear_params_after"]

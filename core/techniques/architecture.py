@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .base import StepContext, knob, target_linears
-from .gptq import samples_knob, seq_len_knob, text_knob
+from .gptq import samples_knob, seq_len_knob, sequential_knob, text_knob
 from .registry import technique
 
 LOWRANK_KEY = "squeeze_low_rank"          # config.json: {module name: rank}
@@ -376,6 +376,7 @@ class LowRank:
                                              "truncation error is measured on what each Linear really sees.")
     damping: float = knob(0.01, min=0.0, max=1.0, step=0.01, unit="x mean diag",
                           help="Added to the diagonal of the calibration x x^T before whitening (stability).")
+    sequential: bool = sequential_knob()
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob(512)
     calib_text: str = text_knob()
@@ -520,16 +521,17 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
     before = after = 0
     err = []
     start = 0.7 if cfg.allocation == "loss" else 0.4
-    for k, (name, lin) in enumerate(linears.items()):
-        ctx.check_cancel()
-        ctx.progress(start + (1 - start) * k / len(linears), name)
+
+    def factor(name, lin, st, pick_ok: bool) -> None:
+        nonlocal before, after
         p = plan.get(name)
         before += lin.weight.numel()
         if p is None:
             after += lin.weight.numel()
-            continue
-        st = stat_of(name)
-        r, pick = (p, None) if isinstance(p, int) else (len(p), p)
+            return
+        # the picked directions are those of the statistics they were chosen on; sequential
+        # statistics change the SVD, so there the same number of leading directions is kept
+        r, pick = (p, None) if isinstance(p, int) else (len(p), p if pick_ok else None)
         a, b = factors(lin.weight.data, r, st.h if st is not None else None, cfg.damping, pick)
         if st is not None:  # relative output error on the calibration inputs
             delta = (b @ a - lin.weight.data).double()
@@ -539,6 +541,21 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
         _swap(model, name, factored(lin, a, b))
         ranks[name] = r
         after += a.numel() + b.numel()
+
+    if cfg.sequential and cfg.activation_aware:
+        outer = ctx._progress
+        ctx._progress = lambda f, note="": outer(start + (1 - start) * f, note)
+        try:  # each layer whitened by what the already-factored layers before it produce
+            calibration.each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
+                                   lambda _i, lins, _st: [factor(n, lin, st, False) for n, (lin, st) in lins.items()],
+                                   sequential=True)
+        finally:
+            ctx._progress = outer
+    else:
+        for k, (name, lin) in enumerate(linears.items()):
+            ctx.check_cancel()
+            ctx.progress(start + (1 - start) * k / len(linears), name)
+            factor(name, lin, stat_of(name), True)
     ctx.progress(1.0)
     if not ranks:
         return {"factored": 0, "keep": cfg.keep, "linear_params_before": before, "linear_params_after": after}
