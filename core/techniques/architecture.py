@@ -311,7 +311,7 @@ def linear_heal(model, layers, gone: list[int], ctx: StepContext, n_samples: int
         y = y[0] if isinstance(y, tuple) else y
         return y.detach()[:, 1:].reshape(-1, y.shape[-1]).double()
 
-    targets: dict[int, list] = {a: [] for a, _ in runs}  # float32: (tokens, hidden) per batch
+    targets: dict[int, list] = {a: [] for a, _ in runs}  # (tokens, hidden) per batch, float32 to halve memory
     hooks = [layers[b].register_forward_hook(
         lambda _m, _i, out, a=a: targets[a].append(flat(out).float())) for a, b in runs]
     try:
@@ -490,7 +490,7 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
     linears = dict(target_linears(model))
     plan: dict = {n: rank_for(m.out_features, m.in_features, cfg.keep) or None for n, m in linears.items()}
     stats = None
-    if cfg.activation_aware:
+    if cfg.activation_aware and (cfg.allocation == "loss" or not cfg.sequential):  # sequential gathers its own
         stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.4)
     layer_of = {n: int(n.split(".layers.", 1)[1].split(".", 1)[0]) for n in linears}
 
