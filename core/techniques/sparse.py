@@ -137,7 +137,6 @@ def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
     import torch
 
     from .. import calibration
-    from .base import target_linears
 
     g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
     stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.3)
@@ -158,8 +157,7 @@ def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
     for name, v in scores.items():
         share = float((v <= thr).float().mean())
         plan[name] = min(0.95, max(0.0, cfg.sparsity + cfg.nonuniform * (share - cfg.sparsity)))
-    assert set(plan) == {n for n, _ in target_linears(model)}, "a Linear without statistics"
-    return plan
+    return plan  # a Linear without statistics or gradient keeps the slider's sparsity (_prune's default)
 
 
 def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
