@@ -89,6 +89,11 @@ class Stats:
         return out
 
 
+def layers_prefix(model, layers) -> str:
+    """The layer list's module name ("model.layers"): full Linear names are f"{prefix}.{i}.{short}"."""
+    return next(n for n, m in model.named_modules() if m is layers)
+
+
 def decoder_layers(model):
     """The decoder's layer list (Llama-style models: model.model.layers)."""
     inner = getattr(model, "model", None)
@@ -233,7 +238,7 @@ def each_layer(model, ctx, n_samples: int, seq_len: int, calib_text: str, fn, se
     they depend on the technique's settings, so nothing is cached and each run pays a forward pass.
     """
     layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    prefix = layers_prefix(model, layers)
 
     def call(i, st):
         ctx.check_cancel()
@@ -282,15 +287,19 @@ def _weights_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
+GRAD_WINDOWS = 8  # calibration windows grad_moments reads at most: a ranking, not a statistic to refine
+
+
 def grad_moments(model, ctx, n_samples: int, seq_len: int, calib_text: str = "") -> dict:
     """{decoder Linear name: (out,) sum over calibration tokens of (d loss / d output)^2}, the
     diagonal Fisher of each Linear's output: an error e added to that output costs about
-    1/2 * sum(g2 * e^2) of loss. One backward pass per 2 windows; nothing cached (cheap)."""
+    1/2 * sum(g2 * e^2) of loss. One backward pass per 2 windows, over the first GRAD_WINDOWS of
+    n_samples; nothing cached (cheap)."""
     from .techniques.base import target_linears
 
     if ctx.tokenizer is None:
         raise DataError("calibration needs the model's tokenizer")
-    ids = samples(ctx.tokenizer, text_path(calib_text), n_samples, seq_len)
+    ids = samples(ctx.tokenizer, text_path(calib_text), min(n_samples, GRAD_WINDOWS), seq_len)
     acc: dict = {}
 
     def keep(name):

@@ -52,10 +52,7 @@ def _loss_gradients(step: dict) -> bool:
         cfg = registry.get(step["technique"]).make({k: v for k, v in step.items() if k != "technique"})
     except Exception:  # an invalid step is reported by the recipe check, not here
         return False
-    pattern = getattr(cfg, "pattern", "unstructured")
-    return (getattr(cfg, "float_inputs", 0) > 0 or getattr(cfg, "allocation", "") == "loss"
-            or (getattr(cfg, "nonuniform", 0) > 0 and pattern == "unstructured")
-            or (getattr(cfg, "outliers", 0) > 0 and getattr(cfg, "outlier_allocation", "") == "loss"))
+    return bool(getattr(cfg, "uses_loss_gradients", False))  # the technique's own rule
 
 
 def _kept(step: dict, model_bytes: float, s: dict) -> float:

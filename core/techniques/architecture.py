@@ -381,6 +381,10 @@ class LowRank:
     seq_len: int = seq_len_knob(512)
     calib_text: str = text_knob()
 
+    @property
+    def uses_loss_gradients(self) -> bool:  # the loss allocation takes a backward pass
+        return self.allocation == "loss"
+
 
 def rank_for(out_f: int, in_f: int, keep: float) -> int:
     """The rank that keeps `keep` of an out x in Linear's parameters; 0 when factoring would not save."""
@@ -505,10 +509,10 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
             memo[i] = stats.layer(i)
         return memo[i].get(name.split(f".layers.{i}.", 1)[1])
 
-    if cfg.allocation == "loss":
+    if cfg.uses_loss_gradients:
         # loss of dropping direction t of W (S): sigma_t^2 * sum_k g2_k u_tk^2, its output error
         # (sigma_t u_t per whitened input) weighted by the loss gradient's second moment at each output
-        g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+        g2 = calibration.grad_moments(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
         costs = {}
         for k, (name, lin) in enumerate(linears.items()):
             ctx.check_cancel()

@@ -37,6 +37,10 @@ class AWQ:
     sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
+    @property
+    def uses_loss_gradients(self) -> bool:  # the loss-allocated fp16 columns take a backward pass
+        return self.outliers > 0 and self.outlier_allocation == "loss"
+
 
 def fake_quant(W, bits: int, group_size: int, symmetric: bool, shrink=None):
     """Round-to-nearest on the stored grid (fp16 scales), optionally with clipping. W: (out, in).
@@ -190,7 +194,7 @@ def awq(model, cfg: AWQ, ctx: StepContext) -> dict:
 
     layers = decoder_layers(model)
     errs = {}
-    plan = outlier_plan(model, ctx, cfg) if cfg.outliers > 0 and cfg.outlier_allocation == "loss" else None
+    plan = outlier_plan(model, ctx, cfg) if cfg.uses_loss_gradients else None
 
     def per_layer(i, lin, st):
         cols_for = None if plan is None else plan[i]
@@ -236,10 +240,10 @@ def outlier_plan(model, ctx: StepContext, cfg) -> list[dict]:
 
     from .. import calibration
 
-    g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+    g2 = calibration.grad_moments(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
     stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.3)
     layers = calibration.decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    prefix = calibration.layers_prefix(model, layers)
     cand, budget = [], 0
     for i, layer in enumerate(layers):
         st, mods = stats.layer(i), dict(layer.named_modules())

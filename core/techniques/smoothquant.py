@@ -35,6 +35,10 @@ class SmoothQuant:
     sequential: bool = sequential_knob()
     calib_text: str = text_knob()
 
+    @property
+    def uses_loss_gradients(self) -> bool:  # the fallback's ranking takes a backward pass
+        return self.float_inputs > 0
+
 
 def smooth_layer(layer, st: dict, alpha: float) -> dict:
     """Smooths one decoder layer in place. -> {linear short name: s (in,)} (inputs are now x / s)."""
@@ -69,7 +73,7 @@ def smoothquant(model, cfg: SmoothQuant, ctx: StepContext) -> dict:
 
     layers = decoder_layers(model)
     ranges, noise = {}, {}
-    g2 = grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text) if cfg.float_inputs else {}
+    g2 = grad_moments(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text) if cfg.uses_loss_gradients else {}
 
     def per_layer(i, lin, st):
         scales = smooth_layer(layers[i], st, cfg.alpha)

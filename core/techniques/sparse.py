@@ -34,8 +34,16 @@ def nonuniform_knob():
                      "each output). 0: the same sparsity in every Linear. The overall sparsity stays as set.")
 
 
+class _Nonuniform:
+    """Wanda's and SparseGPT's shared rule for when the nonuniform plan (and its backward pass) runs."""
+
+    @property
+    def uses_loss_gradients(self) -> bool:
+        return nm(self.pattern) is None and self.nonuniform > 0 and 0 < self.sparsity < 1
+
+
 @dataclass(frozen=True)
-class Wanda:
+class Wanda(_Nonuniform):
     """Wanda: prune the weights with the smallest |W| x input-activation norm, per output row."""
 
     sparsity: float = sparsity_knob()
@@ -48,7 +56,7 @@ class Wanda:
 
 
 @dataclass(frozen=True)
-class SparseGPT:
+class SparseGPT(_Nonuniform):
     """SparseGPT: second-order pruning that updates the remaining weights to keep each layer's output."""
 
     sparsity: float = sparsity_knob()
@@ -138,10 +146,10 @@ def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
 
     from .. import calibration
 
-    g2 = calibration.grad_moments(model, ctx, min(cfg.samples, 8), cfg.seq_len, cfg.calib_text)
+    g2 = calibration.grad_moments(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text)
     stats = calibration.calibrate(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, share=0.3)
     layers = calibration.decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
+    prefix = calibration.layers_prefix(model, layers)
     scores = {}
     for i in range(len(layers)):
         st = stats.layer(i)
@@ -168,7 +176,7 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
     zeros = total = 0
     err = 0.0
     plan = {}
-    if pattern is None and cfg.nonuniform > 0 and 0 < cfg.sparsity < 1:
+    if cfg.uses_loss_gradients:
         plan = sparsity_plan(model, ctx, cfg)
 
     def per_layer(i, lin, _st):
