@@ -265,6 +265,16 @@ def test_awq_never_does_worse_than_rtn_on_the_calibration_outputs(tiny_model, ho
     assert a["output_error"] < rtn_err
 
 
+def test_awq_scale_refit_lowers_the_output_error_on_the_same_grid(tiny_model, tiny_eval, home):
+    plain = {"bits": 3, "group_size": 64, "grid": 4, "sequential": False, **FAST}
+    _, _, off = apply(tiny_model, "awq", {**plain, "refit": False})
+    m, _, on = apply(tiny_model, "awq", plain)
+    assert on["output_error"] < 0.97 * off["output_error"]
+    # still a 3-bit symmetric grid: every group of a row holds at most 8 distinct values
+    w = decoder_weights(m)["model.layers.0.mlp.up_proj"]
+    assert max(len(torch.unique(row[g:g + 64])) for row in w for g in range(0, w.shape[1], 64)) <= 8
+
+
 def test_awq_scaling_keeps_the_float_function(tiny_model, tiny_eval, home):
     base = run(tiny_model, tiny_eval, evaluate=True)
     a8 = run(tiny_model, tiny_eval, ("awq", {"bits": 8, "grid": 4, **FAST}), evaluate=True)
