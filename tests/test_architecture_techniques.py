@@ -324,3 +324,28 @@ def test_quantization_after_low_rank_packs_the_factors_and_loads_back(tiny_model
     factor_bytes = 4 * 2 * 36_864  # float32 factors of the two layers
     assert lr["size_bytes"] - q["size_bytes"] > 0.7 * factor_bytes  # 1 byte per weight + fp16 scale per 32
     assert q["ppl"] == pytest.approx(lr["ppl"], rel=0.02)  # 8-bit codes of the factors: nearly the same model
+
+
+def test_compensated_removal_keeps_a_layers_output_better_than_dropping_units_alone():
+    from core.techniques.architecture import obs_remove
+    torch.manual_seed(0)
+    mix = torch.randn(48, 48)
+    X = torch.randn(2000, 48) @ mix * torch.rand(48)          # correlated inputs (tokens, in)
+    W = torch.randn(16, 48)
+    H = X.T @ X / len(X)
+    err = lambda Wn: float(((X @ (W - Wn).T) ** 2).sum(1).mean())  # noqa: E731
+    gone, Wc = obs_remove(W, H, None, 16)
+    assert len(set(gone)) == 16 and bool((Wc[:, gone] == 0).all())
+    keep = [j for j in range(48) if j not in gone]
+    # the refit is the least-squares fit of the full output from the kept inputs
+    fit = torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T
+    assert err(Wc) == pytest.approx(err(torch.zeros_like(W).index_copy(1, torch.tensor(keep), fit)), rel=0.05)
+    # dropping the 16 lowest-importance columns and keeping the rest as they were costs far more
+    imp = X.norm(dim=0) * W.norm(dim=0)
+    plain = W.clone()
+    plain[:, imp.argsort()[:16]] = 0.0
+    assert err(Wc) < 0.5 * err(plain)
+    # blocks (heads) with at most one removed per group of two
+    blocks = [torch.arange(b * 6, b * 6 + 6) for b in range(8)]
+    gone_b, Wb = obs_remove(W, H, blocks, 3, (lambda u: u // 2, 1))
+    assert len({u // 2 for u in gone_b}) == 3 and bool((Wb[:, torch.cat([blocks[u] for u in gone_b])] == 0).all())

@@ -60,6 +60,11 @@ class StructuredPrune:
     ffn: float = knob(0.3, min=0.0, max=0.9, step=0.05, unit="fraction",
                       help="Fraction of FFN intermediate channels removed in every layer, the least important "
                            "(RMS activation x weight norm on calibration data, as Wanda scores weights).")
+    compensate: bool = knob(True, help="Choose the heads / FFN channels whose loss the rest of the layer can absorb "
+                                       "best, and refit o_proj / down_proj on the calibration inputs so the kept "
+                                       "units stand in for the removed ones (least squares, one unit at a time: "
+                                       "OBS, as ZipLM / SlimGPT). Off: drop the least important and leave the "
+                                       "rest as it was.")
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob(512)
     calib_text: str = text_knob()
@@ -159,6 +164,18 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
             h = st["self_attn.o_proj"].h
             imp = torch.stack([_output_energy(wo[:, j * d:(j + 1) * d], h[j * d:(j + 1) * d, j * d:(j + 1) * d])
                                for j in range(heads)])
+            new_wo = None
+            if cfg.compensate:  # OBS over query heads (or whole KV groups), at most drop_q per group
+                unit = group * d if drop_groups else d
+                n_units = kv if drop_groups else heads
+                gone_u, new_wo = obs_remove(wo, st["self_attn.o_proj"].hessian(),
+                                            [torch.arange(u * unit, (u + 1) * unit) for u in range(n_units)],
+                                            drop_groups or drop_q * kv,
+                                            None if drop_groups else (lambda u: u // group, drop_q))
+                imp = torch.ones(n_units)
+                imp[gone_u] = 0.0
+                if drop_groups:
+                    imp = imp.repeat_interleave(group)
             if drop_groups:
                 g_imp = imp.view(kv, group).sum(1)
                 keep_g = sorted(torch.argsort(g_imp, descending=True)[:new_kv].tolist())
@@ -176,19 +193,25 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
             _keep_rows(attn.q_proj, q_rows)
             _keep_rows(attn.k_proj, kv_rows)
             _keep_rows(attn.v_proj, kv_rows)
-            _keep_cols(attn.o_proj, q_rows)
+            _keep_cols(attn.o_proj, q_rows, None if new_wo is None else new_wo[:, q_rows])
             attn.num_key_value_groups = new_heads // new_kv
             for name, v in (("num_heads", new_heads), ("num_key_value_heads", new_kv)):
                 if hasattr(attn, name):
                     setattr(attn, name, v)
         if drop_ffn:
             wd = mlp.down_proj.weight.detach().float()
-            imp = st["mlp.down_proj"].col_norm() * wd.norm(dim=0)
-            keep = sorted(torch.argsort(imp, descending=True)[:new_inter].tolist())
+            new_wd = None
+            if cfg.compensate:
+                gone_c, new_wd = obs_remove(wd, st["mlp.down_proj"].hessian(), None, drop_ffn)
+                imp = torch.ones(inter)
+                imp[gone_c] = 0.0
+            else:
+                imp = st["mlp.down_proj"].col_norm() * wd.norm(dim=0)
+            keep = sorted(torch.argsort(imp, descending=True, stable=True)[:new_inter].tolist())
             keep = torch.tensor(keep)
             _keep_rows(mlp.gate_proj, keep)
             _keep_rows(mlp.up_proj, keep)
-            _keep_cols(mlp.down_proj, keep)
+            _keep_cols(mlp.down_proj, keep, None if new_wd is None else new_wd[:, keep])
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = new_inter
         ctx.progress(0.8 + 0.2 * (pos + 1) / len(keep_layers), f"layer {pos + 1}/{len(keep_layers)}")
@@ -221,10 +244,57 @@ def _keep_rows(lin, idx) -> None:
     lin.out_features = len(idx)
 
 
-def _keep_cols(lin, idx) -> None:
+def _keep_cols(lin, idx, new=None) -> None:
+    """Keep the input columns idx; new: their refitted values (out, len(idx)) instead of the old ones."""
     import torch
-    lin.weight = torch.nn.Parameter(lin.weight.data[:, idx].clone(), requires_grad=lin.weight.requires_grad)
+    w = lin.weight.data[:, idx] if new is None else new.to(lin.weight.dtype)
+    lin.weight = torch.nn.Parameter(w.clone(), requires_grad=lin.weight.requires_grad)
     lin.in_features = len(idx)
+
+
+def obs_remove(W, H, units, n_drop: int, per_group=None, damping: float = 0.01):
+    """Greedy structured OBS on a Linear's inputs. W: (out, in), H: (in, in) mean x x^T of its inputs.
+    units: index tensors of the input blocks that go together (None: every column on its own).
+    Each round removes the unit whose removal, after the kept inputs are refit by least squares, adds
+    the least output error tr(W_B [H^-1]_BB^-1 W_B^T), and applies that refit to W. per_group:
+    (unit -> group, at most this many removed per group). -> (removed unit ids, refitted W (out, in))."""
+    import torch
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    H.diagonal().add_(damping * H.diagonal().mean().clamp(min=1e-12))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    gone: list[int] = []
+    if units is None:  # single columns: every cost at once
+        alive = torch.ones(W.shape[1], dtype=torch.bool)
+        for _ in range(n_drop):
+            d = Hinv.diagonal()
+            cost = torch.where(alive, (W * W).sum(0) / d.clamp(min=1e-12), torch.full((), torch.inf))
+            c = int(cost.argmin())
+            W -= W[:, c:c + 1] * (Hinv[c:c + 1, :] / d[c])
+            Hinv -= Hinv[:, c:c + 1] @ Hinv[c:c + 1, :] / d[c]
+            alive[c] = False
+            gone.append(c)
+        W[:, ~alive] = 0.0  # exactly (the downdates leave ~1e-8 there)
+        return gone, W
+    taken: dict[int, int] = {}
+    for _ in range(n_drop):
+        best, best_u = None, None
+        for u, idx in enumerate(units):
+            if u in gone or (per_group and taken.get(per_group[0](u), 0) >= per_group[1]):
+                continue
+            cost = float((W[:, idx] @ torch.linalg.solve(Hinv[idx][:, idx], W[:, idx].T)).trace())
+            if best is None or cost < best:
+                best, best_u = cost, u
+        idx = units[best_u]
+        inv_bb = torch.linalg.inv(Hinv[idx][:, idx])
+        W -= W[:, idx] @ inv_bb @ Hinv[idx, :]
+        Hinv -= Hinv[:, idx] @ inv_bb @ Hinv[idx, :]
+        gone.append(best_u)
+        if per_group:
+            taken[per_group[0](best_u)] = taken.get(per_group[0](best_u), 0) + 1
+    for u in gone:
+        W[:, units[u]] = 0.0
+    return gone, W
 
 
 def block_influence(model, ctx: StepContext, n_samples: int, seq_len: int, calib_text: str = "",
