@@ -50,9 +50,11 @@ def expected_params(vocab, hidden, layers, heads, kv, d, inter):
     return vocab * hidden + layers * (attn + 3 * hidden * inter + 2 * hidden) + hidden
 
 
+@pytest.mark.parametrize("compensate", [False, True])
 def test_structured_prune_removes_layers_heads_and_channels_and_plain_transformers_loads_it(deep_model, tiny_eval,
-                                                                                            home):
-    r = run(deep_model, tiny_eval, ("structured_prune", {"layers": 0.5, "heads": 0.5, "ffn": 0.3, **CALIB}))
+                                                                                            home, compensate):
+    r = run(deep_model, tiny_eval, ("structured_prune", {"layers": 0.5, "heads": 0.5, "ffn": 0.3,
+                                                         "compensate": compensate, **CALIB}))
     d = Path(r["variant_dir"])
     cfg = json.loads((d / "config.json").read_text())
     # 4 -> 2 layers; 1 of the 2 query heads in each of the 2 KV groups; 48 of 160 channels (30 %)

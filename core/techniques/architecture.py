@@ -60,11 +60,11 @@ class StructuredPrune:
     ffn: float = knob(0.3, min=0.0, max=0.9, step=0.05, unit="fraction",
                       help="Fraction of FFN intermediate channels removed in every layer, the least important "
                            "(RMS activation x weight norm on calibration data, as Wanda scores weights).")
-    compensate: bool = knob(True, help="Choose the heads / FFN channels whose loss the rest of the layer can absorb "
-                                       "best, and refit o_proj / down_proj on the calibration inputs so the kept "
-                                       "units stand in for the removed ones (least squares, one unit at a time: "
-                                       "OBS, as ZipLM / SlimGPT). Off: drop the least important and leave the "
-                                       "rest as it was.")
+    compensate: bool = knob(False, help="Choose the heads / FFN channels whose loss the rest of the layer can "
+                                        "absorb best, and refit o_proj / down_proj on the calibration inputs so the "
+                                        "kept units stand in for the removed ones (least squares, one unit at a "
+                                        "time: OBS, as ZipLM / SlimGPT). Far better for a prune used as it is; "
+                                        "leave off before distill (it distills worse).")
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob(512)
     calib_text: str = text_knob()
