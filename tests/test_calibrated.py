@@ -440,3 +440,17 @@ def test_weight_sharing_outlier_columns_survive_the_file(tiny_model, tiny_eval, 
     extra = sum(m.weight.shape[0] * 3 * 2 for _, m in target_linears(models.load(tiny_model)[0]))
     assert r["theoretical_bytes"] - plain["theoretical_bytes"] == pytest.approx(extra, rel=0.01)
     assert extra < r["size_bytes"] - plain["size_bytes"] < extra + 150 * 14  # + 14 tensor names in the header
+
+
+def test_sparsegpt_rows_that_cost_more_loss_give_up_fewer_weights():
+    from core.techniques.sparse import sparsegpt_solve
+    torch.manual_seed(0)
+    X = torch.randn(512, 64)
+    W = torch.randn(32, 64)
+    rows = torch.ones(32)
+    rows[:8] = 50.0                                           # the first 8 outputs cost 50x the loss
+    plain = sparsegpt_solve(W, X.T @ X / 512, 0.5, None, 0.01)
+    weighted = sparsegpt_solve(W, X.T @ X / 512, 0.5, None, 0.01, rows=rows)
+    zeros = lambda w: (w == 0).float().mean(1)  # noqa: E731
+    assert float(zeros(weighted).mean()) == pytest.approx(0.5, abs=0.01)  # same overall sparsity
+    assert float(zeros(weighted)[:8].mean()) < 0.3 < float(zeros(plain)[:8].mean())

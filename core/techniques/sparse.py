@@ -31,7 +31,8 @@ def nonuniform_knob():
     return knob(0.5, min=0.0, max=1.0, step=0.05, unit="",
                 help="Unstructured only: how far each Linear's sparsity moves from the slider's value toward a "
                      "loss-based one (the model-wide ranking of |W| x input norm weighted by the loss gradient at "
-                     "each output). 0: the same sparsity in every Linear. The overall sparsity stays as set.")
+                     "each output; sparsegpt also weighs each row's share by that gradient). 0: the same sparsity "
+                     "in every Linear. The overall sparsity stays as set.")
 
 
 class _Nonuniform:
@@ -86,8 +87,10 @@ def wanda_mask(W, norm, sparsity: float, pattern):
     return mask
 
 
-def sparsegpt_solve(W, H, sparsity: float, pattern, damping: float, block: int = 128):
-    """SparseGPT on one weight. W: (out, in), H: (in, in) -> pruned and updated W (out, in)."""
+def sparsegpt_solve(W, H, sparsity: float, pattern, damping: float, block: int = 128, rows=None):
+    """SparseGPT on one weight. W: (out, in), H: (in, in) -> pruned and updated W (out, in).
+    rows: (out,) weights of each output's error in the unstructured mask choice (e.g. the loss
+    gradient's second moment there), so rows that cost more loss give up fewer weights."""
     import torch
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -104,6 +107,8 @@ def sparsegpt_solve(W, H, sparsity: float, pattern, damping: float, block: int =
         d = Hb.diagonal()
         if pattern is None:  # the block's weights with the least saliency w^2 / [H^-1]_jj^2
             sal = W1 ** 2 / d[None, :] ** 2
+            if rows is not None:
+                sal = sal * rows[:, None]
             k = int(sal.numel() * sparsity)
             mask = torch.zeros_like(W1, dtype=torch.bool)
             if k:
@@ -137,7 +142,7 @@ def _check_pattern(model, pattern):
                           f"{bad[0]} has {dict(target_linears(model))[bad[0]].in_features}", field="pattern")
 
 
-def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
+def sparsity_plan(model, ctx: StepContext, cfg) -> tuple[dict[str, float], dict]:
     """{Linear name: sparsity}: the model-wide ranking of g2_k W_kj^2 |X_j|^2 (the loss that zeroing
     one weight costs, to second order, with g2 the loss gradient's second moment at output k) sets
     each Linear's share; nonuniform moves each from cfg.sparsity toward it. The mean over weights stays
@@ -165,7 +170,7 @@ def sparsity_plan(model, ctx: StepContext, cfg) -> dict[str, float]:
     for name, v in scores.items():
         share = float((v <= thr).float().mean())
         plan[name] = min(0.95, max(0.0, cfg.sparsity + cfg.nonuniform * (share - cfg.sparsity)))
-    return plan  # a Linear without statistics or gradient keeps the slider's sparsity (_prune's default)
+    return plan, g2  # a Linear without statistics or gradient keeps the slider's sparsity (_prune's default)
 
 
 def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
@@ -175,16 +180,16 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
     _check_pattern(model, pattern)
     zeros = total = 0
     err = 0.0
-    plan = {}
+    plan, g2 = {}, {}
     if cfg.uses_loss_gradients:
-        plan = sparsity_plan(model, ctx, cfg)
+        plan, g2 = sparsity_plan(model, ctx, cfg)
 
     def per_layer(i, lin, _st):
         nonlocal zeros, total, err
         for name, (m, st) in lin.items():
             ctx.check_cancel()
             W = m.weight.data
-            new = solve_one(W, st, plan.get(name, cfg.sparsity))
+            new = solve_one(W, st, plan.get(name, cfg.sparsity), g2.get(name))
             err += layer_error(W, new, st.hessian())
             W.copy_(new)
             zeros += int((new == 0).sum())
@@ -203,7 +208,7 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
 def wanda(model, cfg: Wanda, ctx: StepContext) -> dict:
     pattern = nm(cfg.pattern)
 
-    def one(W, st, sparsity):
+    def one(W, st, sparsity, _rows):  # wanda compares within a row: a row weight changes nothing
         return W * ~wanda_mask(W, st.col_norm(), sparsity, pattern)
 
     return _prune(model, ctx, cfg, one)
@@ -213,7 +218,7 @@ def wanda(model, cfg: Wanda, ctx: StepContext) -> dict:
 def sparsegpt(model, cfg: SparseGPT, ctx: StepContext) -> dict:
     pattern = nm(cfg.pattern)
 
-    def one(W, st, sparsity):
-        return sparsegpt_solve(W, st.hessian(), sparsity, pattern, cfg.damping)
+    def one(W, st, sparsity, rows):
+        return sparsegpt_solve(W, st.hessian(), sparsity, pattern, cfg.damping, rows=rows)
 
     return _prune(model, ctx, cfg, one)
