@@ -25,7 +25,7 @@ G4 = {"bits": 4, "group_size": 64, "symmetric": True}
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
 # The settings that reach (or come closest to) the bar; what each idea buys is in the ideas table.
 GPTQ = {"outliers": 16, "act_order": True, "clip": True, "awq_scaling": True, "sequential": True, "samples": 128}
-AWQ = {"outliers": 16, "sequential": True, "samples": 128}
+AWQ = {"outliers": 16, "sequential": True, "samples": 32}  # 32 / 64 / 128 samples: 1.117x / 1.119x / 1.126x at 32k
 WS = {"outliers": 8}
 SGPT = {"sequential": True}
 CALIBRATED = {"gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt"}
