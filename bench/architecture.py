@@ -33,6 +33,10 @@ ROWS = [
      [{"technique": "low_rank", "keep": 0.8, "activation_aware": False, "allocation": "uniform"}]),
     ("heads33", "structured_prune 1/3 of query heads (reference)", "—",
      [{"technique": "structured_prune", "layers": 0.0, "heads": 0.33, "ffn": 0.0}]),
+    ("heads33-comp", "structured_prune 1/3 of query heads, compensated (reference)", "—",
+     [{"technique": "structured_prune", "layers": 0.0, "heads": 0.33, "ffn": 0.0, "compensate": True}]),
+    ("ffn30-comp", "structured_prune 30 % FFN channels, compensated (reference)", "—",
+     [{"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.3, "compensate": True}]),
 ]
 
 
