@@ -63,8 +63,8 @@ class StructuredPrune:
     compensate: bool = knob(False, help="Choose the heads / FFN channels whose loss the rest of the layer can "
                                         "absorb best, and refit o_proj / down_proj on the calibration inputs so the "
                                         "kept units stand in for the removed ones (least squares, one unit at a "
-                                        "time: OBS, as ZipLM / SlimGPT). Far better for a prune used as it is; "
-                                        "leave off before distill (it distills worse).")
+                                        "time: OBS, as ZipLM / SlimGPT). Far better for a prune used as it is, "
+                                        "and for heads after distill too; FFN channels distill worse with it.")
     samples: int = samples_knob(32)
     seq_len: int = seq_len_knob(512)
     calib_text: str = text_knob()
