@@ -161,11 +161,12 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
         if drop_q or drop_groups:
             wo = attn.o_proj.weight.detach().float()
-            h = st["self_attn.o_proj"].h
-            imp = torch.stack([_output_energy(wo[:, j * d:(j + 1) * d], h[j * d:(j + 1) * d, j * d:(j + 1) * d])
-                               for j in range(heads)])
             new_wo = None
-            if cfg.compensate:  # OBS over query heads (or whole KV groups), at most drop_q per group
+            if not cfg.compensate:  # each head's output energy through o_proj
+                h = st["self_attn.o_proj"].h
+                imp = torch.stack([_output_energy(wo[:, j * d:(j + 1) * d], h[j * d:(j + 1) * d, j * d:(j + 1) * d])
+                                   for j in range(heads)])
+            else:  # OBS over query heads (or whole KV groups), at most drop_q per group
                 unit = group * d if drop_groups else d
                 n_units = kv if drop_groups else heads
                 gone_u, new_wo = obs_remove(wo, st["self_attn.o_proj"].hessian(),
