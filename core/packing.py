@@ -103,6 +103,14 @@ class QTensor:
                    tensors[f"{name}.qcodes"], tensors[f"{name}.qscales"], tensors.get(f"{name}.qzeros"))
 
 
+def group_shape(inp: int, group_size: int) -> tuple[int, int, int]:
+    """(weights per group, groups per row, padding to fill the last group) for rows of `inp` weights;
+    group_size <= 0 means one group per row."""
+    gs = inp if group_size <= 0 else min(group_size, inp)
+    G = math.ceil(inp / gs)
+    return gs, G, G * gs - inp
+
+
 def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
              scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None) -> QTensor:
     """Round-to-nearest onto a grouped grid. w: (out, in). group_size <= 0 means per-channel.
@@ -113,9 +121,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     """
     w = w.detach().to(torch.float32)
     out, inp = w.shape
-    gs = inp if group_size <= 0 else min(group_size, inp)
-    G = math.ceil(inp / gs)
-    pad = G * gs - inp
+    gs, G, pad = group_shape(inp, group_size)
     wg = torch.nn.functional.pad(w, (0, pad)).view(out, G, gs)
     valid = torch.ones(inp + pad, dtype=torch.bool)
     valid[inp:] = False

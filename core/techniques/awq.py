@@ -48,15 +48,12 @@ class AWQ:
 def fake_quant(W, bits: int, group_size: int, symmetric: bool, shrink=None):
     """Round-to-nearest on the stored grid (fp16 scales), optionally with clipping. W: (out, in).
     shrink: None, a number, or (out, G) per-group ratios applied to the range."""
-    import math
-
     import torch
 
-    from ..packing import grid_params
+    from ..packing import grid_params, group_shape
     out, inp = W.shape
-    gs = inp if group_size <= 0 else min(group_size, inp)
-    G = math.ceil(inp / gs)
-    wg = torch.nn.functional.pad(W, (0, G * gs - inp)).view(out, G, gs)
+    gs, G, pad = group_shape(inp, group_size)
+    wg = torch.nn.functional.pad(W, (0, pad)).view(out, G, gs)
     valid = (torch.arange(G * gs) < inp).view(1, G, gs)
     if shrink is not None:
         r = shrink if not torch.is_tensor(shrink) else shrink.unsqueeze(-1)
@@ -76,13 +73,11 @@ def fake_quant(W, bits: int, group_size: int, symmetric: bool, shrink=None):
 
 def clip_search(W, H, bits, group_size, symmetric, steps: int = 10, lowest: float = 0.6):
     """(out, G) clipping ratios minimising each group's output error on the block-diagonal of H."""
-    import math
-
     import torch
+
+    from ..packing import group_shape
     out, inp = W.shape
-    gs = inp if group_size <= 0 else min(group_size, inp)
-    G = math.ceil(inp / gs)
-    pad = G * gs - inp
+    gs, G, pad = group_shape(inp, group_size)
     Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
     Hg = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])  # (G, gs, gs)
     best, best_r = torch.full((out, G), torch.inf), torch.ones(out, G)
@@ -102,13 +97,11 @@ def refit_scales(W, q, sc, H, bits: int, group_size: int, rounds: int = 2):
     minimise each row's output error (W_r - sum_g s_g n_rg) H (...)^T solve a G x G system per row;
     the codes are then re-rounded to the new scales and the fit repeated. A row keeps whichever
     of its fits (or the original) has the lowest error. -> (q, sc) with sc fp16-exact."""
-    import math
-
     import torch
+
+    from ..packing import group_shape
     out, inp = W.shape
-    gs = inp if group_size <= 0 else min(group_size, inp)
-    G = math.ceil(inp / gs)
-    pad = G * gs - inp
+    gs, G, pad = group_shape(inp, group_size)
     Wp = torch.nn.functional.pad(W.float(), (0, pad))                        # (out, G*gs)
     Hp = torch.nn.functional.pad(H.float(), (0, pad, 0, pad))
     WH = Wp @ Hp
