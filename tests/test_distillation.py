@@ -67,6 +67,30 @@ def test_distill_after_dropping_layers_lowers_the_kl_on_held_out_text(tiny4, hom
     assert all(p.dtype == torch.float32 for p in student.parameters())  # weights stay fp32 either way
 
 
+def test_distill_after_sparsegpt_2_4_keeps_every_pruned_weight_at_zero(tiny4, home):
+    model, tok, _ = models.load(tiny4)
+    ctx = StepContext(tokenizer=tok, state_key="distill-sparse")
+    ctx.base_model = lambda: models.load(tiny4)[0]
+    prune = registry.get("sparsegpt")
+    prune.apply(model, prune.make({"pattern": "2:4", "samples": 8, "seq_len": 128}), ctx)
+    linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    start = {n: m.weight.detach().clone() for n, m in linears.items()}
+    zeros = {n: w == 0 for n, w in start.items()}
+    teacher = models.load(tiny4)[0]
+    held_out = samples(tok, ROOT / "resources" / "data" / "calib.txt", 8, 128, seed=12345)
+    before = _kl(model, teacher, held_out)
+    tech = registry.get("distill")
+    tech.apply(model, tech.make({**FAST, "steps": 30}), ctx)
+    assert _kl(model, teacher, held_out) < 0.8 * before  # it did learn ...
+    changed = 0
+    for n, m in linears.items():  # ... with only the weights sparsegpt kept
+        w = m.weight.detach()
+        assert (w[zeros[n]] == 0).all(), n
+        assert ((w.reshape(-1, 4) != 0).sum(1) <= 2).all(), f"{n}: 2:4 pattern broken"
+        changed += int(not torch.equal(w, start[n]))
+    assert changed == len(linears)
+
+
 def test_cancelled_and_resumed_reaches_the_same_final_loss(tiny4, home):
     tech = registry.get("distill")
     cfg = tech.make({**FAST, "steps": 20, "checkpoint_every": 10, "hidden_mse": 0.5})
