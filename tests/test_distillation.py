@@ -31,12 +31,15 @@ def tiny4(tmp_path_factory, tiny_tokenizer_dir) -> str:
                                num_hidden_layers=4, initializer_range=0.08))
 
 
-def _pruned_student(model_id: str, key: str = "distill-test"):
-    """(student with half its layers dropped, ctx whose teacher is the unpruned model)."""
+HALF_THE_LAYERS = ("structured_prune", {"layers": 0.5, "ffn": 0.0, "samples": 8, "seq_len": 128})
+
+
+def _pruned_student(model_id: str, key: str = "distill-test", prune=HALF_THE_LAYERS):
+    """(student pruned by `prune` = (technique, values), ctx whose teacher is the unpruned model)."""
     model, tok, _ = models.load(model_id)
     ctx = StepContext(tokenizer=tok, state_key=key)
-    prune = registry.get("structured_prune")
-    prune.apply(model, prune.make({"layers": 0.5, "ffn": 0.0, "samples": 8, "seq_len": 128}), ctx)
+    tech = registry.get(prune[0])
+    tech.apply(model, tech.make(prune[1]), ctx)
     ctx.base_model = lambda: models.load(model_id)[0]
     return model, tok, ctx
 
@@ -68,11 +71,8 @@ def test_distill_after_dropping_layers_lowers_the_kl_on_held_out_text(tiny4, hom
 
 
 def test_distill_after_sparsegpt_2_4_keeps_every_pruned_weight_at_zero(tiny4, home):
-    model, tok, _ = models.load(tiny4)
-    ctx = StepContext(tokenizer=tok, state_key="distill-sparse")
-    ctx.base_model = lambda: models.load(tiny4)[0]
-    prune = registry.get("sparsegpt")
-    prune.apply(model, prune.make({"pattern": "2:4", "samples": 8, "seq_len": 128}), ctx)
+    two_of_four = ("sparsegpt", {"pattern": "2:4", "samples": 8, "seq_len": 128})
+    model, tok, ctx = _pruned_student(tiny4, "distill-sparse", two_of_four)
     linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
     start = {n: m.weight.detach().clone() for n, m in linears.items()}
     zeros = {n: w == 0 for n, w in start.items()}
