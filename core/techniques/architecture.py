@@ -207,7 +207,7 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
                 keep = sorted(set(range(inter)) - set(gone_c))
             else:
                 imp = st["mlp.down_proj"].col_norm() * wd.norm(dim=0)
-                keep = sorted(torch.argsort(imp, descending=True)[:new_inter].tolist())
+                keep = sorted(torch.argsort(imp, descending=True, stable=True)[:new_inter].tolist())
             keep = torch.tensor(keep)
             _keep_rows(mlp.gate_proj, keep)
             _keep_rows(mlp.up_proj, keep)
