@@ -528,7 +528,9 @@ def test_weight_view_shows_histograms_codes_and_per_layer_bits(qtbot, open_windo
     wv.layer.setCurrentIndex(3)
     lay = wv.result["layers"][3]
     assert len(lay["codes"]) == 8 and "bits/weight" in wv.note.text() and lay["name"] in wv.note.text()
-    assert len(wv.hist.getPlotItem().listDataItems()) == 2 and wv.codes.getPlotItem().items
+    # the plots draw this layer: its before/after histograms and one bar per integer code
+    assert list(wv.before.yData) == lay["before"] and list(wv.after.yData) == lay["after"]
+    assert list(wv.code_bars.opts["height"]) == lay["codes"] and sum(lay["codes"]) > 0
 
 
 def test_preflight_shows_an_estimate_and_refuses_an_absurd_ram_need(qtbot, open_window, monkeypatch):
@@ -617,7 +619,12 @@ def test_mixed_precision_from_the_sensitivity_map_proposes_for_a_budget_and_runs
 
 def test_the_event_loop_never_stalls_over_50_ms_while_any_job_runs(qtbot, open_window):
     from stall import StallMeter, drive_every_job
-    w = open_window()  # (building the window is not "while a job runs": the meter starts after)
+    w = open_window()
+    # building the window is not "while a job runs": the meter starts once its deferred part (polishing
+    # ~700 widgets, the first full paint: ~130 ms on a slow CPU) is done; the baseline's worker is
+    # still starting then (importing torch takes seconds), so its whole job is measured
+    qtbot.wait(400)
+    assert not any(r["baseline"] and r["status"] == "done" for r in w.table.results.rows)
     meter = StallMeter().start()
     try:
         worst = drive_every_job(w, lambda acted: qtbot.waitUntil(

@@ -8,9 +8,10 @@ from functools import partial
 
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QButtonGroup, QGraphicsItem, QHBoxLayout, QLabel, QRadioButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QLabel, QRadioButton, QVBoxLayout, QWidget
 
 from core.results import trade_off
+from gui.widgets.plotting import lean_axes
 
 X_TITLES = {"size": "size on disk (MB) — smaller is better", "decode": "decode tokens/s — more is better"}
 RUN_BRUSH, BASE_BRUSH, FRONT_PEN = pg.mkBrush("#1e88e5"), pg.mkBrush("#fb8c00"), pg.mkPen("#43a047", width=2)
@@ -60,15 +61,7 @@ class TradeoffPlot(QWidget):
         pi = self.view.getPlotItem()
         pi.showGrid(x=True, y=True, alpha=0.25)
         pi.setLabel("left", "perplexity — lower is better")
-        pi.setMenuEnabled(False)
-        for side in ("left", "bottom"):
-            pi.getAxis(side).setTextPen("#333")
-            pi.getAxis(side).setPen("#888")
-            pi.getAxis(side).enableAutoSIPrefix(False)  # MB stay MB, not "×0.001"
-            # grid lines on major ticks only, the axis cached as a pixmap until its ticks change: the full
-            # grid cost ~15-25 ms per repaint in software rendering, enough to stall the event loop
-            pi.getAxis(side).setStyle(maxTickLevel=0)
-            pi.getAxis(side).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
+        lean_axes(pi)  # grid lines on major ticks only
         self.front_line = pg.PlotDataItem(pen=FRONT_PEN)
         self.scatter = pg.PlotDataItem(pen=None)
         self.scatter.sigPointsClicked.connect(self._clicked)
@@ -145,6 +138,10 @@ class TradeoffPlot(QWidget):
 
     def _draw_ring(self) -> None:
         p = self.point_of(self.selected)
+        ring = (repr(p), self.log_y, self._drawn if hasattr(self, "_drawn") else None)
+        if ring == getattr(self, "_ringed", None):  # unchanged: re-setting costs ~10 ms of symbol rendering
+            return
+        self._ringed = ring
         if p is None:
             self.ring.setData([], [])
             self.ring_text.setText("")

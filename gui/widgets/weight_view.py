@@ -9,6 +9,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from gui.widgets.plotting import lean_axes
+
 
 class WeightView(QWidget):
     """Emits `load(run_id)`; the window runs the weights job and calls show_result."""
@@ -30,12 +32,26 @@ class WeightView(QWidget):
         top.addWidget(self.layer, 1)
         lay.addLayout(top)
         plots = QHBoxLayout()
+        # the plot items are made once and given new data (adding and removing items, and pyqtgraph's
+        # auto-range repainting each plot a second time, cost ~60 ms of GUI thread on a slow CPU)
         self.hist = pg.PlotWidget(background="w", title="weights: before (grey) / after (blue)")
         self.codes = pg.PlotWidget(background="w", title="integer codes used")
+        self.per_layer = pg.PlotWidget(background="w", title="per layer: bits per weight (blue), sparsity % (orange)")
+        for p in (self.hist, self.codes, self.per_layer):
+            lean_axes(p.getPlotItem())
+            p.disableAutoRange()
+        self.before = pg.PlotDataItem(stepMode="center", fillLevel=0, brush=(150, 150, 150, 120), pen="#888")
+        self.after = pg.PlotDataItem(stepMode="center", pen=pg.mkPen("#1e88e5", width=2))
+        self.code_bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush="#43a047")
+        self.bit_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush="#1e88e5")
+        self.sparsity_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush="#fb8c00")
+        for plot, items in ((self.hist, (self.before, self.after)), (self.codes, (self.code_bars,)),
+                            (self.per_layer, (self.bit_bars, self.sparsity_bars))):
+            for item in items:
+                plot.addItem(item)
         plots.addWidget(self.hist, 3)
         plots.addWidget(self.codes, 2)
         lay.addLayout(plots, 3)
-        self.per_layer = pg.PlotWidget(background="w", title="per layer: bits per weight (blue), sparsity % (orange)")
         lay.addWidget(self.per_layer, 2)
         self.note = QLabel()
         lay.addWidget(self.note)
@@ -68,30 +84,30 @@ class WeightView(QWidget):
         self._show_layer()
 
     def _per_layer(self) -> None:
-        p = self.per_layer
-        p.clear()
         layers = self.result["layers"]
         x = np.arange(len(layers))
         bits = [lay["bits"] or 0 for lay in layers]
         sparsity = [100 * (lay["sparsity_after"] or 0) for lay in layers]
-        p.addItem(pg.BarGraphItem(x=x - 0.2, height=bits, width=0.4, brush="#1e88e5"))
-        p.addItem(pg.BarGraphItem(x=x + 0.2, height=sparsity, width=0.4, brush="#fb8c00"))
-        p.getAxis("bottom").setTicks([[(i, lay["name"].split(".layers.")[-1]) for i, lay in enumerate(layers)][::7]])
+        self.bit_bars.setOpts(x=x - 0.2, height=bits)
+        self.sparsity_bars.setOpts(x=x + 0.2, height=sparsity)
+        self.per_layer.getAxis("bottom").setTicks(
+            [[(i, lay["name"].split(".layers.")[-1]) for i, lay in enumerate(layers)][::7]])
+        self.per_layer.setRange(xRange=(-0.6, len(layers) - 0.4), yRange=(0, max(bits + sparsity + [1]) * 1.05),
+                                padding=0)
 
     def _show_layer(self, *_) -> None:
         if not self.result or self.layer.currentIndex() < 0:
             return
         lay = self.result["layers"][self.layer.currentIndex()]
-        self.hist.clear()
         edges = np.array(lay["edges"])
-        self.hist.addItem(pg.PlotDataItem(edges, lay["before"], stepMode="center", fillLevel=0,
-                                          brush=(150, 150, 150, 120), pen="#888"))
-        if lay["after"] is not None:
-            self.hist.addItem(pg.PlotDataItem(edges, lay["after"], stepMode="center", pen=pg.mkPen("#1e88e5", width=2)))
-        self.codes.clear()
-        if lay.get("codes"):
-            self.codes.addItem(pg.BarGraphItem(x=np.arange(len(lay["codes"])), height=lay["codes"], width=0.8,
-                                               brush="#43a047"))
+        after = lay["after"] if lay["after"] is not None else []
+        self.before.setData(edges, lay["before"])
+        self.after.setData(edges if len(after) else [], after)
+        self.hist.setRange(xRange=(edges[0], edges[-1]), yRange=(0, max(list(lay["before"]) + list(after) + [1]) * 1.05),
+                           padding=0)
+        codes = lay.get("codes") or []
+        self.code_bars.setOpts(x=np.arange(len(codes)), height=codes)
+        self.codes.setRange(xRange=(-0.6, max(len(codes), 1) - 0.4), yRange=(0, max(codes + [1]) * 1.05), padding=0)
         bits = "removed by the recipe" if lay["after"] is None else f"{lay['bits']:.2f} bits/weight"
         sp = "" if lay["sparsity_after"] is None else f", {lay['sparsity_after'] * 100:.1f} % zeros"
         self.note.setText(f"{lay['name']}: {lay['shape_before'][0]}×{lay['shape_before'][1]}, {bits}{sp}"
