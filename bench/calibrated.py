@@ -58,6 +58,13 @@ ROWS = [
     ("sgpt50-gptq4", "sparsegpt 50 % → gptq 4-bit g64 sym", 1.55,
      [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT}, {"technique": "gptq", **G4, **GPTQ}],
      "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
+    ("wanda50-distill", "wanda 50 % unstructured → distill", 1.60,
+     [{"technique": "wanda", "sparsity": 0.5, "nonuniform": 0.5}, {"technique": "distill", **HEAL}],
+     "magnitude 50 %", [{"technique": "magnitude_prune", "sparsity": 0.5}]),
+    ("sgpt50-distill-gptq4", "sparsegpt 50 % → distill → gptq 4-bit g64 sym", 1.55,
+     [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT}, {"technique": "distill", **HEAL},
+      {"technique": "gptq", **G4, **GPTQ}],
+     "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
 ]
 
 
