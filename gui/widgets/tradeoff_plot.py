@@ -138,7 +138,7 @@ class TradeoffPlot(QWidget):
 
     def _draw_ring(self) -> None:
         p = self.point_of(self.selected)
-        ring = (repr(p), self.log_y, self._drawn if hasattr(self, "_drawn") else None)
+        ring = (repr(p), self.log_y, getattr(self, "_drawn", None))  # (the label side follows all points)
         if ring == getattr(self, "_ringed", None):  # unchanged: re-setting costs ~10 ms of symbol rendering
             return
         self._ringed = ring
