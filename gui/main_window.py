@@ -682,20 +682,20 @@ class MainWindow(QMainWindow):
 
     def _on_result(self, e: dict) -> None:
         p = e.get("payload") or {}
-        view = {"sensitivity": self.sensitivity_view, "weights": self.weight_view,
-                "compare": self.compare_view}.get(self.current.kind if self.current else None)
+        kind = self.current.kind if self.current else None
+        view = {"sensitivity": self.sensitivity_view, "weights": self.weight_view, "compare": self.compare_view}.get(kind)
         if view is not None:
             view.show_result(p)
             # the switch repaints the whole view: a slice of its own, not on top of filling it
             self.later(10, lambda: self.views.setCurrentWidget(view))
-        if self.current and self.current.kind == "sensitivity":
+        if kind == "sensitivity":
             self.say(f"Sensitivity scan done in {fmt_duration(p.get('seconds'))}")
-        elif self.current and self.current.kind == "weights":
+        elif kind == "weights":
             self.say(f"Weights of {p.get('label')}: {len(p.get('layers', []))} layers")
-        elif self.current and self.current.kind == "compare":
+        elif kind == "compare":
             self.say(f"Side by side: mean KL {p.get('mean_kl', 0):.3f}"
                      + ("" if p.get("first_diff") is None else f", first difference at token {p['first_diff'] + 1}"))
-        elif self.current and self.current.kind == "export":
+        elif kind == "export":
             self.say("Export verified." if p.get("ok", True) else f"Export failed verification: {p.get('failure')}",
                      error=not p.get("ok", True))
         else:
