@@ -174,3 +174,17 @@ def test_the_window_plots_metric_points_live(qtbot, home, tiny_model, tiny_eval,
     assert not w.loss_curve.grab().toImage().isNull()
     w.loss_curve.clear()
     assert not w.loss_curve.isVisible()
+
+
+def test_distill_trains_a_low_rank_models_factors_and_keeps_their_shapes(tiny4, home):
+    halved = ("low_rank", {"keep": 0.5, "allocation": "uniform", "samples": 8, "seq_len": 128})
+    model, _, ctx = _pruned_student(tiny4, "distill-low-rank", halved)
+    factors = {n: p.detach().clone() for n, p in model.model.layers.named_parameters() if ".0.weight" in n}
+    assert len(factors) == 4 * 7  # every Linear of every layer factored (A of A @ B)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    tech = registry.get("distill")
+    info = tech.apply(model, tech.make({**FAST, "steps": 30}), ctx)
+    assert info["final_loss"] < 0.95 * info["first_loss"]
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes  # still the factored model
+    now = dict(model.model.layers.named_parameters())
+    assert all(not torch.equal(now[n], w) for n, w in factors.items())
