@@ -112,6 +112,10 @@ def load_variant(d: Path):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         from .techniques.architecture import adapt_to_config
         adapt_to_config(model)  # low_rank: the factored Linears the weights are stored as
+        for entry in man.get("runtime", []):
+            if entry.startswith("early_exit:"):  # its adapters are stored with the weights
+                from .techniques.early_exit import add_adapters
+                add_adapters(model, json.loads(entry.split(":", 1)[1]))
     tied = getattr(config, "tie_word_embeddings", False)
     if tied:  # one stored tensor (dense or packed) feeds both the embedding and the LM head
         emb = model.get_input_embeddings().weight

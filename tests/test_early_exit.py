@@ -123,3 +123,24 @@ def test_saved_variant_keeps_its_exits(deep_model, tiny_eval, home):
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
     assert ee.layers_per_token(model) == ee.layers_per_token(again)  # the same exits, token by token
+
+
+def test_adapters_bring_each_exit_closer_to_the_full_model(deep_model, home):
+    *_, raw = fitted(deep_model, adapter=False)
+    model, _, _, tuned = fitted(deep_model)
+    assert set(model.model.exit_adapters) == {"2", "3", "4", "5"}
+    for p, kl in raw["calib_mean_kl_per_exit"].items():
+        assert tuned["calib_mean_kl_per_exit"][p] < 0.5 * kl, p
+
+
+def test_an_exited_token_is_read_through_its_exits_adapter(deep_model, home):
+    model, _, _, _ = fitted(deep_model, threshold=0.01)  # every position leaves at the first point (2 layers)
+    plain = models.load(deep_model)[0]
+    ids = torch.randint(3, 384, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h2 = plain(ids, output_hidden_states=True).hidden_states[2]
+        want = plain.lm_head(plain.model.norm(model.model.exit_adapters["2"](h2)))
+        raw = plain.lm_head(plain.model.norm(h2))
+        got = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, raw, atol=1e-3)  # the adapter is not the identity
