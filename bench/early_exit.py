@@ -127,6 +127,7 @@ def oracle(model, tok, points: list[int], windows: int = 8, seq_len: int = 256) 
     import torch
 
     from core.calibration import samples, text_path
+    from core.techniques import early_exit as ee
 
     state = model.model._early_exit
     ids = samples(tok, text_path(""), windows, seq_len, seed=777)  # early_exit's own windows use seed 0
@@ -143,8 +144,7 @@ def oracle(model, tok, points: list[int], windows: int = 8, seq_len: int = 256) 
                 for p in points:
                     h = out.hidden_states[p][0, 1:]
                     x = state.adapters[p](h) if p in state.adapters else h
-                    mine = torch.log_softmax(model.lm_head(model.model.norm(x)).float(), -1)
-                    kls[p].append((full.exp() * (full - mine)).sum(-1).clamp(min=0))
+                    kls[p].append(ee.exit_kl(full, model.lm_head(model.model.norm(x))))
     finally:
         hook.remove()
         state.threshold = keep

@@ -121,8 +121,7 @@ def early_exit(model, cfg: EarlyExit, ctx: StepContext) -> dict:
                 a = scored_by.get(p, {}).get(b, adapters.get(p))
                 f = inner.norm(a(raw[p][b]) if a is not None else raw[p][b])             # (T, d)
                 feats[p].append(f)
-                mine = torch.log_softmax(model.lm_head(f).float(), -1)
-                kl[p].append((final.exp() * (final - mine)).sum(-1).clamp(min=0))  # KL(full || exit)
+                kl[p].append(exit_kl(final, model.lm_head(f)))
             ctx.progress(0.5 + 0.3 * (b + 1) / len(ids), f"early exit: exits scored {b + 1}/{len(ids)}")
     heads, probs, labels = {}, {}, {}
     for k, p in enumerate(points):
@@ -155,6 +154,14 @@ def early_exit(model, cfg: EarlyExit, ctx: StepContext) -> dict:
             "adapter": bool(adapters), "calib_mean_kl_per_exit": {p: round(float(labels[p].mean()), 4) for p in points},
             "calib_layers_per_token": at["layers_per_token"], "calib_mean_kl": at["mean_kl"],
             "threshold_table": table}
+
+
+def exit_kl(full_logp, exit_logits):
+    """Per position KL(full || exit) in nats: full_logp (T, V) the full model's log-probabilities,
+    exit_logits (T, V) the LM head read at the exit."""
+    import torch
+    mine = torch.log_softmax(exit_logits.float(), -1)
+    return (full_logp.exp() * (full_logp - mine)).sum(-1).clamp(min=0)
 
 
 def _cross_fitted(folds: list[list[int]], fit) -> dict:
