@@ -131,23 +131,19 @@ def oracle(model, tok, points: list[int], windows: int = 8, seq_len: int = 256) 
 
     state = model.model._early_exit
     ids = samples(tok, text_path(""), windows, seq_len, seed=777)  # early_exit's own windows use seed 0
-    last = {}
-    hook = model.model.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.__setitem__("h", out[0] if isinstance(out, tuple) else out))
     keep, state.threshold = state.threshold, 2.0  # nothing exits: every layer's state is read
-    kls = {p: [] for p in points}
     try:
-        with torch.no_grad():
-            for b in range(len(ids)):
-                out = model(ids[b:b + 1], output_hidden_states=True, use_cache=False)
-                full = torch.log_softmax(model.lm_head(model.model.norm(last["h"][0, 1:])).float(), -1)
-                for p in points:
-                    h = out.hidden_states[p][0, 1:]
-                    x = state.adapters[p](h) if p in state.adapters else h
-                    kls[p].append(ee.exit_kl(full, model.lm_head(model.model.norm(x))))
+        raw, last = ee.exit_states(model, ids, points)
     finally:
-        hook.remove()
         state.threshold = keep
+    kls = {p: [] for p in points}
+    with torch.no_grad():
+        for b, h_last in enumerate(last):  # position 0 (BOS) left out, as in the adapters' fit
+            full = torch.log_softmax(model.lm_head(model.model.norm(h_last[1:])).float(), -1)
+            for p in points:
+                h = raw[p][b][1:]
+                x = state.adapters[p](h) if p in state.adapters else h
+                kls[p].append(ee.exit_kl(full, model.lm_head(model.model.norm(x))))
     n = state.n_layers
     K = torch.stack([torch.cat(kls[p]) for p in points] + [torch.zeros(len(torch.cat(kls[points[0]])))])
     cost = torch.tensor([p + 8 + 0.1 + 0.06 * (n - p) for p in points] + [n + 8.0])

@@ -80,20 +80,13 @@ def early_exit(model, cfg: EarlyExit, ctx: StepContext) -> dict:
         raise DataError(f"no exit point: the model has {n_layers} layers; lower first_exit")
     ids = samples(ctx.tokenizer, text_path(cfg.calib_text), cfg.samples, cfg.seq_len)
     inner = model.model
-    raw = {p: [] for p in points}   # per window: (T, d) hidden state after p layers
-    last = []                       # per window: (T, d) the last layer's output, before the final norm
-    grab = inner.layers[-1].register_forward_hook(
-        lambda _m, _a, out: last.append((out[0] if isinstance(out, tuple) else out)[0]))
-    try:
-        with torch.no_grad():
-            for b in range(len(ids)):
-                ctx.check_cancel()
-                out = model(ids[b:b + 1], output_hidden_states=True, use_cache=False)
-                for p in points:
-                    raw[p].append(out.hidden_states[p][0])
-                ctx.progress(0.4 * (b + 1) / len(ids), f"early exit: calibration {b + 1}/{len(ids)}")
-    finally:
-        grab.remove()
+
+    def step(b):
+        ctx.check_cancel()
+        if b:
+            ctx.progress(0.4 * b / len(ids), f"early exit: calibration {b}/{len(ids)}")
+
+    raw, last = exit_states(model, ids, points, step)
     folds = [list(range(0, len(ids), 2)), list(range(1, len(ids), 2))]
     adapters, scored_by = {}, {}  # scored_by[p][b]: the adapter that scores window b at exit p
     if cfg.adapter:
@@ -154,6 +147,28 @@ def early_exit(model, cfg: EarlyExit, ctx: StepContext) -> dict:
             "adapter": bool(adapters), "calib_mean_kl_per_exit": {p: round(float(labels[p].mean()), 4) for p in points},
             "calib_layers_per_token": at["layers_per_token"], "calib_mean_kl": at["mean_kl"],
             "threshold_table": table}
+
+
+def exit_states(model, ids, points: list[int], each=lambda b: None) -> tuple[dict, list]:
+    """Runs each window of ids (N, T) through every layer -> ({p: per window (T, d) hidden state after p
+    layers}, per window (T, d) the last layer's output before the final norm). each(b) is called before
+    window b and once after the last (b = N)."""
+    import torch
+    raw = {p: [] for p in points}
+    last = []
+    grab = model.model.layers[-1].register_forward_hook(
+        lambda _m, _a, out: last.append((out[0] if isinstance(out, tuple) else out)[0]))
+    try:
+        with torch.no_grad():
+            for b in range(len(ids)):
+                each(b)
+                out = model(ids[b:b + 1], output_hidden_states=True, use_cache=False)
+                for p in points:
+                    raw[p].append(out.hidden_states[p][0])
+        each(len(ids))
+    finally:
+        grab.remove()
+    return raw, last
 
 
 def exit_kl(full_logp, exit_logits):
