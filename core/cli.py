@@ -107,7 +107,7 @@ def cmd_techniques(a) -> int:
 
 def cmd_eval(a) -> int:
     from .jobs.spec import JobSpec
-    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a))
+    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), reuse=not a.fresh)
     _run_and_say(spec, a, lambda r: (
         f"{r['label']}: ppl {r['ppl']:.3f} ({r['tokens_scored']} tokens, context {r['context']}), "
         f"{r['size_bytes'] / 1e6:.1f} MB on disk ({r['theoretical_bytes'] / 1e6:.1f} MB theoretical), "
@@ -131,7 +131,7 @@ def cmd_export(a) -> int:
     if a.format != "onnx":
         raise SqueezeError(f"unknown export format {a.format!r}; only onnx is supported")
     out = Path(a.out).expanduser().resolve()
-    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), kind="export",
+    spec = JobSpec(model=a.model, recipe=_recipe(a), eval=_eval_settings(a), kind="export", reuse=not a.fresh,
                    export={"out": str(out), "quantize": a.quantize, "opset": a.opset, "graph": a.graph})
     r = _run_and_say(spec, a, lambda r: (
         f"exported to {r['path']}: {r['size_bytes'] / 1e6:.1f} MB, ppl onnx {r['ppl_onnx']:.3f} "
@@ -241,6 +241,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"squeeze-studio {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    def fresh(sp):
+        sp.add_argument("--fresh", action="store_true",
+                        help="apply every step of the recipe, even where a saved variant already holds its first steps")
+
     def common(sp, evals=True):
         sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -262,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="apply a recipe (optional) and measure")
     sp.add_argument("model", help="bundled:smollm2-135m, a model folder, a .gguf file or a cached hub id")
     common(sp)
+    fresh(sp)
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("export", help="export to ONNX and verify the exported file")
     sp.add_argument("model")
@@ -274,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
                          "for other runtimes")
     sp.add_argument("--out", required=True, help="output folder (new or empty)")
     common(sp)
+    fresh(sp)
     sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("generate", help="greedy continuation of a prompt (a model id or a saved variant folder)")
     sp.add_argument("model")

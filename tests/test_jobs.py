@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,54 @@ while True:
         assert r["status"] in ("running", "done") and (r["status"] != "done" or len(r["result"]["blob"]) == 50000)
     with sqlite3.connect(Ledger().path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _run_logged(spec):
+    logs = []
+    r = run_inline(spec, on_event=lambda e: logs.append(e["text"]) if e["type"] == "log" else None)
+    assert r.outcome == "done", r.error
+    return r.result, logs
+
+
+PRUNE = {"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.3, "samples": 8, "seq_len": 128}
+DISTILL = {"technique": "distill", "steps": 10, "seq_len": 128, "samples": 8, "batch_size": 2}
+
+
+def test_adding_a_step_starts_from_the_saved_variant_of_the_first_steps(tiny_model, tiny_eval, home):
+    first, _ = _run_logged(JobSpec(model=tiny_model, recipe={"steps": [PRUNE]}, eval=tiny_eval))
+    longer = {"steps": [PRUNE, DISTILL]}
+    reused, logs = _run_logged(JobSpec(model=tiny_model, recipe=longer, eval=tiny_eval))
+    assert any("reusing the saved variant" in m for m in logs)
+    assert not any(m.startswith("applying structured_prune") for m in logs)  # only distill ran
+    assert reused["steps"][0]["reused_from"] == first["variant_dir"].rsplit("/", 1)[-1]
+    assert reused["steps"][0]["seconds"] == first["steps"][0]["seconds"]  # apply time still says what it cost
+    fresh, logs = _run_logged(JobSpec(model=tiny_model, recipe=longer, eval=tiny_eval, reuse=False))
+    assert any(m.startswith("applying structured_prune") for m in logs)
+    assert reused["ppl"] == pytest.approx(fresh["ppl"], rel=1e-4)  # the same model either way
+    assert reused["size_bytes"] == fresh["size_bytes"]
+
+
+def test_the_same_recipe_again_is_the_saved_file_under_a_new_name(tiny_model, tiny_eval, home):
+    recipe = {"steps": [{"technique": "rtn", "bits": 4}]}
+    first, _ = _run_logged(JobSpec(model=tiny_model, recipe=recipe, eval=tiny_eval))
+    again, logs = _run_logged(JobSpec(model=tiny_model, recipe=recipe, eval={**tiny_eval, "max_tokens": 256}))
+    assert not any(m.startswith("applying") for m in logs)
+    assert again["variant_dir"] != first["variant_dir"] and again["size_bytes"] == first["size_bytes"]
+    import shutil
+    shutil.rmtree(first["variant_dir"])  # deleting the first run's files leaves the second's whole
+    from core.variant import load_variant
+    load_variant(Path(again["variant_dir"]))
+
+
+def test_a_packed_prefix_or_other_base_weights_are_not_reused(tiny_model, tiny_eval, home, tmp_path,
+                                                               tiny_tokenizer_dir):
+    from conftest import make_tiny_llama
+    _run_logged(JobSpec(model=tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 8}]}, eval=tiny_eval))
+    _, logs = _run_logged(JobSpec(model=tiny_model, eval=tiny_eval,
+                                  recipe={"steps": [{"technique": "rtn", "bits": 8}, {"technique": "kv_quant"}]}))
+    assert not any("reusing" in m for m in logs)  # a packed variant loads back dequantized: start over
+    other = str(make_tiny_llama(tmp_path / "other", tiny_tokenizer_dir, seed=1))
+    _run_logged(JobSpec(model=other, recipe={"steps": [PRUNE]}, eval=tiny_eval))
+    make_tiny_llama(tmp_path / "other", tiny_tokenizer_dir, seed=2)  # same folder, new weights
+    _, logs = _run_logged(JobSpec(model=other, recipe={"steps": [PRUNE, DISTILL]}, eval=tiny_eval))
+    assert not any("reusing" in m for m in logs)

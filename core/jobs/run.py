@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -13,7 +16,7 @@ from .. import models, paths
 from ..errors import Cancelled, SqueezeError
 from ..recipe import Recipe, from_data
 from ..techniques.base import StepContext
-from ..variant import count_params, load_variant, read_manifest, save_variant
+from ..variant import MANIFEST, count_params, load_variant, read_manifest, save_variant
 from .events import Emitter
 from .spec import JobSpec
 
@@ -86,20 +89,39 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     """Loads the model and applies the recipe. Returns (variant_dir or None, model, tokenizer, base_dir);
     with steps, the returned model is the saved variant loaded back (what is measured is the file)."""
     em.progress("load", 0.0, spec.model)
-    model, tok, base_dir = models.load(spec.model)
+    steps = recipe.to_dict()["steps"]
+    base_dir = models.resolve(spec.model)
+    saved = saved_prefix(spec.model, base_dir, steps) if spec.reuse and steps else None
+    if saved:
+        done, k, man = saved
+        em.log(f"reusing the saved variant {done.name}: its {k} step(s) match the start of this recipe "
+               "(run with --fresh to recompute)")
+        model, tok = load_variant(done)
+    else:
+        model, tok, base_dir = models.load(spec.model)
+        k, man = 0, {"steps": []}
     em.progress("load", 1.0)
     check()
     if not recipe.steps:
         return None, model, tok, base_dir
+    infos = [{**info, "reused_from": done.name} for info in man["steps"]] if saved else []
+    out = paths.workspace_dir() / "variants" / spec.job_id
+    if k == len(steps):  # the whole recipe: the same file under this job's name
+        em.progress("save", 0.0)
+        _link_copy(done, out)
+        _stamp(out, {"steps": infos})
+        em.progress("save", 1.0)
+        return out, model, tok, base_dir
     ctx = StepContext(cancelled=lambda: check() or False, log=em.log, tokenizer=tok)
     # distill's teacher is the model before the recipe: reloaded from the model id only when a step
     # asks for it, so other recipes keep one copy in memory and no technique changes
     ctx.base_model = lambda: models.load(spec.model)[0]
     ctx.metric = em.metric  # numeric series (distill's loss curve) as "metric" events
-    infos = []
     for i, step in enumerate(recipe.steps):
+        if i < k:
+            continue
         n = len(recipe.steps)
-        ctx.state_key = state_key(spec.model, base_dir, recipe.to_dict()["steps"][:i])
+        ctx.state_key = state_key(spec.model, base_dir, steps[:i])
         ctx._progress = lambda f, note="", i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}")
         em.log(f"applying {step.label()}")
         t0 = time.perf_counter()
@@ -107,9 +129,9 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
         infos.append({"technique": step.name, "seconds": round(time.perf_counter() - t0, 2), **info})
         check()
     em.progress("save", 0.0)
-    out = paths.workspace_dir() / "variants" / spec.job_id
     save_variant(model, tok, ctx.packed, ctx.runtime, out,
-                 {"base_model": spec.model, "recipe": recipe.to_dict(), "steps": infos})
+                 {"base_model": spec.model, "recipe": recipe.to_dict(), "steps": infos,
+                  "state_key": state_key(spec.model, base_dir, steps), "code": code_stamp()})
     del model, ctx
     gc.collect()
     model, tok = load_variant(out)  # measure what was saved, not what is in memory
@@ -125,6 +147,68 @@ def state_key(model_id: str, base_dir: Path, steps_before: list[dict]) -> str:
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
     raw = json.dumps([model_id, str(base_dir), stamp, steps_before], sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def code_stamp() -> str:
+    """Fingerprint of the engine's source: a variant saved by other code is never reused."""
+    import hashlib
+
+    from .. import __file__ as core_init
+    from ..about import versions
+    h = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())  # the app's and torch's versions
+    for f in sorted(Path(core_init).parent.rglob("*.py")):  # none in a frozen build: the versions decide
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def saved_prefix(model_id: str, base_dir: Path, steps: list[dict]) -> tuple[Path, int, dict] | None:
+    """The saved variant that already holds the most leading steps of this recipe: (folder, steps, manifest).
+
+    It must come from the same base weights (state key) and the same engine source; a partial match
+    (the first k < n steps) must be plain weights (nothing packed, no runtime transforms), since later
+    steps start from the variant as loaded back. A finished match is the whole answer."""
+    root = paths.workspace_dir() / "variants"
+    best, stamp = None, None
+    for d in sorted(root.glob("*/" + MANIFEST), key=lambda f: f.stat().st_mtime, reverse=True) if root.is_dir() else []:
+        try:
+            man = json.loads(d.read_text())
+            done = man["recipe"]["steps"]
+            k = len(done)
+            if not done or k > len(steps) or done != steps[:k] or (best and k <= best[1]):
+                continue
+            if k < len(steps) and (man.get("packed") or man.get("runtime")):
+                continue
+            stamp = stamp or code_stamp()
+            if man.get("code") != stamp or man.get("state_key") != state_key(model_id, base_dir, done):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, half-deleted or older: not a candidate
+        best = (d.parent, k, man)
+    return best
+
+
+def _link_copy(src: Path, out: Path) -> None:
+    """A finished variant under a new name: hard links where the file system allows, else copies."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, tmp, copy_function=link)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _stamp(out: Path, fields: dict) -> None:
+    """Rewrites the manifest (a new file, not through a hard link shared with the source)."""
+    man = {**read_manifest(out), **fields}
+    f = out / MANIFEST
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text(json.dumps(man, indent=2))
+    os.replace(tmp, f)
 
 
 def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: str = "evaluate") -> dict:

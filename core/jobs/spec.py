@@ -19,6 +19,7 @@ class JobSpec:
     parent_id: str | None = None       # export: the eval run whose variant is exported
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     evaluate: bool = True              # eval jobs: measure (False = only build and save the variant)
+    reuse: bool = True                 # start from a saved variant holding this recipe's first steps
 
     def eval_settings(self) -> EvalSettings:
         return EvalSettings(**self.eval)
