@@ -5,10 +5,12 @@ A job that needs more RAM or disk than is free is refused with one clear line. N
 the GUI calls it on its own thread."""
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
+from pathlib import Path
 
-from .errors import PreflightError
+from .errors import PreflightError, SqueezeError
 
 RUNTIME_BYTES = 600e6       # python + torch + transformers, imported, before any model
 CALIBRATED = {"gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt", "low_rank", "early_exit", "moefy",
@@ -71,10 +73,11 @@ def _kept(step: dict, model_bytes: float, s: dict) -> float:
 
 def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, eval_settings: dict,
              kind: str = "eval", history: list[dict] | None = None, layers: int | None = None,
-             intermediate: int | None = None) -> dict:
+             intermediate: int | None = None, reused: int = 0) -> dict:
     """-> {ram_bytes, disk_bytes, seconds, correction}: peak RSS, bytes written, and wall time.
     Peak RSS is the larger of two phases: building the variant (each step with the model it
-    starts from) and evaluating it (the variant as saved and loaded back, plus a window's logits)."""
+    starts from) and evaluating it (the variant as saved and loaded back, plus a window's logits).
+    `reused`: leading steps a saved variant already holds (core.reuse): no time for them."""
     model_bytes = params * 4.0
     s = _shape(params, hidden, vocab, layers, intermediate)
     steps = (recipe or {}).get("steps") or []
@@ -96,7 +99,7 @@ def estimate(params: int, hidden: int | None, vocab: int | None, recipe: dict, e
     mparams = params / 1e6
     tokens = eval_settings.get("max_tokens", 4096)
     seconds = tokens / (EVAL_TOKENS_PER_S_PER_MPARAM / max(mparams, 1)) + 20
-    seconds += sum(_step_seconds(st, mparams) for st in steps)
+    seconds += sum(_step_seconds(st, mparams) for st in steps[reused:])
     if kind == "export":
         seconds = seconds * 3 + mparams * 0.4
     est = {"ram_bytes": ram, "disk_bytes": disk, "seconds": seconds, "correction": 1.0}
@@ -137,7 +140,7 @@ def correct(est: dict, steps: list[dict], kind: str, history: list[dict]) -> dic
             continue
         if res.get("peak_rss_bytes") and pre.get("raw_ram_bytes"):
             ram_r.append(res["peak_rss_bytes"] / pre["raw_ram_bytes"])
-        if res.get("seconds") and pre.get("raw_seconds"):
+        if res.get("seconds") and pre.get("raw_seconds") and not pre.get("reused"):  # reused steps took no time
             time_r.append(res["seconds"] / pre["raw_seconds"])
     out = {**est, "raw_ram_bytes": est["ram_bytes"], "raw_seconds": est["seconds"], "signature": sig,
            "history_runs": len(ram_r)}
@@ -182,8 +185,6 @@ def for_spec(spec, model_info=None, history: list[dict] | None = None) -> dict:
         return {}
     cfg = {}
     if info.path:
-        import json
-        from pathlib import Path
         try:
             cfg = json.loads(Path(info.path, "config.json").read_text())
         except (OSError, ValueError):
@@ -191,5 +192,17 @@ def for_spec(spec, model_info=None, history: list[dict] | None = None) -> dict:
     if history is None:
         from .ledger import Ledger
         history = Ledger().rows(spec.model)
-    return estimate(info.params, info.hidden_size, cfg.get("vocab_size"), spec.recipe, spec.eval, spec.kind, history,
-                    layers=cfg.get("num_hidden_layers"), intermediate=cfg.get("intermediate_size"))
+    reused = 0
+    steps = (spec.recipe or {}).get("steps") or []
+    if info.path and steps and getattr(spec, "reuse", True):
+        from .recipe import from_data
+        from .reuse import saved_prefix
+        try:
+            full = from_data(spec.recipe).to_dict()["steps"]  # as saved: every field filled in
+        except SqueezeError:
+            full = None
+        found = full and saved_prefix(spec.model, Path(info.path), full)
+        reused = found[1] if found else 0
+    est = estimate(info.params, info.hidden_size, cfg.get("vocab_size"), spec.recipe, spec.eval, spec.kind, history,
+                   layers=cfg.get("num_hidden_layers"), intermediate=cfg.get("intermediate_size"), reused=reused)
+    return {**est, "reused": reused} if reused else est

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import html
 import json
+import threading
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer
@@ -16,7 +17,7 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpin
                                QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea,
                                QSizePolicy, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
-from core import models, paths, preflight
+from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
 from core.jobs.spec import JobSpec
@@ -70,6 +71,9 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.setWindowTitle("Squeeze Studio")
         self.setAcceptDrops(True)  # a model folder or .gguf dropped on the window opens it
+        # the engine's source fingerprint (which saved variants a recipe may start from, for the estimate):
+        # ~0.1 s of package metadata and hashing, off the GUI thread
+        threading.Thread(target=reuse.code_stamp, daemon=True, name="code-stamp").start()
         self.ledger = ledger or Ledger()
         self.ledger.mark_interrupted()  # runs left 'running' by an app that is gone
         self.store = Store()
@@ -770,7 +774,9 @@ class MainWindow(QMainWindow):
         est = self.preflight(spec) if self.model else {}
         self.estimate_label.setText("" if not est else
                                     f"estimate: ≈ {est['ram_bytes'] / 1e9:.1f} GB RAM, ≈ {fmt_duration(est['seconds'])}"
-                                    + (f" (learned from {est['history_runs']} runs)" if est.get("history_runs") else ""))
+                                    + (f" (learned from {est['history_runs']} runs)" if est.get("history_runs") else "")
+                                    + (f"; step{'s 1–' if est['reused'] > 1 else ' '}{est['reused']} already saved"
+                                       if est.get("reused") else ""))
 
     def rerun_selected(self) -> JobSpec | None:
         """One click: the selected run that did not finish, again, with its own recipe and eval settings."""

@@ -158,6 +158,10 @@ DISTILL = {"technique": "distill", "steps": 10, "seq_len": 128, "samples": 8, "b
 def test_adding_a_step_starts_from_the_saved_variant_of_the_first_steps(tiny_model, tiny_eval, home):
     first, _ = _run_logged(JobSpec(model=tiny_model, recipe={"steps": [PRUNE]}, eval=tiny_eval))
     longer = {"steps": [PRUNE, DISTILL]}
+    from core import preflight
+    est = preflight.for_spec(JobSpec(model=tiny_model, recipe=longer, eval=tiny_eval))
+    est_fresh = preflight.for_spec(JobSpec(model=tiny_model, recipe=longer, eval=tiny_eval, reuse=False))
+    assert est["reused"] == 1 and est["seconds"] < est_fresh["seconds"]  # the estimate leaves the prune out
     reused, logs = _run_logged(JobSpec(model=tiny_model, recipe=longer, eval=tiny_eval))
     assert any("reusing the saved variant" in m for m in logs)
     assert not any(m.startswith("applying structured_prune") for m in logs)  # only distill ran

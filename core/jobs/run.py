@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
-import os
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -15,8 +12,9 @@ from .. import evaluate as ev
 from .. import models, paths
 from ..errors import Cancelled, SqueezeError
 from ..recipe import Recipe, from_data
+from ..reuse import code_stamp, link_copy, saved_prefix, stamp_manifest, state_key
 from ..techniques.base import StepContext
-from ..variant import MANIFEST, count_params, load_variant, read_manifest, save_variant
+from ..variant import count_params, load_variant, read_manifest, save_variant
 from .events import Emitter
 from .spec import JobSpec
 
@@ -108,8 +106,8 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     out = paths.workspace_dir() / "variants" / spec.job_id
     if k == len(steps):  # the whole recipe: the same file under this job's name
         em.progress("save", 0.0)
-        _link_copy(done, out)
-        _stamp(out, {"steps": infos})
+        link_copy(done, out)
+        stamp_manifest(out, {"steps": infos})
         em.progress("save", 1.0)
         return out, model, tok, base_dir
     ctx = StepContext(cancelled=lambda: check() or False, log=em.log, tokenizer=tok)
@@ -137,78 +135,6 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     model, tok = load_variant(out)  # measure what was saved, not what is in memory
     em.progress("save", 1.0)
     return out, model, tok, base_dir
-
-
-def state_key(model_id: str, base_dir: Path, steps_before: list[dict]) -> str:
-    """Names the model as a step receives it: same key, same weights (for calibration caches)."""
-    import hashlib
-    import json
-    weights = models.weight_files(base_dir)
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
-    raw = json.dumps([model_id, str(base_dir), stamp, steps_before], sort_keys=True, default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def code_stamp() -> str:
-    """Fingerprint of the engine's source: a variant saved by other code is never reused."""
-    import hashlib
-
-    from .. import __file__ as core_init
-    from ..about import versions
-    h = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())  # the app's and torch's versions
-    for f in sorted(Path(core_init).parent.rglob("*.py")):  # none in a frozen build: the versions decide
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def saved_prefix(model_id: str, base_dir: Path, steps: list[dict]) -> tuple[Path, int, dict] | None:
-    """The saved variant that already holds the most leading steps of this recipe: (folder, steps, manifest).
-
-    It must come from the same base weights (state key) and the same engine source; a partial match
-    (the first k < n steps) must be plain weights (nothing packed, no runtime transforms), since later
-    steps start from the variant as loaded back. A finished match is the whole answer."""
-    root = paths.workspace_dir() / "variants"
-    best, stamp = None, None
-    for d in sorted(root.glob("*/" + MANIFEST), key=lambda f: f.stat().st_mtime, reverse=True) if root.is_dir() else []:
-        try:
-            man = json.loads(d.read_text())
-            done = man["recipe"]["steps"]
-            k = len(done)
-            if not done or k > len(steps) or done != steps[:k] or (best and k <= best[1]):
-                continue
-            if k < len(steps) and (man.get("packed") or man.get("runtime")):
-                continue
-            stamp = stamp or code_stamp()
-            if man.get("code") != stamp or man.get("state_key") != state_key(model_id, base_dir, done):
-                continue
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # unreadable, half-deleted or older: not a candidate
-        best = (d.parent, k, man)
-    return best
-
-
-def _link_copy(src: Path, out: Path) -> None:
-    """A finished variant under a new name: hard links where the file system allows, else copies."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, tmp, copy_function=link)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-def _stamp(out: Path, fields: dict) -> None:
-    """Rewrites the manifest (a new file, not through a hard link shared with the source)."""
-    man = {**read_manifest(out), **fields}
-    f = out / MANIFEST
-    tmp = f.with_name(f.name + ".tmp")
-    tmp.write_text(json.dumps(man, indent=2))
-    os.replace(tmp, f)
 
 
 def measure(model, tok, settings: ev.EvalSettings, em: Emitter, check, stage: str = "evaluate") -> dict:
