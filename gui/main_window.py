@@ -189,6 +189,7 @@ class MainWindow(QMainWindow):
         rbl.addLayout(buttons)
         self.estimate_label = QLabel()
         self.estimate_label.setStyleSheet("color: gray")
+        self.estimate_label.setWordWrap(True)  # a long estimate wraps instead of widening the left panel
         self.estimate_label.setToolTip("Preflight: peak RAM and time this recipe should take, corrected by what "
                                        "earlier runs of the same techniques really used on this machine")
         rbl.addWidget(self.estimate_label)
