@@ -69,6 +69,7 @@ ROWS = [
      "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
 ]
 # issue 5's rows healed the same way (the reference is the one-shot step the distill follows)
+FFN35 = {"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.35}
 LOWRANK = {"technique": "low_rank", "keep": 0.8, "activation_aware": True, "allocation": "loss", "sequential": True}
 ISSUE5_ROWS = [
     ("lowrank80-distill", "low_rank keep 80 % (activation-aware, sequential) → distill", 1.50,
@@ -77,6 +78,9 @@ ISSUE5_ROWS = [
     # (~280k tokens; the shipped slice has ~50k, which 160 steps of 4 x 256 already cover 3 times)
     ("lowrank80-distill-long", "low_rank keep 80 % (activation-aware, sequential) → distill 240 steps, validation split",
      1.50, [LOWRANK, {"technique": "distill", **HEAL_LONG}], "low_rank alone", [LOWRANK]),
+    # the FFN row's size bar (≤ 0.8x) needs ≥ 34 % of the channels (30 % of the FFN is 17.7 % of the parameters)
+    ("ffn35-distill-long", "structured_prune 35 % FFN channels → distill 240 steps, validation split", 1.40,
+     [FFN35, {"technique": "distill", **HEAL_LONG}], "structured_prune 35 % FFN channels alone", [FFN35]),
 ]
 ROWS += ISSUE5_ROWS
 
