@@ -214,6 +214,12 @@ def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path)
     for g in w.techniques.groups.values():
         g.setChecked(False)
     w.open_recipe(str(f))
+    # an opened recipe shows the sliders of what it ticks, and only those
+    assert prune.body.isVisible() and w.techniques.groups["rtn"].body.isVisible()
+    assert not w.techniques.groups["wanda"].body.isVisible()
+    from PySide6.QtWidgets import QToolButton  # a calibration text is a file: typed or picked
+    assert w.techniques.groups["wanda"].editors["calib_text"].findChild(QToolButton) is not None
+    assert w.techniques.groups["rtn"].editors["exclude"].findChild(QToolButton) is None
     assert w.recipe().to_dict() == {"steps": [
         {"technique": "magnitude_prune", "sparsity": 0.65, "scope": "per-layer", "exclude": ""},
         {"technique": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "lm_head": False, "exclude": "",

@@ -56,7 +56,7 @@ def outliers_knob(default):
 
 
 def text_knob():
-    return knob("", help="Calibration text file; empty = the shipped WikiText-2 validation slice "
+    return knob("", unit="file", help="Calibration text file; empty = the shipped WikiText-2 validation slice "
                          "(never the evaluation text).")
 
 

@@ -4,8 +4,8 @@ steps follow the panel's order."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                               QLineEdit, QSlider, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                               QLineEdit, QSlider, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
 from core.techniques import all_techniques
 from core.techniques.base import FAMILY_HELP
@@ -74,10 +74,23 @@ class FieldEditor(QWidget):
             self.line = QLineEdit()
             self.line.textChanged.connect(self.changed)
             lay.addWidget(self.line, 1)
+            if field.get("unit") == "file":  # a path: typed, pasted or picked
+                self.line.setPlaceholderText("the shipped text")
+                browse = QToolButton()
+                browse.setText("…")
+                browse.setToolTip("Pick a text file")
+                browse.clicked.connect(self._pick)
+                lay.addWidget(browse)
         for w in (self, self.slider, self.combo, self.check, self.spin, self.line):
             if w is not None:
                 w.setToolTip(field.get("help") or "")
         self.set_value(field["default"])
+
+    def _pick(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(self, "Calibration text", self.line.text(),
+                                           "Text (*.txt *.raw *.tokens);;All files (*)")
+        if f:
+            self.line.setText(f)
 
     def _slid(self) -> None:
         self.value_label.setText(format_value(self.value(), self.field))
@@ -198,6 +211,7 @@ class TechniquePanel(QWidget):
         if seen != [n for n in self.groups if n in seen]:
             notes.append("steps follow the panel's order: " + " → ".join(n for n in self.groups if n in seen))
         for g in self.groups.values():
+            g.body.setVisible(g.isChecked())  # its toggled signal was blocked: show the sliders of what is ticked
             g.blockSignals(False)
         self.changed.emit()
         return notes
