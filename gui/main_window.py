@@ -11,7 +11,7 @@ import json
 import threading
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtCore import QPoint, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea,
@@ -150,7 +150,7 @@ class MainWindow(QMainWindow):
         ll.addWidget(recipe_box)
         ll.addWidget(self.eval_panel)
         ll.addStretch(1)
-        scroll = QScrollArea()
+        scroll = self.left_scroll = QScrollArea()
         scroll.setWidget(left_inner)
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
@@ -206,6 +206,7 @@ class MainWindow(QMainWindow):
 
         self.table = ResultsTable()
         self.table.selected.connect(self._row_selected)
+        self.table.opened.connect(self.load_run_recipe)
         self.plot = TradeoffPlot()
         self.plot.point_clicked.connect(self._point_clicked)
         self.export_panel = ExportPanel()
@@ -318,6 +319,7 @@ class MainWindow(QMainWindow):
             self.theme_actions[mode] = a
         run_menu = self.menuBar().addMenu("&Run")
         for text, slot, key in (("&Run the recipe", self.run, "Ctrl+Return"), ("&Cancel", self.cancel, "Ctrl+."),
+                                ("&Load the selected run's recipe", lambda: self.load_run_recipe(), "Ctrl+L"),
                                 ("&Export the selected run", lambda: self.export_panel._export_clicked(), "Ctrl+E")):
             a = QAction(text, self)
             a.triggered.connect(slot)
@@ -406,6 +408,26 @@ class MainWindow(QMainWindow):
             self.say(str(e), error=True)
             return
         self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
+
+    def load_run_recipe(self, run_id: str | None = None) -> None:
+        """A past run's recipe into the panel (double click, or Ctrl+L on the selected row), to tweak it or add
+        a step: a job then starts from that run's saved variant where its steps match (core.reuse)."""
+        row = next((r for r in self.runs if r["id"] == run_id), None) if run_id else self.table.selected_row()
+        if not row or row.get("kind") == "export" or row.get("export"):
+            self.say("Select a run in the table to load its recipe.", error=True)
+            return
+        try:
+            recipe = recipes.from_data(row["recipe"])
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        notes = self.techniques.set_recipe(recipe)
+        ticked = [g for g in self.techniques.groups.values() if g.isChecked()]
+        if ticked:  # bring the first ticked technique's sliders into view
+            QTimer.singleShot(0, self, lambda g=ticked[0]: self.left_scroll.verticalScrollBar().setValue(
+                max(0, g.mapTo(self.left_scroll.widget(), QPoint(0, 0)).y() - 24)))
+        self.say("; ".join(notes) if notes else
+                 f"Loaded the recipe of “{row['label']}”: change it or add a step, then Run.")
 
     def save_recipe(self, path: str | None = None) -> None:
         try:
@@ -775,7 +797,8 @@ class MainWindow(QMainWindow):
         est = self.preflight(spec) if self.model else {}
         self.estimate_label.setText("" if not est else
                                     f"estimate: ≈ {est['ram_bytes'] / 1e9:.1f} GB RAM, ≈ {fmt_duration(est['seconds'])}"
-                                    + (f" (learned from {est['history_runs']} runs)" if est.get("history_runs") else "")
+                                    + (f" (learned from {est['history_runs']} run{'s' if est['history_runs'] > 1 else ''})"
+                                       if est.get("history_runs") else "")
                                     + (f"; step{'s 1–' if est['reused'] > 1 else ' '}{est['reused']} already saved"
                                        if est.get("reused") else ""))
 

@@ -638,3 +638,19 @@ def test_the_event_loop_never_stalls_over_50_ms_while_any_job_runs(qtbot, open_w
     assert all(r["status"] == "done" for r in w.table.results.rows), [r["status"] for r in w.table.results.rows]
     print("worst event-loop gap per job (ms):", {k: round(v, 1) for k, v in worst.items()})
     assert meter.overall() <= 50, f"worst event-loop gap per job (ms): {worst}"
+
+
+def test_double_clicking_a_run_loads_its_recipe_to_tweak(qtbot, open_window, tiny_model, tiny_eval):
+    from core.jobs.client import run_inline
+    from core.jobs.spec import JobSpec
+    steps = [{"technique": "magnitude_prune", "sparsity": 0.3}, {"technique": "rtn", "bits": 8}]
+    assert run_inline(JobSpec(model=tiny_model, recipe={"steps": steps}, eval=tiny_eval)).outcome == "done"
+    w = open_window(auto_baseline=False)
+    qtbot.waitUntil(lambda: any(not r["baseline"] for r in w.table.results.rows))
+    i = next(i for i, r in enumerate(w.table.results.rows) if not r["baseline"])
+    rect = w.table.visualRect(w.table.results.index(i, 1))
+    qtbot.mouseClick(w.table.viewport(), Qt.LeftButton, pos=rect.center())  # a double click starts with a press
+    qtbot.mouseDClick(w.table.viewport(), Qt.LeftButton, pos=rect.center())
+    assert [s["technique"] for s in w.recipe().to_dict()["steps"]] == ["magnitude_prune", "rtn"]
+    assert w.techniques.groups["magnitude_prune"].editors["sparsity"].value() == pytest.approx(0.3)
+    assert w.techniques.groups["rtn"].body.isVisible() and "Loaded the recipe" in w.message.text()

@@ -94,8 +94,9 @@ class ResultsModel(QAbstractTableModel):
 
 
 class ResultsTable(QTableView):
-    """Emits `selected(run_id or "")` when the user picks a row."""
+    """Emits `selected(run_id or "")` when the user picks a row, `opened(run_id)` on a double click."""
     selected = Signal(str)
+    opened = Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -112,6 +113,7 @@ class ResultsTable(QTableView):
         h.setSectionResizeMode(QHeaderView.Interactive)
         h.setStretchLastSection(True)
         self.selectionModel().selectionChanged.connect(self._changed)
+        self.doubleClicked.connect(lambda idx: self.opened.emit(self.results.rows[idx.row()]["id"]))
 
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         keep = self.selected_id()
