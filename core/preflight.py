@@ -140,7 +140,7 @@ def correct(est: dict, steps: list[dict], kind: str, history: list[dict]) -> dic
             continue
         if res.get("peak_rss_bytes") and pre.get("raw_ram_bytes"):
             ram_r.append(res["peak_rss_bytes"] / pre["raw_ram_bytes"])
-        if res.get("seconds") and pre.get("raw_seconds") and not pre.get("reused"):  # reused steps took no time
+        if res.get("seconds") and pre.get("raw_seconds"):  # (a run's raw estimate left its reused steps out too)
             time_r.append(res["seconds"] / pre["raw_seconds"])
     out = {**est, "raw_ram_bytes": est["ram_bytes"], "raw_seconds": est["seconds"], "signature": sig,
            "history_runs": len(ram_r)}

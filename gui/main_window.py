@@ -65,6 +65,10 @@ def fmt_eta(eta) -> str:
     return f" — ETA {fmt_duration(eta)}"
 
 
+def _steps_saved(k: int) -> str:
+    return "step 1" if k == 1 else f"steps 1–{k}"
+
+
 class MainWindow(QMainWindow):
     def __init__(self, model: str | None = None, eval_settings: dict | None = None,
                  auto_baseline: bool = True, ledger: Ledger | None = None, teach: bool | None = None):
@@ -799,8 +803,7 @@ class MainWindow(QMainWindow):
                                     f"estimate: ≈ {est['ram_bytes'] / 1e9:.1f} GB RAM, ≈ {fmt_duration(est['seconds'])}"
                                     + (f" (learned from {est['history_runs']} run{'s' if est['history_runs'] > 1 else ''})"
                                        if est.get("history_runs") else "")
-                                    + (f"; step{'s 1–' if est['reused'] > 1 else ' '}{est['reused']} already saved"
-                                       if est.get("reused") else ""))
+                                    + (f"; {_steps_saved(est['reused'])} already saved" if est.get("reused") else ""))
 
     def rerun_selected(self) -> JobSpec | None:
         """One click: the selected run that did not finish, again, with its own recipe and eval settings."""

@@ -115,9 +115,7 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     # asks for it, so other recipes keep one copy in memory and no technique changes
     ctx.base_model = lambda: models.load(spec.model)[0]
     ctx.metric = em.metric  # numeric series (distill's loss curve) as "metric" events
-    for i, step in enumerate(recipe.steps):
-        if i < k:
-            continue
+    for i, step in enumerate(recipe.steps[k:], start=k):
         n = len(recipe.steps)
         ctx.state_key = state_key(spec.model, base_dir, steps[:i])
         ctx._progress = lambda f, note="", i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}")
