@@ -33,6 +33,12 @@ def code_stamp() -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=512)
+def _manifest(path: str, mtime_ns: int) -> dict:
+    """A variant's manifest, parsed once per version of the file: the GUI's estimate asks on every slider move."""
+    return json.loads(Path(path).read_text())
+
+
 def saved_prefix(model_id: str, base_dir: Path, steps: list[dict]) -> tuple[Path, int, dict] | None:
     """The saved variant that already holds the most leading steps of this recipe: (folder, steps, manifest).
 
@@ -43,7 +49,7 @@ def saved_prefix(model_id: str, base_dir: Path, steps: list[dict]) -> tuple[Path
     best, stamp = None, None
     for d in sorted(root.glob("*/" + MANIFEST), key=lambda f: f.stat().st_mtime, reverse=True) if root.is_dir() else []:
         try:
-            man = json.loads(d.read_text())
+            man = _manifest(str(d), d.stat().st_mtime_ns)
             done = man["recipe"]["steps"]
             k = len(done)
             if not done or k > len(steps) or done != steps[:k] or (best and k <= best[1]):
