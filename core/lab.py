@@ -25,20 +25,22 @@ class LabStep:
     title: str
     how: str
     done: Callable[[list[dict]], bool]
+    technique: str | None = None  # whose explainer teaching mode opens while this step is next
 
 
 LAB = (
     LabStep("baseline", "Measure the baseline", "Open the bundled model: the app measures its perplexity, size and "
             "speed once. Every later row is compared with it.", _done_eval_with(lambda s: not s)),
     LabStep("int8", "8-bit weights (rtn)", "Tick rtn, set bits to 8, Run. The file shrinks ~4x; perplexity barely "
-            "moves.", _done_eval_with(_has("rtn", bits=8))),
+            "moves.", _done_eval_with(_has("rtn", bits=8)), "rtn"),
     LabStep("int4", "4-bit weights (rtn)", "Same with bits 4, group size 64. Smaller again; perplexity rises "
-            "noticeably: round-to-nearest has hit its limit.", _done_eval_with(_has("rtn", bits=4))),
+            "noticeably: round-to-nearest has hit its limit.", _done_eval_with(_has("rtn", bits=4)), "rtn"),
     LabStep("gptq", "4-bit, calibrated (gptq)", "Untick rtn, tick gptq at 4 bits: the same size as rtn 4-bit, "
-            "much closer to the baseline. Compare the two rows.", _done_eval_with(_has("gptq", bits=4))),
+            "much closer to the baseline. Compare the two rows.", _done_eval_with(_has("gptq", bits=4)), "gptq"),
     LabStep("prune", "Prune half the weights", "Tick magnitude_prune (then wanda or sparsegpt) at 50 %: see which "
             "method keeps perplexity down.",
-            _done_eval_with(lambda s: any(x.get("technique") in ("magnitude_prune", "wanda", "sparsegpt") for x in s))),
+            _done_eval_with(lambda s: any(x.get("technique") in ("magnitude_prune", "wanda", "sparsegpt") for x in s)),
+            "magnitude_prune"),
     LabStep("compare", "Side by side", "In the Side by side tab, pick the baseline and a 4-bit variant, type a "
             "prompt: where do their outputs part?",
             lambda runs: any(r["kind"] == "compare" and r["status"] == "done" for r in runs)),

@@ -156,6 +156,11 @@ def loads(text: str, fmt: str = "yaml") -> Recipe:
     except RecipeError:
         raise
     except Exception as e:  # YAMLError, ValueError (bad dates), RecursionError ...
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:  # PyYAML's first line ("while parsing a flow sequence") says neither where nor what
+            what = " ".join(x for x in (getattr(e, "problem", None), f"({e.context})" if getattr(e, "context", None)
+                                        else None) if x)
+            raise RecipeError(f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"not valid {fmt.upper()}: {first}") from None
     return from_data(data)

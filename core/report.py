@@ -19,6 +19,9 @@ from .results import COLUMNS, cell, fmt_eval, table_rows, trade_off
 W, H, PAD = 640, 380, 56
 
 
+EXPORT_COLOUR = "#8e24aa"
+
+
 def _svg_plot(points: list[dict], front: list, x_label: str, log_x: bool = False) -> str:
     """Scatter of perplexity (log scale when it spans > 10x) against x; the front as a line."""
     if not points:
@@ -54,7 +57,7 @@ def _svg_plot(points: list[dict], front: list, x_label: str, log_x: bool = False
         out.append(f"<polyline points='{pts}' fill='none' stroke='#2e7d32' stroke-width='1.5'/>")
     for p in points:
         cx, cy = sx(fx(p["x"])), sy(fy(p["y"]))
-        colour = "#ef6c00" if p["baseline"] else "#1565c0"
+        colour = "#ef6c00" if p["baseline"] else EXPORT_COLOUR if p.get("export") else "#1565c0"
         out.append(f"<circle cx='{cx:.1f}' cy='{cy:.1f}' r='5' fill='{colour}'><title>{html.escape(p['label'])}: "
                    f"ppl {p['y']:.4g}</title></circle>")
         out.append(f"<text x='{cx + 7:.1f}' y='{cy - 6:.1f}' fill='#555'>{html.escape(p['label'][:40])}</text>")
@@ -78,7 +81,8 @@ def html_report(runs: list[dict], title: str = "Squeeze Studio study") -> str:
                                ("decode", "decode tok/s — faster is better", False)):
         pts, front = trade_off(rows, axis)
         plots.append(f"<figure>{_svg_plot(pts, front, label, log_x)}<figcaption>perplexity vs {axis}; "
-                     "orange: baseline, blue: runs and exports, green: Pareto front</figcaption></figure>")
+                     "orange: baseline, blue: runs, purple: ONNX exports (onnxruntime's speed; off the front), "
+                     "green: Pareto front of the runs</figcaption></figure>")
     recipes = "".join(
         f"<h3>{html.escape(r['label'])}</h3><p class=meta>{html.escape(r['model'])} · {html.escape(fmt_eval(r['eval']))}"
         f" · {r['status']}</p><pre>{html.escape(_yaml(r['recipe']))}</pre>"

@@ -114,7 +114,7 @@ def fmt_x(x) -> str:
 
 
 def fmt_pct(p) -> str:
-    return "" if p is None else f"{p:+.1f} %"
+    return "" if p is None else f"{round(p, 1) + 0.0:+.1f} %"  # + 0.0: -0.04 shows +0.0, not -0.0
 
 
 def fmt_count(n) -> str:
@@ -208,14 +208,17 @@ def pareto_front(points: list[tuple[object, float, float]], x_lower_better: bool
 
 
 def trade_off(rows: list[dict], axis: str = "size", eval_key: str | None = None) -> tuple[list[dict], list]:
-    """Points {id, x, y, baseline, label} of the finished runs (of `eval_key` if given) and the
-    ids of the Pareto front."""
+    """Points {id, x, y, baseline, export, label} of the finished runs (of `eval_key` if given) and the
+    ids of the Pareto front. ONNX exports are points too (what a user deploys) but stay off the front:
+    their speed is onnxruntime's, not torch's, so on the decode axis they would crowd every torch
+    variant off it."""
     key, scale, lower = AXES[axis]
-    pts = [{"id": r["id"], "x": r[key] * scale, "y": r["ppl"], "baseline": r["baseline"], "label": r["label"]}
+    pts = [{"id": r["id"], "x": r[key] * scale, "y": r["ppl"], "baseline": r["baseline"],
+            "export": bool(r.get("export")), "label": r["label"]}
            for r in rows
            if r["status"] == "done" and r.get("ppl") is not None and r.get(key) is not None
            and (eval_key is None or r["eval_key"] == eval_key)]
-    return pts, pareto_front([(p["id"], p["x"], p["y"]) for p in pts], lower)
+    return pts, pareto_front([(p["id"], p["x"], p["y"]) for p in pts if not p["export"]], lower)
 
 
 # ---------------------------------------------------------------- recommendation

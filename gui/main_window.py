@@ -36,6 +36,7 @@ from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
 from .widgets.results_table import ResultsTable
 from .widgets.technique_panel import TechniquePanel
+from .widgets.plotting import font_plot
 from .widgets.tradeoff_plot import TradeoffPlot
 from .worker_client import WorkerClient
 
@@ -95,7 +96,7 @@ class MainWindow(QMainWindow):
         self.client.log.connect(self._on_log)
         self.client.metric.connect(self._on_metric)
         self.client.result.connect(self._on_result)
-        self.client.error.connect(lambda e: self.say(e.get("message", "the job failed"), error=True))
+        self.client.error.connect(self._on_error)
         self.client.cancelled.connect(lambda e: self.say("Cancelled."))
         self.client.finished.connect(self._on_finished)
 
@@ -149,7 +150,9 @@ class MainWindow(QMainWindow):
         left_inner = QWidget()
         ll = QVBoxLayout(left_inner)
         ll.addWidget(self.model_panel)
-        ll.addWidget(QLabel("<b>Techniques</b> — tick to include; applied top to bottom"))
+        techniques_head = QLabel("<b>Techniques</b> — tick to include; applied top to bottom")
+        techniques_head.setWordWrap(True)
+        ll.addWidget(techniques_head)
         ll.addWidget(self.techniques)
         ll.addWidget(recipe_box)
         ll.addWidget(self.eval_panel)
@@ -158,7 +161,7 @@ class MainWindow(QMainWindow):
         scroll.setWidget(left_inner)
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        scroll.setMinimumWidth(400)
+        scroll.setMinimumWidth(330)  # with the right side's minimum, the window fits a 1024-pixel screen
 
         # run bar: always visible under the scrolling settings
         self.run_button = QPushButton("Run")
@@ -239,6 +242,8 @@ class MainWindow(QMainWindow):
         tl = QVBoxLayout(table_box)
         tl.setContentsMargins(0, 0, 0, 0)
         self.results_title = QLabel("<b>Results</b>")
+        # a long model name is cut, not a reason for the window to grow
+        self.results_title.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         head = QHBoxLayout()
         head.addWidget(self.results_title, 1)
         head.addWidget(QLabel("recommend for"))
@@ -354,6 +359,7 @@ class MainWindow(QMainWindow):
         self.model, self.model_ok = model_id, False
         self.model_panel.show_model(model_id)
         self.results_title.setText(f"<b>Results</b> — {self.model_panel.combo.currentText()}")
+        self.results_title.setToolTip(self.model_panel.combo.currentText())  # the title is cut in a narrow window
         self.table.clearSelection()
         self.refresh()
 
@@ -540,12 +546,16 @@ class MainWindow(QMainWindow):
         if on:
             f.setPointSizeF(self._base_font.pointSizeF() * 1.35)
         app.setFont(f)
+        for view in (self.plot.view, self.weight_view.hist, self.weight_view.codes, self.weight_view.per_layer,
+                     self.sensitivity_view.plot):
+            font_plot(view, f)
 
     def set_theme(self, mode: str) -> None:
         """Light, dark, or following the system (kept in the settings)."""
         self.theme = mode if mode in theme.MODES else "system"
         self.dark = theme.apply(QApplication.instance(), self.theme)
-        self.plot.set_dark(self.dark)
+        for view in (self.plot, self.weight_view, self.sensitivity_view, self.compare_view):
+            view.set_dark(self.dark)
         self.theme_actions[self.theme].setChecked(True)
         self.store.set("theme", self.theme)
 
@@ -676,12 +686,24 @@ class MainWindow(QMainWindow):
             "Baseline" if not spec.recipe.get("steps") else "Run")
         if what == "Baseline":
             self.say("Measuring the baseline of this model once (cached for these eval settings)…")
-        self._log(f"— {what}: {spec.model} · {recipes.from_data(spec.recipe).label()} (job {spec.job_id})")
+        self._log(f"— {what}: {spec.model} · {self._job_subject(spec)} (job {spec.job_id})")
         self.progress.setValue(0)
         self.loss_curve.clear()
         self.stage_label.setText("starting the worker…")
         self._busy(True)
         self.later(0, self.refresh)  # its own slice of the event loop, after the worker's start
+
+    @staticmethod
+    def _job_subject(spec: JobSpec) -> str:
+        """What a job works on, for its log line: the runs it compares or reads, else its recipe."""
+        c = spec.compare or {}
+        if spec.kind == "compare":
+            return f"{c['reference']['label']} vs {c['variant']['label']}"
+        if spec.kind == "weights":
+            return c.get("label") or "weights"
+        if spec.kind == "sensitivity":
+            return f"{c.get('technique')} {c.get('setting', 0):g} on one Linear at a time"
+        return recipes.from_data(spec.recipe).label()
 
     def cancel(self) -> None:
         self.queue.clear()
@@ -698,8 +720,18 @@ class MainWindow(QMainWindow):
     def _on_progress(self, e: dict) -> None:
         self.progress.setValue(int(e.get("fraction", 0) * 1000))
         note = e.get("note") or ""
-        text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{fmt_eta(e.get('eta_s'))}"
-        self.stage_label.setText(text + (f"  ·  {note}" if note and len(note) < 60 else ""))
+        # a step that times itself (distill: "step 7/80 …, ETA 1 min") knows better than the job's
+        # stage-weighted guess: one ETA on the line, not two that disagree
+        eta = "" if "ETA" in note else fmt_eta(e.get("eta_s"))
+        text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{eta}" + (f"  ·  {note}" if note else "")
+        self.stage_label.setToolTip(text)
+        self.stage_label.setText(self.stage_label.fontMetrics().elidedText(text, Qt.ElideRight,
+                                                                           max(self.stage_label.width(), 80)))
+
+    def _on_error(self, e: dict) -> None:
+        message = e.get("message") or "the job failed"
+        self.say(message, error=True)
+        self._log(f"failed: {message}")  # the message line is replaced by the next one; the log keeps it
 
     def _on_metric(self, e: dict) -> None:
         self.loss_curve.add(e)

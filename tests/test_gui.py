@@ -270,6 +270,7 @@ def test_killing_the_worker_marks_the_run_failed_and_the_app_goes_on(qtbot, open
     assert rows[killed]["status"] == "failed" and "died" in rows[killed]["error"]
     assert rows[base_id]["status"] == "done"  # earlier rows kept
     assert "died" in w.message.text() and w.run_button.isEnabled()
+    assert "failed: " in w.logs.toPlainText() and "died" in w.logs.toPlainText()  # kept after the next message
     assert killed not in {p["id"] for p in w.plot.points}
 
     # the window still works: one click runs the failed run again, to the end
@@ -376,6 +377,7 @@ def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot)
     assert all(any(FAMILY_HELP[f] in h for h in heads) for f in families)
     g = panel.groups["gptq"]
     assert not g.body.isVisible()
+    assert g.summary.isEnabled()  # an unticked technique's summary reads as text, not greyed out
     g.setChecked(True)
     assert g.body.isVisible() and g.editors["bits"].isVisible()
     assert panel.recipe_data()["steps"][0]["technique"] == "gptq"
@@ -460,6 +462,8 @@ def test_theme_override_and_window_settings_persist_across_restarts(qtbot, open_
     w = open_window(auto_baseline=False)
     w.theme_actions["dark"].trigger()
     assert w.dark and QApplication.instance().palette().color(QPalette.Window).lightness() < 80
+    for view in (w.plot.view, w.weight_view.hist, w.sensitivity_view.plot):  # every plot follows the theme
+        assert view.backgroundBrush().color().lightness() < 80
     w.resize(1333, 888)
     w.close()
     w2 = open_window(auto_baseline=False)  # a restart: same settings file
@@ -506,6 +510,7 @@ def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qt
     items = {w.teach.checklist.item(k).data(Qt.UserRole): w.teach.checklist.item(k) for k in range(7)}
     assert items["baseline"].checkState() == Qt.Checked and items["int8"].checkState() == Qt.Unchecked
     assert "Next: " in w.teach.hint.text() and "8-bit" in w.teach.hint.text()
+    assert w.teach.technique.currentData() == "rtn"  # the next step's technique is explained first
     w.techniques.groups["gptq"].setChecked(True)  # ticking a technique opens its explainer
     assert w.teach.technique.currentData() == "gptq" and w.teach.text.toPlainText().startswith("gptq")
     assert "The one formula" in w.teach.text.toPlainText() and "Typical failure" in w.teach.text.toPlainText()
@@ -590,6 +595,8 @@ def test_clicking_a_sensitivity_cell_keeps_that_linear_out_of_the_recipe(qtbot, 
     assert w.views.currentWidget() is sv and sv.result["layers"] == 2 and "Most sensitive" in sv.hint.text()
     qtbot.wait(100)
     vb = sv.plot.getPlotItem().vb
+    (x0, x1), (y0, y1) = vb.viewRange()  # the whole map is in view: every module column, every layer
+    assert x0 <= 0 and x1 >= len(sv.result["modules"]) and y0 <= 0 and y1 >= 2
     pos = sv.plot.mapFromScene(vb.mapViewToScene(QPointF(6.5, 1.5)))  # layer 1, down_proj
     qtbot.mouseClick(sv.plot.viewport(), Qt.LeftButton, pos=pos)
     rtn = w.techniques.groups["rtn"]
@@ -654,3 +661,14 @@ def test_double_clicking_a_run_loads_its_recipe_to_tweak(qtbot, open_window, tin
     assert [s["technique"] for s in w.recipe().to_dict()["steps"]] == ["magnitude_prune", "rtn"]
     assert w.techniques.groups["magnitude_prune"].editors["sparsity"].value() == pytest.approx(0.3)
     assert w.techniques.groups["rtn"].body.isVisible() and "Loaded the recipe" in w.message.text()
+
+
+def test_the_window_fits_a_1024_pixel_screen_and_teaching_mode_a_1280_one(qtbot, open_window):
+    w = open_window(auto_baseline=False)
+    assert w.minimumSizeHint().width() <= 1024
+    w.set_teaching(True)
+    w.teach.fonts.setChecked(True)  # the projector set-up: dock and larger fonts
+    qtbot.wait(50)
+    assert w.minimumSizeHint().width() <= 1280
+    w.teach.fonts.setChecked(False)
+    w.set_teaching(False)

@@ -31,3 +31,12 @@ def test_every_technique_ships_an_explainer_with_the_four_parts():
             assert part in text, (f.name, part)
         for field in t.fields():  # every slider is explained
             assert f"**{field['name']}**" in text, (f.name, field["name"])
+
+
+def test_explainers_fit_the_teaching_dock_headings_down_and_formulas_wrapping():
+    from core.techniques.registry import all_techniques
+    from gui.widgets.teach import explainer, for_dock
+    for t in all_techniques():
+        md = for_dock(explainer(t.name))
+        assert "```" not in md and not md.startswith("# ")  # no code block (it cannot wrap), no h1 title
+        assert f"### {t.name}" in md

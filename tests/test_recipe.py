@@ -143,3 +143,9 @@ def test_valid_recipes_round_trip(pairs):
         assert "cannot follow" in str(e)
         return
     assert rc.loads(r.to_yaml()) == r and rc.loads(r.to_json(), "json") == r
+
+
+def test_a_yaml_typo_is_reported_with_its_line_and_column():
+    with pytest.raises(RecipeError) as e:
+        rc.loads("steps:\n  - technique: rtn\n   bits: 4\n")
+    assert str(e.value).startswith("not valid YAML at line 3, column 4:")

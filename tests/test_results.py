@@ -80,6 +80,17 @@ def test_trade_off_points_only_finished_runs_of_the_eval_key():
     assert front == ["base"]  # faster and better
 
 
+def test_an_onnx_export_is_plotted_but_stays_off_the_front_of_the_torch_runs():
+    rows = [_row("base", "baseline", 20.0, 400, 50.0, 0.0) | {"baseline": True},
+            _row("q4", "rtn", 22.0, 100, 40.0, 10.0) | {"baseline": False},
+            _row("x", "ONNX int8", 21.0, 90, 500.0, 5.0) | {"baseline": False, "export": True}]
+    for axis in ("size", "decode"):
+        pts, front = results.trade_off(rows, axis, eval_key="k")
+        assert {p["id"]: p["export"] for p in pts} == {"base": False, "q4": False, "x": True}
+        assert "x" not in front  # smaller and faster than both, yet onnxruntime's speed is not torch's
+    assert results.fmt_pct(-0.04) == "+0.0 %" and results.fmt_pct(-0.06) == "-0.1 %"
+
+
 def test_formatting():
     assert results.fmt_mb(538_090_408) == "538.1"
     assert results.fmt_mb(232_792) == "0.23"

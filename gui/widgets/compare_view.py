@@ -7,7 +7,8 @@ from __future__ import annotations
 import html
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import (QApplication, QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
                                QTextBrowser, QVBoxLayout, QWidget)
 
 # KL (nats) -> background: agreement is white, a different distribution deep red
@@ -47,10 +48,11 @@ class CompareView(QWidget):
         self.button = QPushButton("Generate both")
         self.button.clicked.connect(self._clicked)
         self.prompt.returnPressed.connect(self._clicked)
-        row.addWidget(self.prompt, 1)
+        form.addRow("prompt", self.prompt)
         row.addWidget(self.new_tokens)
         row.addWidget(self.button)
-        form.addRow("prompt", row)
+        row.addStretch(1)
+        form.addRow("generate", row)
         lay.addLayout(form)
         outs = QHBoxLayout()
         self.ref_out = QTextBrowser()
@@ -66,13 +68,20 @@ class CompareView(QWidget):
         self.top.setWordWrap(True)
         self.top.setTextFormat(Qt.RichText)
         lay.addWidget(self.top, 1)
-        legend = " ".join(f"<span style='background:{c}'>&nbsp;&lt;{lim:g}&nbsp;</span>" if lim != float("inf")
-                          else f"<span style='background:{c};color:white'>&nbsp;more&nbsp;</span>"
+        # the swatches carry their own text colour: the palette's (light in the dark theme) is unreadable on them
+        legend = " ".join(f"<span style='background:{c};color:black'>&nbsp;&lt;{lim:g}&nbsp;</span>"
+                          if lim != float("inf") else f"<span style='background:{c};color:white'>&nbsp;more&nbsp;</span>"
                           for lim, c in KL_STEPS)
         self.legend = QLabel(f"KL per token (nats): {legend} · ▸ first difference")
+        self.legend.setWordWrap(True)
         lay.addWidget(self.legend)
         self.result: dict | None = None
         self.rows: list[dict] = []
+
+    def set_dark(self, dark: bool) -> None:
+        """Re-renders the tokens in the new palette's text colour."""
+        if self.result:
+            self.show_result(self.result)
 
     def set_rows(self, rows: list[dict]) -> None:
         """Finished runs that have a model to load: the baseline and saved variants."""
@@ -108,6 +117,8 @@ class CompareView(QWidget):
         prompt = f"<span style='color:gray'>{_piece(r['prompt'])}</span>"
         diff = r.get("first_diff")
 
+        plain = QApplication.palette().color(QPalette.Text).name()  # tokens without a KL background
+
         def tokens(side: str, colour: bool) -> str:
             out = []
             for i, t in enumerate(r[side]["tokens"]):
@@ -116,7 +127,8 @@ class CompareView(QWidget):
                     style += "text-decoration:underline;font-weight:bold;color:#1565c0;"
                 tip = f"KL {r['variant']['kl'][i]:.3f}" if colour else ""
                 mark = "<span style='color:#1565c0'>▸</span>" if i == diff else ""
-                out.append(f"{mark}<a href='tok:{i}' style='color:black;text-decoration:none' title='{tip}'>"
+                ink = "black" if colour else plain  # the KL backgrounds are all light
+                out.append(f"{mark}<a href='tok:{i}' style='color:{ink};text-decoration:none' title='{tip}'>"
                            f"<span style='{style}'>{_piece(t)}</span></a>")
             return "".join(out)
 

@@ -15,6 +15,7 @@ def _spin(lo: int, hi: int, step: int, tip: str) -> QSpinBox:
     s.setSingleStep(step)
     s.setToolTip(tip)
     s.setKeyboardTracking(False)  # one change per edit, not per keystroke
+    s.setMinimumWidth(56)  # its size hint is sized for the maximum (8 digits): the panel could not narrow
     return s
 
 

@@ -8,14 +8,14 @@ import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QSizePolicy, QToolButton, QVBoxLayout)
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QPushButton, QScrollArea, QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 from core.evaluate import EvalSettings
 from core.export.estimate import estimate
 from core.results import fmt_duration, fmt_mb, fmt_pct, fmt_ppl, fmt_rate
 
-QUANTIZE = (("fp32 (lossless)", None), ("CPU int8 (weight-only)", "int8"), ("CPU int4 (from the variant's codes)", "int4"))
+QUANTIZE = (("fp32 (lossless)", None), ("int8 (weight-only)", "int8"), ("int4 (the variant's codes)", "int4"))
 QUANTIZE_TIPS = {
     None: "The variant as it is, in float32: must match torch's perplexity and greedy output.",
     "int8": "8-bit weights in onnxruntime's MatMulNBits (embedding and LM head too); each path verified.",
@@ -38,8 +38,16 @@ class ExportPanel(QGroupBox):
 
     def __init__(self, parent=None):
         super().__init__("Export to ONNX", parent)
-        self.setMinimumWidth(300)
-        lay = QVBoxLayout(self)
+        self.setMinimumWidth(250)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()  # the verified numbers run taller than the panel on a small screen
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        outer.addWidget(scroll)
+        body = QWidget()
+        scroll.setWidget(body)
+        lay = QVBoxLayout(body)
         self.run_label = QLabel("Select a finished run in the table.")
         self.run_label.setWordWrap(True)
         lay.addWidget(self.run_label)
@@ -122,8 +130,10 @@ class ExportPanel(QGroupBox):
         elif row.get("export"):
             self.run_label.setText(f"<b>{html.escape(row['label'])}</b>")
         else:
+            why = (f"<br><span style='color:#c62828'>{html.escape(str(row['error']))}</span>"
+                   if not self.can_export and row.get("error") else "")  # what went wrong, where the eye is
             self.run_label.setText(f"<b>{html.escape(row['label'])}</b>"
-                                   + ("" if self.can_export else f" — {row['status']}, nothing to export"))
+                                   + ("" if self.can_export else f" — {row['status']}, nothing to export") + why)
         self.numbers.setText(describe(export) if export else "")
 
 
@@ -151,13 +161,15 @@ def describe(e: dict) -> str:
         for name, o, t, extra in (
             ("perplexity", fmt_ppl(ppl_o), fmt_ppl(ppl_t), delta),
             ("decode tok/s", fmt_rate(r.get("decode_tokens_per_s_onnx")),
-             fmt_rate(r.get("decode_tokens_per_s_torch")), bound),
+             fmt_rate(r.get("decode_tokens_per_s_torch")), ""),
             ("prefill tok/s", fmt_rate(r.get("prefill_tokens_per_s_onnx")),
              fmt_rate(r.get("prefill_tokens_per_s_torch")), ""),
             ("greedy, 8 tokens", gen, "", ""),
-            ("file MB", fmt_mb(r.get("size_bytes")), "", f"{r['size_bytes'] / r['fp32_size_bytes']:.2f}× fp32 ONNX"
+            ("file MB", fmt_mb(r.get("size_bytes")), "", f"{r['size_bytes'] / r['fp32_size_bytes']:.2f}× fp32"
              if r.get("size_bytes") and r.get("fp32_size_bytes") and q != "fp32" else ""),
         ))
+    if bound:  # a sentence under the table: in a fourth column it wrapped into a tall cell
+        bound = f"decode at {bound}<br>"
     path = f"<br>path: {html.escape(r['quant_path'])}" if r.get("quant_path") else ""
     if r.get("graph"):
         path += f"<br>graph: {html.escape(r['graph'])}" + (f" — {html.escape(r['graph_note'])}"
@@ -165,4 +177,4 @@ def describe(e: dict) -> str:
     if r.get("note"):
         path += f"<br>{html.escape(r['note'])}"
     return (f"{head}<table cellspacing=4><tr><th></th><th align=right>ONNX</th><th align=right>torch</th><th></th></tr>"
-            f"{cells}</table><span style='color:gray'>{html.escape(str(r.get('path') or ''))}{path}</span>")
+            f"{cells}</table>{bound}<span style='color:gray'>{html.escape(str(r.get('path') or ''))}{path}</span>")

@@ -30,7 +30,7 @@ class LossCurve(QWidget):
         if e.get("name") != self.name:
             self.points, self.name = [], str(e.get("name", ""))
         self.points.append((step, value))
-        self.setToolTip(f"{self.name}: step {step}, {value:.4f}")
+        self.setToolTip(f"{self.name}: step {step}, {short(value)}")
         self.setVisible(True)
         self.update()
 
@@ -39,35 +39,46 @@ class LossCurve(QWidget):
         p.setRenderHint(QPainter.Antialiasing)
         pal = self.palette()
         text = pal.color(QPalette.Text)
-        r = QRectF(self.rect()).adjusted(44, 18, -10, -20)
-        p.setPen(QPen(pal.color(QPalette.Mid), 1))
-        p.drawRect(r)
-        title = f"{self.name.replace('_', ' ')}" + (f" — step {self.points[-1][0]}: {self.points[-1][1]:.4f}"
-                                                   if self.points else "")
-        p.setPen(text)
-        p.drawText(QRectF(44, 0, self.width() - 54, 16), Qt.AlignLeft | Qt.AlignVCenter, title)
-        if not self.points:
-            return
-        xs = [s for s, _ in self.points]
+        fm = p.fontMetrics()
+        line = fm.height()
         ys = [v for _, v in self.points]
-        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-        y0, y1 = min(ys), max(ys)
+        y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
         if y1 - y0 < 1e-12:
             y0, y1 = y0 - 0.5, y1 + 0.5
         pad = 0.05 * (y1 - y0)
         y0, y1 = y0 - pad, y1 + pad
+        labels = [short(y1), short(y0)]
+        left = max(fm.horizontalAdvance(t) for t in labels) + 8  # the y labels fit, whatever their size
+        r = QRectF(self.rect()).adjusted(left, line + 2, -10, -(line + 4))
+        p.setPen(QPen(pal.color(QPalette.Mid), 1))
+        p.drawRect(r)
+        title = f"{self.name.replace('_', ' ')}" + (f" — step {self.points[-1][0]}: {short(self.points[-1][1])}"
+                                                   if self.points else "")
+        p.setPen(text)
+        p.drawText(QRectF(left, 0, self.width() - left - 10, line), Qt.AlignLeft | Qt.AlignVCenter, title)
+        if not self.points:
+            return
+        xs = [s for s, _ in self.points]
+        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
 
         def at(s, v):
             return QPointF(r.left() + (s - x0) / (x1 - x0) * r.width(),
                            r.bottom() - (v - y0) / (y1 - y0) * r.height())
 
-        for v, align in ((y1, r.top()), (y0, r.bottom())):
-            p.drawText(QRectF(0, align - 8, 40, 16), Qt.AlignRight | Qt.AlignVCenter, f"{v:.3g}")
-        p.drawText(QRectF(r.left(), r.bottom() + 2, 60, 16), Qt.AlignLeft, str(x0))
-        p.drawText(QRectF(r.right() - 60, r.bottom() + 2, 60, 16), Qt.AlignRight, str(x1))
+        for label, y in zip(labels, (r.top(), r.bottom())):
+            p.drawText(QRectF(0, y - line / 2, left - 4, line), Qt.AlignRight | Qt.AlignVCenter, label)
+        below = QRectF(r.left(), r.bottom() + 2, r.width(), line)
+        p.drawText(below, Qt.AlignLeft, str(x0))
+        p.drawText(below, Qt.AlignHCenter, "step")
+        p.drawText(below, Qt.AlignRight, str(x1))
         path = QPainterPath(at(*self.points[0]))
         for s, v in self.points[1:]:
             path.lineTo(at(s, v))
         p.setPen(QPen(QColor("#1e88e5"), 2))
         p.drawPath(path)
         p.end()
+
+
+def short(v: float) -> str:
+    """A loss value in a few characters: 2.31, 0.0412, 3.9e-06."""
+    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.1e}"

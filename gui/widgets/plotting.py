@@ -17,3 +17,36 @@ def lean_axes(plot: pg.PlotItem, text: str = "#333", line: str = "#888") -> pg.P
         axis.setStyle(maxTickLevel=0)
         axis.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
     return plot
+
+
+PLOT_COLOURS = {False: ("w", "#333", "#888"), True: ("#1e1f22", "#dfe1e5", "#8c8f94")}  # background, text, lines
+
+
+def theme_plot(widget: pg.PlotWidget, dark: bool) -> None:
+    """A plot's background, axes and title in the app's light or dark palette."""
+    background, text, line = PLOT_COLOURS[dark]
+    widget.setBackground(background)
+    pi = widget.getPlotItem()
+    for side in ("left", "bottom"):
+        axis = pi.getAxis(side)
+        axis.setTextPen(text)
+        axis.setPen(line)
+        if axis.label.toPlainText():  # axis titles keep their colour otherwise
+            axis.setLabel(axis.labelText, units=axis.labelUnits, color=text)
+    pi.titleLabel.opts["color"] = text
+    if pi.titleLabel.text:
+        pi.titleLabel.setText(pi.titleLabel.text)
+
+
+def font_plot(widget: pg.PlotWidget, font) -> None:
+    """Ticks, axis titles and the title in `font` (teaching mode's larger fonts reach the plots too)."""
+    pi = widget.getPlotItem()
+    for side in ("left", "bottom"):
+        axis = pi.getAxis(side)
+        axis.setStyle(tickFont=font)
+        axis.label.setFont(font)
+        axis.picture = None  # re-measure the tick labels
+        axis.update()
+    pi.titleLabel.opts["size"] = f"{font.pointSizeF():.0f}pt"
+    if pi.titleLabel.text:
+        pi.titleLabel.setText(pi.titleLabel.text)

@@ -2,14 +2,14 @@
 them (Δ% vs baseline, × smaller, × faster)."""
 from __future__ import annotations
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
+from PySide6.QtCore import QAbstractTableModel, QEvent, QModelIndex, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetrics
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView
 
 from core.results import COLUMNS, cell
 
 MAX_TEXT_COLUMN = 340  # px
-STATUS_COLOURS = {"failed": QColor("#c62828"), "cancelled": QColor("#8d6e63"),
+STATUS_COLOURS = {"failed": QColor("#c62828"), "failed check": QColor("#c62828"), "cancelled": QColor("#8d6e63"),
                   "interrupted": QColor("#ef6c00"), "running": QColor("#1565c0")}
 
 
@@ -34,6 +34,15 @@ class ResultsModel(QAbstractTableModel):
         self._tips: list[str] = []
         self._bold = QFont()
         self._bold.setBold(True)
+
+    def _row_height(self) -> None:
+        self.verticalHeader().setDefaultSectionSize(QFontMetrics(self.font()).height() + 6)
+
+    def changeEvent(self, ev) -> None:
+        super().changeEvent(ev)
+        if ev.type() == QEvent.FontChange:  # teaching mode's larger fonts: rows and columns follow
+            self._row_height()
+            self.fit_columns()
 
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         self.beginResetModel()
@@ -108,12 +117,21 @@ class ResultsTable(QTableView):
         self.setAlternatingRowColors(True)
         self.setWordWrap(False)
         self.verticalHeader().setVisible(False)
-        self.verticalHeader().setDefaultSectionSize(22)
+        self._row_height()
         h = self.horizontalHeader()
         h.setSectionResizeMode(QHeaderView.Interactive)
         h.setStretchLastSection(True)
         self.selectionModel().selectionChanged.connect(self._changed)
         self.doubleClicked.connect(lambda idx: self.opened.emit(self.results.rows[idx.row()]["id"]))
+
+    def _row_height(self) -> None:
+        self.verticalHeader().setDefaultSectionSize(QFontMetrics(self.font()).height() + 6)
+
+    def changeEvent(self, ev) -> None:
+        super().changeEvent(ev)
+        if ev.type() == QEvent.FontChange:  # teaching mode's larger fonts: rows and columns follow
+            self._row_height()
+            self.fit_columns()
 
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         keep = self.selected_id()

@@ -17,8 +17,10 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, Q
 from core.errors import SqueezeError
 from core.mixed_precision import allocate, size_range, summary
 from core.sensitivity import module_path
+from gui.widgets.plotting import lean_axes, theme_plot
 
 SETTINGS = {"rtn": ("bits", 2, 8, 1, 4, 0), "magnitude_prune": ("sparsity", 0.05, 0.95, 0.05, 0.5, 2)}
+SUFFIX = {"bits": " bits", "sparsity": " sparsity"}
 
 
 class SensitivityView(QWidget):
@@ -45,11 +47,19 @@ class SensitivityView(QWidget):
         self.button = QPushButton("Scan every layer")
         self.button.clicked.connect(lambda: self.scan.emit(self.technique.currentData(), self.setting.value(),
                                                            self.tokens.value()))
-        for w in (QLabel("technique"), self.technique, QLabel("setting"), self.setting, self.tokens, self.button):
+        for w in (QLabel("technique"), self.technique, QLabel("setting"), self.setting):
             top.addWidget(w)
         top.addStretch(1)
         lay.addLayout(top)
+        second = QHBoxLayout()  # two rows: one row set the whole window's minimum width
+        second.addWidget(self.tokens)
+        second.addWidget(self.button)
+        second.addStretch(1)
+        lay.addLayout(second)
         self.plot = pg.PlotWidget(background="w")
+        lean_axes(self.plot.getPlotItem())
+        self.plot.getPlotItem().hideAxis("left")  # shown with the first map (empty, they read ±0.5)
+        self.plot.getPlotItem().hideAxis("bottom")
         self.plot.setMouseEnabled(False, False)
         self.plot.getPlotItem().setMenuEnabled(False)
         self.image = pg.ImageItem()
@@ -88,8 +98,12 @@ class SensitivityView(QWidget):
         self._mixed_enabled(False)
         self._setting_range()
 
+    def set_dark(self, dark: bool) -> None:
+        theme_plot(self.plot, dark)
+
     def _setting_range(self, *_) -> None:
-        _, lo, hi, step, default, decimals = SETTINGS[self.technique.currentData()]
+        what, lo, hi, step, default, decimals = SETTINGS[self.technique.currentData()]
+        self.setting.setSuffix(SUFFIX[what])
         self.setting.setDecimals(decimals)
         self.setting.setRange(lo, hi)
         self.setting.setSingleStep(step)
@@ -103,18 +117,22 @@ class SensitivityView(QWidget):
         self.image.setImage(d.T, levels=(0, hi))            # x = module, y = layer
         self.image.setColorMap(pg.colormap.get("inferno"))
         pi = self.plot.getPlotItem()
+        for side in ("left", "bottom"):
+            pi.showAxis(side)
         pi.getAxis("bottom").setTicks([[(k + 0.5, m.replace("_proj", "")) for k, m in enumerate(r["modules"])]])
         pi.getAxis("left").setTicks([[(i + 0.5, str(i)) for i in range(0, r["layers"], max(1, r["layers"] // 10))]])
         pi.setLabel("left", "layer")
-        pi.setTitle(f"Δ perplexity % — {r['technique']} {r['setting']:g} on one Linear at a time "
-                    f"(base {r['base_ppl']:.3g}, {r['tokens']:,} tokens, {r.get('precision', 'fp32')}, "
-                    f"{r['seconds']:.0f} s)")
+        pi.setTitle(f"Δ perplexity % — {r['technique']} {r['setting']:g}, one Linear at a time")
+        # the whole map, every module column: auto-range left the last column outside the view
+        pi.setRange(xRange=(0, len(r["modules"])), yRange=(0, r["layers"]), padding=0)
         self.bar.setLevels((0, hi))
         self._offer_mixed(r)
         worst = np.unravel_index(np.nanargmax(d), d.shape) if finite.size else None
         if worst is not None:
             self.hint.setText(f"Most sensitive: layer {worst[0]} {r['modules'][worst[1]]} "
-                              f"(+{d[worst]:.2f} %). Click a cell to keep that Linear out of the recipe.")
+                              f"(+{d[worst]:.2f} %). Click a cell to keep that Linear out of the recipe. "
+                              f"Base perplexity {r['base_ppl']:.3g} on {r['tokens']:,} tokens, "
+                              f"{r.get('precision', 'fp32')}, scanned in {r['seconds']:.0f} s.")
 
     # -- mixed precision ---------------------------------------------------------------------------
     def _mixed_enabled(self, on: bool) -> None:

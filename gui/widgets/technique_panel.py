@@ -3,7 +3,7 @@ code here. One group per technique (its checkbox includes it in the recipe); the
 steps follow the panel's order."""
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QSlider, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
@@ -127,6 +127,17 @@ class FieldEditor(QWidget):
             self.line.setText(str(v))
 
 
+class ReadableLabel(QLabel):
+    """A label that stays enabled inside an unticked checkable group box (which disables its children
+    whenever it is unticked or gains one): disabled text is too faint to read (~1.7:1), and a
+    technique's summary is what a learner reads before ticking it."""
+
+    def changeEvent(self, ev) -> None:
+        super().changeEvent(ev)
+        if ev.type() == QEvent.EnabledChange and not self.isEnabled():
+            self.setEnabled(True)
+
+
 class TechniqueGroup(QGroupBox):
     """A technique: checkable title (include it), its summary, one editor per field."""
 
@@ -137,9 +148,8 @@ class TechniqueGroup(QGroupBox):
         self.setChecked(False)
         self.setToolTip(technique.summary)
         lay = QVBoxLayout(self)
-        summary = QLabel(technique.summary)
+        summary = self.summary = ReadableLabel(technique.summary)
         summary.setWordWrap(True)
-        summary.setStyleSheet("color: palette(mid);")
         lay.addWidget(summary)
         self.body = QWidget()  # the sliders: shown while the technique is ticked
         form = QFormLayout(self.body)

@@ -11,10 +11,11 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QButtonGroup, QHBoxLayout, QLabel, QRadioButton, QVBoxLayout, QWidget
 
 from core.results import trade_off
-from gui.widgets.plotting import lean_axes
+from gui.widgets.plotting import lean_axes, theme_plot
 
 X_TITLES = {"size": "size on disk (MB) — smaller is better", "decode": "decode tokens/s — more is better"}
 RUN_BRUSH, BASE_BRUSH, FRONT_PEN = pg.mkBrush("#1e88e5"), pg.mkBrush("#fb8c00"), pg.mkPen("#43a047", width=2)
+EXPORT_BRUSH = pg.mkBrush("#8e24aa")  # ONNX exports: onnxruntime's speed, not on the (torch) front
 
 
 class PlainLogAxis(pg.AxisItem):
@@ -52,8 +53,11 @@ class TradeoffPlot(QWidget):
         bar.addStretch(1)
         self.legend_label = QLabel(
             "<span style='color:#fb8c00'>★</span> baseline &nbsp; <span style='color:#1e88e5'>●</span> run"
+            " &nbsp; <span style='color:#8e24aa'>◆</span> ONNX export"
             " &nbsp; <span style='color:#43a047'>━</span> Pareto front")
-        bar.addWidget(self.legend_label)
+        self.legend_label.setToolTip("ONNX exports are measured in onnxruntime: their decode speed is not torch's, "
+                                     "so they are drawn apart and left off the Pareto front of the runs")
+        self.legend_label.setWordWrap(True)
         lay.addLayout(bar)
 
         self.view = pg.PlotWidget(background="w", axisItems={"left": PlainLogAxis("left")})
@@ -77,14 +81,12 @@ class TradeoffPlot(QWidget):
         self.empty_text.setPos(0.5, 0.5)
         pi.addItem(self.empty_text, ignoreBounds=True)
         lay.addWidget(self.view, 1)
+        lay.addWidget(self.legend_label)  # under the plot: beside the axis switch it set the panel's minimum width
         self._redraw()
 
     def set_dark(self, dark: bool) -> None:
         """Plot colours for the app's light or dark palette."""
-        self.view.setBackground("#1e1f22" if dark else "w")
-        pi = self.view.getPlotItem()
-        for side in ("left", "bottom"):
-            pi.getAxis(side).setTextPen("#dfe1e5" if dark else "#333")
+        theme_plot(self.view, dark)
 
     def set_rows(self, rows: list[dict], eval_key: str | None) -> None:
         """Table rows (core.results.table_rows); only runs of `eval_key` are comparable."""
@@ -124,9 +126,9 @@ class TradeoffPlot(QWidget):
         pi.setLogMode(y=self.log_y)
         self.scatter.setData(
             [p["x"] for p in pts], ys, data=[p["id"] for p in pts],
-            symbol=["star" if p["baseline"] else "o" for p in pts],
-            symbolSize=[18 if p["baseline"] else 11 for p in pts],
-            symbolBrush=[BASE_BRUSH if p["baseline"] else RUN_BRUSH for p in pts],
+            symbol=["star" if p["baseline"] else "d" if p["export"] else "o" for p in pts],
+            symbolSize=[18 if p["baseline"] else 13 if p["export"] else 11 for p in pts],
+            symbolBrush=[BASE_BRUSH if p["baseline"] else EXPORT_BRUSH if p["export"] else RUN_BRUSH for p in pts],
             symbolPen=[pg.mkPen("w") for _ in pts])
         by_id = {p["id"]: p for p in pts}
         self.front_line.setData([by_id[i]["x"] for i in self.front], [by_id[i]["y"] for i in self.front])
@@ -134,7 +136,11 @@ class TradeoffPlot(QWidget):
                                 f"no runs under these eval settings ({others} under others, greyed in the table)")
         self.empty_text.setVisible(not pts)
         self._draw_ring()
-        pi.enableAutoRange()
+        if pts:
+            pi.enableAutoRange()
+        else:  # the hint sits at (0.5, 0.5): show that square, not the range the last points left
+            pi.disableAutoRange()
+            pi.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)
 
     def _draw_ring(self) -> None:
         p = self.point_of(self.selected)

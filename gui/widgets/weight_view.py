@@ -9,7 +9,11 @@ import pyqtgraph as pg
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from gui.widgets.plotting import lean_axes
+from gui.widgets.plotting import lean_axes, theme_plot
+
+
+EMPTY_NOTE = ("Pick a finished run and press <b>Load weights</b>: its weights beside the base model's, the "
+              "integer codes a quantized Linear uses, and bits per weight and zeros per Linear.")
 
 
 class WeightView(QWidget):
@@ -36,9 +40,12 @@ class WeightView(QWidget):
         # auto-range repainting each plot a second time, cost ~60 ms of GUI thread on a slow CPU)
         self.hist = pg.PlotWidget(background="w", title="weights: before (grey) / after (blue)")
         self.codes = pg.PlotWidget(background="w", title="integer codes used")
-        self.per_layer = pg.PlotWidget(background="w", title="per layer: bits per weight (blue), sparsity % (orange)")
-        for p in (self.hist, self.codes, self.per_layer):
+        self.per_layer = pg.PlotWidget(background="w", title="per Linear: bits per weight (blue), zeros % (orange)")
+        for p, x, y in ((self.hist, "weight value", "count"), (self.codes, "code", "count"),
+                        (self.per_layer, "decoder layer", "bits  ·  %")):
             lean_axes(p.getPlotItem())
+            p.setLabel("bottom", x)
+            p.setLabel("left", y)
             p.disableAutoRange()
         self.before = pg.PlotDataItem(stepMode="center", fillLevel=0, brush=(150, 150, 150, 120), pen="#888")
         self.after = pg.PlotDataItem(stepMode="center", pen=pg.mkPen("#1e88e5", width=2))
@@ -53,7 +60,8 @@ class WeightView(QWidget):
         plots.addWidget(self.codes, 2)
         lay.addLayout(plots, 3)
         lay.addWidget(self.per_layer, 2)
-        self.note = QLabel()
+        self.note = QLabel(EMPTY_NOTE)
+        self.note.setWordWrap(True)
         lay.addWidget(self.note)
         self.result: dict | None = None
 
@@ -73,6 +81,10 @@ class WeightView(QWidget):
         self.run.blockSignals(False)
         self.button.setEnabled(self.run.count() > 0)
 
+    def set_dark(self, dark: bool) -> None:
+        for p in (self.hist, self.codes, self.per_layer):
+            theme_plot(p, dark)
+
     def show_result(self, r: dict) -> None:
         self.result = r
         self.layer.blockSignals(True)
@@ -90,8 +102,7 @@ class WeightView(QWidget):
         sparsity = [100 * (lay["sparsity_after"] or 0) for lay in layers]
         self.bit_bars.setOpts(x=x - 0.2, height=bits)
         self.sparsity_bars.setOpts(x=x + 0.2, height=sparsity)
-        self.per_layer.getAxis("bottom").setTicks(
-            [[(i, lay["name"].split(".layers.")[-1]) for i, lay in enumerate(layers)][::7]])
+        self.per_layer.getAxis("bottom").setTicks([block_ticks([lay["name"] for lay in layers])])
         self.per_layer.setRange(xRange=(-0.6, len(layers) - 0.4), yRange=(0, max(bits + sparsity + [1]) * 1.05),
                                 padding=0)
 
@@ -112,3 +123,17 @@ class WeightView(QWidget):
         sp = "" if lay["sparsity_after"] is None else f", {lay['sparsity_after'] * 100:.1f} % zeros"
         self.note.setText(f"{lay['name']}: {lay['shape_before'][0]}×{lay['shape_before'][1]}, {bits}{sp}"
                           + ("" if lay.get("codes") else " (no packed integer codes: float or pruned weights)"))
+
+
+def block_ticks(names: list[str], most: int = 16) -> list[tuple[int, str]]:
+    """Ticks at the first Linear of each decoder layer ("model.layers.3.mlp.up_proj" -> 3), thinned to
+    at most `most` labels; Linears outside the layers (the LM head) get their own name."""
+    firsts, seen = [], set()
+    for i, name in enumerate(names):
+        parts = name.split(".layers.")
+        label = parts[1].split(".")[0] if len(parts) > 1 else name.split(".")[-1]
+        if label not in seen:
+            seen.add(label)
+            firsts.append((i, label))
+    step = max(1, -(-len(firsts) // most))
+    return firsts[::step]
