@@ -52,9 +52,7 @@ def _eval_settings(a) -> dict:
         v = getattr(a, k, None)
         if v is not None:
             d[k] = str(Path(v).expanduser().resolve()) if k == "text" else v
-    for k in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
-        if d[k] < 1:
-            raise SqueezeError(f"--{k.replace('_', '-')} must be at least 1")
+    EvalSettings(**d).check()
     return d
 
 
@@ -145,6 +143,8 @@ def cmd_generate(a) -> int:
     """Greedy continuation, exactly as the export's parity check and generate.py compute it."""
     from .evaluate import greedy
     from .variant import MANIFEST, load_variant
+    if a.new_tokens < 1:
+        raise SqueezeError(f"--new-tokens must be at least 1; got {a.new_tokens}")
     if Path(a.model, MANIFEST).is_file():
         model, tok = load_variant(Path(a.model))
     else:
@@ -160,9 +160,16 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def cmd_runs(a) -> int:
+def _ledger():
+    """The ledger, with the rows of squeeze / app processes that died mid-job marked interrupted."""
     from .ledger import Ledger
-    rows = Ledger().rows(a.model)
+    ledger = Ledger()
+    ledger.mark_interrupted(known_pid_only=True)
+    return ledger
+
+
+def cmd_runs(a) -> int:
+    rows = _ledger().rows(a.model)
     if a.json:
         _print_json(rows)
     else:
@@ -174,9 +181,8 @@ def cmd_runs(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .ledger import Ledger
     from .report import write
-    runs = Ledger().rows(a.model)
+    runs = _ledger().rows(a.model)
     if not runs:
         raise SqueezeError("the ledger has no runs" + (f" of {a.model}" if a.model else "") + "; run something first")
     out = write(Path(a.out).expanduser(), runs)
@@ -188,19 +194,35 @@ def cmd_sensitivity(a) -> int:
     """The sensitivity map (Δ ppl per layer × module), and with --budget-mb the mixed-precision
     recipe it implies; --save / --load keep a scan so budgets can be tried without re-scanning."""
     from .jobs.spec import JobSpec
+    from .sensitivity import check_setting
+    # every option checked before a scan of minutes starts, not after it
+    if a.budget_mb is not None and not a.budget_mb > 0:
+        raise SqueezeError(f"--budget-mb must be a size in MB above 0; got {a.budget_mb:g}")
+    if a.recipe_out:
+        if a.budget_mb is None:
+            raise SqueezeError("--recipe-out writes the mixed-precision recipe of a size budget: add --budget-mb")
+        if Path(a.recipe_out).suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise SqueezeError(f"--recipe-out must end in .yaml, .yml or .json: {a.recipe_out}")
+        _writable(a.recipe_out, "--recipe-out")
     if a.load:
         try:
             scan = json.loads(Path(a.load).expanduser().read_text(encoding="utf-8"))
-            scan["delta_pct"], scan["modules"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            missing = [k for k in SCAN_KEYS if k not in scan]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+        except (OSError, ValueError, TypeError) as e:
             raise SqueezeError(f"cannot read the scan {a.load}: {e}; write one with --save") from None
     else:
+        check_setting(a.technique, a.setting, a.group_size)
+        if a.save:
+            _writable(a.save, "--save")
         spec = JobSpec(model=a.model, kind="sensitivity", eval=_eval_settings(a),
                        compare={"technique": a.technique, "setting": a.setting, "group_size": a.group_size,
                                 "precision": a.precision})
         scan = _run(spec, a.quiet)
         if a.save:
-            Path(a.save).expanduser().write_text(json.dumps(scan), encoding="utf-8")
+            from .report import write_atomic
+            write_atomic(Path(a.save).expanduser(), json.dumps(scan))
     out = {"scan": scan}
     if a.budget_mb is not None:
         from .mixed_precision import allocate, summary
@@ -225,14 +247,31 @@ def cmd_sensitivity(a) -> int:
     return 0
 
 
+SCAN_KEYS = ("technique", "setting", "base_ppl", "tokens", "layers", "modules", "delta_pct")
+
+
+def _writable(path: str, option: str) -> None:
+    """A file the command will write: not a folder, in a folder that exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise SqueezeError(f"{option} {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        why = "is a file, not a folder" if p.parent.exists() else "does not exist"
+        raise SqueezeError(f"{option} {path}: {p.parent} {why}")
+
+
 def cmd_recipe(a) -> int:
     from . import recipe as rc
     r = rc.load(a.file)
+    r.check_files()
     if a.json:
         _print_json(r.to_dict())
     else:
         print(f"ok: {r.label()}")
     return 0
+
+
+MODEL_HELP = "bundled:smollm2-135m, a model folder, a .gguf file or a cached hub id"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -245,17 +284,25 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--fresh", action="store_true",
                         help="apply every step of the recipe, even where a saved variant already holds its first steps")
 
-    def common(sp, evals=True):
+    from .evaluate import EvalSettings
+    d = EvalSettings()
+
+    def common(sp, evals=True, recipe=True, decode=True):
+        """--json everywhere; for jobs (evals) -q and the evaluation settings, with their defaults."""
         sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        if not evals:
+            return
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-        if evals:
+        if recipe:
             sp.add_argument("--recipe", help="recipe file (.yaml, .yml or .json)")
-            sp.add_argument("--text", help="evaluation text file (default: the shipped WikiText-2 slice)")
-            sp.add_argument("--max-tokens", type=int, help="tokens of the text to score")
-            sp.add_argument("--context", type=int, help="window length in tokens")
-            sp.add_argument("--prompt-tokens", type=int, help="decode benchmark: prompt length")
-            sp.add_argument("--new-tokens", type=int, help="decode benchmark: tokens generated")
-            sp.add_argument("--repeats", type=int, help="decode benchmark: timed repeats (median)")
+        sp.add_argument("--text", help="evaluation text file (default: the shipped WikiText-2 slice)")
+        sp.add_argument("--max-tokens", type=int, help=f"tokens of the text to score (default {d.max_tokens})")
+        sp.add_argument("--context", type=int, help=f"window length in tokens (default {d.context})")
+        if decode:
+            sp.add_argument("--prompt-tokens", type=int,
+                            help=f"decode benchmark: prompt length (default {d.prompt_tokens})")
+            sp.add_argument("--new-tokens", type=int, help=f"decode benchmark: tokens generated (default {d.new_tokens})")
+            sp.add_argument("--repeats", type=int, help=f"decode benchmark: timed repeats, median (default {d.repeats})")
 
     sp = sub.add_parser("models", help="known models")
     common(sp, evals=False)
@@ -264,15 +311,18 @@ def parser() -> argparse.ArgumentParser:
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_techniques)
     sp = sub.add_parser("eval", help="apply a recipe (optional) and measure")
-    sp.add_argument("model", help="bundled:smollm2-135m, a model folder, a .gguf file or a cached hub id")
+    sp.add_argument("model", help=MODEL_HELP)
     common(sp)
     fresh(sp)
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("export", help="export to ONNX and verify the exported file")
-    sp.add_argument("model")
-    sp.add_argument("--format", default="onnx")
-    sp.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    sp.add_argument("--opset", type=int, default=None)
+    sp.add_argument("model", help=MODEL_HELP)
+    sp.add_argument("--format", default="onnx", help="onnx (the only format)")
+    sp.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="int8: 8-bit weights (MatMulNBits); int4: 4-bit from the variant's gptq / awq / rtn codes; "
+                         "default: fp32, lossless")
+    sp.add_argument("--opset", type=int, choices=[14, 17, 18], default=None,
+                    help="ONNX opset (default: 17 for the fused graph, optimum-onnx's choice for the portable one)")
     sp.add_argument("--graph", choices=["fused", "portable"], default="fused",
                     help="fused: onnxruntime's fused attention and norm ops, fastest in onnxruntime (Llama "
                          "models; others fall back to portable); portable: standard ONNX ops only (optimum-onnx), "
@@ -282,9 +332,9 @@ def parser() -> argparse.ArgumentParser:
     fresh(sp)
     sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("generate", help="greedy continuation of a prompt (a model id or a saved variant folder)")
-    sp.add_argument("model")
-    sp.add_argument("prompt")
-    sp.add_argument("--new-tokens", type=int, default=40)
+    sp.add_argument("model", help=MODEL_HELP + ", or a saved variant folder")
+    sp.add_argument("prompt", help="the text to continue")
+    sp.add_argument("--new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_generate)
     sp = sub.add_parser("report", help="the study as one offline HTML file (or the ledger as .csv / .json)")
@@ -292,11 +342,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="only this model's runs")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("runs", help="the ledger's rows")
-    sp.add_argument("--model")
+    sp.add_argument("--model", help="only this model's runs")
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_runs)
     sp = sub.add_parser("sensitivity", help="Δ perplexity per layer × module; --budget-mb: a mixed-precision recipe")
-    sp.add_argument("model")
+    sp.add_argument("model", help=MODEL_HELP + " (ignored with --load)")
     sp.add_argument("--technique", choices=["rtn", "magnitude_prune"], default="rtn")
     sp.add_argument("--setting", type=float, default=4, help="bits (rtn) or sparsity (magnitude_prune)")
     sp.add_argument("--group-size", type=int, default=64)
@@ -305,8 +355,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--save", metavar="SCAN.json", help="keep the scan")
     sp.add_argument("--load", metavar="SCAN.json", help="use a kept scan instead of scanning")
     sp.add_argument("--budget-mb", type=float, help="size budget: which Linears keep 8 bits (rtn scans)")
-    sp.add_argument("--recipe-out", metavar="FILE.yaml", help="write the mixed-precision recipe")
-    common(sp)
+    sp.add_argument("--recipe-out", metavar="FILE.yaml", help="write the mixed-precision recipe (needs --budget-mb)")
+    common(sp, recipe=False, decode=False)
     sp.set_defaults(fn=cmd_sensitivity)
     sp = sub.add_parser("recipe", help="check a recipe file")
     sp.add_argument("file")
@@ -315,8 +365,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout, a closed terminal) unwinds like Ctrl-C: the ledger row is closed
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
     a = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return a.fn(a)
     except SqueezeError as e:

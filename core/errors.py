@@ -29,6 +29,11 @@ class DataError(SqueezeError):
     kind = "data"
 
 
+class LedgerError(SqueezeError):
+    """The run ledger cannot be opened (a damaged file, a data folder that is not a folder)."""
+    kind = "ledger"
+
+
 class ExportError(SqueezeError):
     kind = "export"
 

@@ -46,6 +46,20 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> "EvalSettings":
+        """One line for settings no evaluation can run with, before any model loads."""
+        for k in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
+            if getattr(self, k) < 1:
+                raise DataError(f"{k.replace('_', ' ')} must be at least 1; got {getattr(self, k)}")
+        check_window(self.max_tokens, self.context)
+        return self
+
+
+def check_window(max_tokens: int, context: int) -> None:
+    if max_tokens < context:  # (the text may well be long enough: the cut is what is short)
+        raise DataError(f"max tokens {max_tokens} is less than one window of context {context}: lower the "
+                        f"context or score more tokens")
+
 
 def text_digest(p: Path) -> str:
     try:
@@ -83,6 +97,7 @@ def token_windows(tokenizer, text_file: Path, max_tokens: int, context: int):
     text = read_text(text_file)
     if not text.strip():
         raise DataError(f"the text file {text_file} is empty; pick a text with at least {context} tokens")
+    check_window(max_tokens, context)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < context:
         raise DataError(f"the text in {text_file.name} has {len(ids)} tokens, fewer than the context of "

@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 
 from . import paths
+from .errors import LedgerError
 
 MIGRATIONS = [
     # 1: the runs table
@@ -38,15 +39,20 @@ STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
 
 class Ledger:
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else paths.ledger_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-                with db:
-                    db.executescript(sql)
-                    db.execute(f"PRAGMA user_version={i}")
+        try:
+            self.path = Path(path) if path else paths.ledger_path()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                    with db:
+                        db.executescript(sql)
+                        db.execute(f"PRAGMA user_version={i}")
+        except (OSError, sqlite3.Error) as e:  # a damaged file, or a data folder that is a file
+            where = self.path if hasattr(self, "path") else "the data folder"
+            raise LedgerError(f"cannot open the run ledger at {where}: {e}. Move the file aside (the app starts a new "
+                              "ledger) or point SQUEEZE_HOME at a writable folder") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -101,12 +107,15 @@ class Ledger:
                            (model, eval_key, json.dumps({"steps": []}))).fetchone()
         return _row(r) if r else None
 
-    def mark_interrupted(self) -> int:
-        """Runs left 'running' by a process that is gone (app closed or crashed mid-job)."""
+    def mark_interrupted(self, known_pid_only: bool = False) -> int:
+        """Runs left 'running' by a process that is gone (app closed or crashed mid-job).
+        `known_pid_only`: leave rows without a pid alone (another app may be starting that job's worker)."""
         import psutil
         n = 0
         for r in self.rows():
-            if r["status"] == "running" and not (r["pid"] and psutil.pid_exists(r["pid"])):
+            if r["status"] != "running" or (known_pid_only and not r["pid"]):
+                continue
+            if not (r["pid"] and psutil.pid_exists(r["pid"])):
                 self.finish(r["id"], "interrupted", error="the app stopped while this job ran")
                 n += 1
         return n

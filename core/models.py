@@ -189,6 +189,9 @@ def _converted(gguf: Path, key: str, convert: bool) -> Path:
 
 # ---------------------------------------------------------------- loading
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load(model_id: str, allow_pickle: bool = False):
     """(model, tokenizer, folder): float32, eval mode, on the CPU."""
     d = resolve(model_id, allow_pickle)
@@ -198,6 +201,14 @@ def load(model_id: str, allow_pickle: bool = False):
         return model, tok, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):  # (transformers' own message names no file)
+        raise ModelError(f"{d} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
+                         "model it came from into the folder")
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelError(f"{d} holds a {archs[0]}, not a text-generating model: the app compresses causal "
+                         "language models (…ForCausalLM)")
     try:
         tok = AutoTokenizer.from_pretrained(d)
         model = AutoModelForCausalLM.from_pretrained(

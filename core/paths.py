@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 APP = "squeeze-studio"
@@ -56,3 +57,31 @@ def default_eval_text() -> Path:
 
 def default_calib_text() -> Path:
     return resources_dir() / "data" / "calib.txt"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Whole or nothing: a half-written report or recipe never replaces a good one. Each way it can
+    fail is one SqueezeError line naming the path."""
+    from .errors import SqueezeError
+    path = Path(path)
+    if path.is_dir():
+        raise SqueezeError(f"{path} is a folder; give a file name")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SqueezeError(f"cannot write {path}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise SqueezeError(f"cannot write {path}: {e.strerror or e}; pick a folder you can write to") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600): a report is for sharing
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SqueezeError(f"cannot write {path}: {e.strerror or e}; pick a folder you can write to") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

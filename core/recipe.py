@@ -67,9 +67,20 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
-        path.write_text(text, encoding="utf-8")
+        from .paths import write_atomic
+        path = Path(path).expanduser()
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):  # what load() would refuse
+            raise RecipeError(f"a recipe file must end in .yaml, .yml or .json: {path.name}")
+        write_atomic(path, self.to_json() if path.suffix.lower() == ".json" else self.to_yaml())
+
+    def check_files(self) -> None:
+        """Files the steps name (calibration texts) exist: a typo fails here, not after the model loaded."""
+        for i, s in enumerate(self.steps):
+            for f in s.technique.fields():
+                v = getattr(s.config, f["name"])
+                if f.get("unit") == "file" and v and not Path(v).expanduser().is_file():
+                    raise RecipeError(f"{s.name}.{f['name']}: no file at {v}; give a text file, or leave it empty "
+                                      "for the shipped slice", field=f["name"], step=i)
 
     @property
     def packs(self) -> bool:

@@ -9,11 +9,10 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from .paths import write_atomic
 from .results import COLUMNS, cell, fmt_eval, table_rows, trade_off
 
 W, H, PAD = 640, 380, 56
@@ -126,20 +125,6 @@ def ledger_csv(runs: list[dict]) -> str:
     for r in rows:
         w.writerow([r.get(k) for k in keys] + [json.dumps(r["recipe"]), json.dumps(r["eval"])])
     return buf.getvalue()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Whole or nothing: a half-written report never replaces a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write(path: Path, runs: list[dict]) -> Path:

@@ -20,6 +20,22 @@ def module_path(layer: int, module: str) -> str:
     return f"layers.{layer}.{PARENT[module]}.{module}"
 
 
+def check_setting(technique: str, setting, group_size: int = 64) -> None:
+    """One clear line for a scan the engine cannot run, before any model loads."""
+    from .errors import SqueezeError
+    from .techniques.quantization import GROUP_CHOICES
+    if technique not in TECHNIQUES:
+        raise SqueezeError(f"no sensitivity scan for {technique}; use one of {', '.join(TECHNIQUES)}")
+    if technique == "rtn" and not (float(setting).is_integer() and 2 <= setting <= 8):
+        raise SqueezeError(f"an rtn scan's setting is its bits, a whole number from 2 to 8; got {setting:g}")
+    if technique == "magnitude_prune" and not 0 <= setting < 1:
+        raise SqueezeError(f"a magnitude_prune scan's setting is its sparsity, from 0 to below 1 (e.g. 0.5); "
+                           f"got {setting:g}")
+    if technique == "rtn" and group_size not in GROUP_CHOICES:
+        raise SqueezeError(f"group size {group_size} is not one of {', '.join(map(str, GROUP_CHOICES))} "
+                           "(0 = per channel)")
+
+
 def perturb(w, technique: str, setting: float, group_size: int = 64):
     """The weight (out, in) as the technique leaves it, for one Linear alone."""
     import torch

@@ -51,6 +51,14 @@ def save_variant(model, tokenizer, packed: dict[str, QTensor], runtime: list[str
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _write(model, tokenizer, packed, runtime, out, tmp, meta, save_file)
+    except BaseException:  # Ctrl-C, a full disk: no half-written folder left behind (job ids never repeat)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(model, tokenizer, packed, runtime, out: Path, tmp: Path, meta: dict, save_file) -> dict:
     params = _unique_params(model)
     # drop the dense copies of packed weights, and anything tied to them (embedding <-> lm_head)
     packed_ptrs = {params[n].untyped_storage().data_ptr() for n in packed if n in params}

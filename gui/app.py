@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         return 0
     try:
         shot = check_png(args.screenshot) if args.screenshot else None
-        from PySide6.QtWidgets import QApplication
+        from PySide6.QtWidgets import QApplication, QMessageBox
 
         from core.models import DEFAULT_MODEL
 
@@ -188,6 +188,9 @@ def main(argv=None) -> int:
         return app.exec()
     except (SqueezeError, ValueError, OSError) as e:
         print(f"squeeze-studio: {e}", file=sys.stderr)
+        if not args.screenshot and "QApplication" in locals() and QApplication.instance() is not None:
+            # started from an icon, there is no terminal to read the line above
+            QMessageBox.critical(None, APP_NAME, f"Squeeze Studio cannot start:\n\n{e}")
         return 1
 
 

@@ -449,10 +449,12 @@ class MainWindow(QMainWindow):
             path, _ = QFileDialog.getSaveFileName(self, "Save recipe", "recipe.yaml", "Recipes (*.yaml *.yml *.json)")
             if not path:
                 return
+        if not Path(path).suffix:  # a name typed without one: YAML, as the dialog offers first
+            path += ".yaml"
         try:
             r.save(path)
-        except OSError as e:
-            self.say(f"cannot save {path}: {e.strerror or e}", error=True)
+        except SqueezeError as e:
+            self.say(str(e), error=True)
             return
         self.say(f"Saved {Path(path).name}.")
 

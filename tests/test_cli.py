@@ -50,11 +50,18 @@ def test_eval_prints_one_json_object_with_the_promised_keys_and_records_a_run(ti
     (["eval", "{truncated}"], "truncated"),
     (["eval", "{pickled}"], "pickle"),
     (["recipe", "{tmp}/broken.json"], "not valid JSON"),
+    (["recipe", "{tmp}/typo.yaml"], "not valid YAML at line 3, column 4"),
+    (["eval", "{notok}"], "has no tokenizer"),
+    (["eval", "{tiny}", "--max-tokens", "64", "--context", "128"], "less than one window of context 128"),
+    (["sensitivity", "{tiny}", "--setting", "99"], "a whole number from 2 to 8"),
+    (["sensitivity", "{tiny}", "--load", "{tmp}/broken.json"], "cannot read the scan"),
+    (["sensitivity", "{tiny}", "--budget-mb", "5", "--recipe-out", "{tmp}/mp.txt"], "must end in .yaml"),
 ])
 def test_bad_input_gives_one_line_and_no_traceback(args, words, tiny_model, tmp_path, home):
     import shutil
     (tmp_path / "bad.yaml").write_text("steps:\n  - technique: rtn\n    bits: 11\n")
     (tmp_path / "broken.json").write_text('{"steps": [')
+    (tmp_path / "typo.yaml").write_text("steps:\n  - technique: rtn\n   bits: 4\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Just a few words.")
     trunc = tmp_path / "truncated"
@@ -65,7 +72,10 @@ def test_bad_input_gives_one_line_and_no_traceback(args, words, tiny_model, tmp_
     pick.mkdir()
     shutil.copy(Path(tiny_model) / "config.json", pick)
     (pick / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    subs = {"{tmp}": str(tmp_path), "{tiny}": tiny_model, "{truncated}": str(trunc), "{pickled}": str(pick)}
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_model, notok, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    subs = {"{tmp}": str(tmp_path), "{tiny}": tiny_model, "{truncated}": str(trunc), "{pickled}": str(pick),
+            "{notok}": str(notok)}
     argv = []
     for a in args:
         for k, v in subs.items():
@@ -78,3 +88,59 @@ def test_bad_input_gives_one_line_and_no_traceback(args, words, tiny_model, tmp_
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not list((home / "workspace").glob("variants/*"))
+
+
+def test_a_report_or_a_ledger_that_cannot_be_written_or_read_gets_one_line(tmp_path, home):
+    (tmp_path / "afile").write_text("x")
+    ledger = home / "data" / "ledger.sqlite"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    from core.ledger import Ledger
+    from core.jobs.spec import JobSpec
+    Ledger(ledger).start(JobSpec("m"))  # one row, so the report has something to write
+    for out, words in ((tmp_path / "afile" / "study.html", "afile is a file, not a folder"),
+                       (tmp_path, "use .html, .csv or .json")):
+        p = squeeze("report", out, check=False)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+    ok = tmp_path / "study.html"
+    squeeze("report", ok)
+    assert ok.stat().st_mode & 0o044 == 0o044  # readable by others: a report is for sharing
+    ledger.write_bytes(b"not a database" * 100)
+    p = squeeze("runs", check=False)
+    assert p.returncode == 2 and "cannot open the run ledger" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_job_stopped_by_ctrl_c_or_a_signal_closes_its_ledger_row_and_leaves_no_temp_folder(tiny_model, short_text,
+                                                                                             home):
+    import signal
+    import time
+    rec = Path(home) / "r.yaml"
+    rec.write_text("steps:\n  - technique: rtn\n    bits: 4\n")
+    p = subprocess.Popen([*SQUEEZE, "eval", tiny_model, "--recipe", str(rec), "--text", short_text, "--max-tokens",
+                          "256", "--context", "64", "--new-tokens", "4", "--repeats", "1000"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    from core.ledger import Ledger
+    while time.monotonic() < deadline and not any(r["status"] == "running" for r in Ledger().rows()):
+        time.sleep(0.2)
+    time.sleep(2)  # inside the job (1,000 timed decode repeats)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    rows = Ledger().rows()
+    assert len(rows) == 1 and rows[0]["status"] == "cancelled" and "stopped" in rows[0]["error"]
+    assert not list((Path(home) / "workspace").glob("variants/*.tmp"))
+
+
+def test_a_variant_write_that_is_interrupted_leaves_no_half_written_folder(tiny_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from core import models
+    from core.variant import save_variant
+    model, tok, _ = models.load(tiny_model)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_variant(model, tok, {}, [], tmp_path / "v", {})
+    assert list(tmp_path.iterdir()) == []

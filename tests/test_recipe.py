@@ -139,8 +139,8 @@ def test_valid_recipes_round_trip(pairs):
         data.append(step)
     try:
         r = rc.from_data(data)
-    except RecipeError as e:  # only composition rules may refuse a well-typed recipe
-        assert "cannot follow" in str(e)
+    except RecipeError as e:  # only composition rules and rules between fields may refuse a well-typed recipe
+        assert "cannot follow" in str(e) or (e.field == "top_k" and "is more than moefy.experts" in str(e))
         return
     assert rc.loads(r.to_yaml()) == r and rc.loads(r.to_json(), "json") == r
 
@@ -149,3 +149,11 @@ def test_a_yaml_typo_is_reported_with_its_line_and_column():
     with pytest.raises(RecipeError) as e:
         rc.loads("steps:\n  - technique: rtn\n   bits: 4\n")
     assert str(e.value).startswith("not valid YAML at line 3, column 4:")
+
+
+def test_rules_between_fields_and_missing_files_fail_when_the_recipe_is_read():
+    with pytest.raises(RecipeError, match=r"step 1: moefy.top_k \(8\) is more than moefy.experts \(4\)"):
+        rc.from_data([{"technique": "moefy", "experts": 4, "top_k": 8}])
+    r = rc.from_data([{"technique": "gptq", "calib_text": "/no/such/calib.txt"}])
+    with pytest.raises(RecipeError, match="gptq.calib_text: no file at /no/such/calib.txt"):
+        r.check_files()

@@ -60,6 +60,12 @@ def test_excluded_linears_stay_float(tiny_model, tiny_eval, home):
     assert (v.model.layers[0].mlp.down_proj.weight == base.model.layers[0].mlp.down_proj.weight).all()
 
 
+def test_an_exclude_that_matches_no_linear_fails_instead_of_excluding_nothing(tiny_model, tiny_eval, home):
+    rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [
+        {"technique": "rtn", "bits": 4, "exclude": "layers.0.mlp.down_proj, layrs.1.mlp.up_proj"}]}))
+    assert rec.outcome == "failed" and "'layrs.1.mlp.up_proj' matches no Linear" in rec.error[1]
+
+
 def test_mixed_precision_for_a_budget_fits_it_and_beats_uniform_low_bits(tiny_model, tiny_eval, home):
     from core.errors import SqueezeError
     from core.mixed_precision import allocate, size_range

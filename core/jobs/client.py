@@ -51,7 +51,15 @@ def run_inline(spec: JobSpec, on_event: Callable[[dict], None] | None = None,
         if on_event:
             on_event(e)
 
-    run_job(spec, sink, cancelled)
+    try:
+        run_job(spec, sink, cancelled)
+    except BaseException as e:  # Ctrl-C or SIGTERM mid-job: the row says so instead of 'running' forever
+        if rec.outcome is None:
+            stopped = isinstance(e, KeyboardInterrupt)
+            rec.outcome = "cancelled" if stopped else "failed"
+            rec.ledger.finish(spec.job_id, rec.outcome, error="interrupted: the command was stopped (Ctrl-C or a "
+                              "signal)" if stopped else f"internal error: {type(e).__name__}: {e}")
+        raise
     return rec
 
 

@@ -87,6 +87,7 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     """Loads the model and applies the recipe. Returns (variant_dir or None, model, tokenizer, base_dir);
     with steps, the returned model is the saved variant loaded back (what is measured is the file)."""
     em.progress("load", 0.0, spec.model)
+    recipe.check_files()
     steps = recipe.to_dict()["steps"]
     base_dir = models.resolve(spec.model)
     saved = saved_prefix(spec.model, base_dir, steps) if spec.reuse and steps else None
@@ -210,12 +211,11 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
 
 def sensitivity_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
     """Δ perplexity of one technique applied to one Linear at a time (layers × module types)."""
-    from ..sensitivity import TECHNIQUES, scan
+    from ..sensitivity import check_setting, scan
     check = _checker(cancelled)
     c = dict(spec.compare or {})
     technique = c.get("technique", "rtn")
-    if technique not in TECHNIQUES:
-        raise SqueezeError(f"no sensitivity scan for {technique}; use one of {', '.join(TECHNIQUES)}")
+    check_setting(technique, c.get("setting", 4), c.get("group_size", 64))
     settings = spec.eval_settings()
     ev.read_text(settings.text_path())
     em.progress("load", 0.0, spec.model)

@@ -99,7 +99,13 @@ class Technique:
         for name, f in known.items():
             if name in values:
                 clean[name] = _check(self.name, name, values[name], hints[name], f.metadata["knob"], step)
-        return self.config(**clean)
+        cfg = self.config(**clean)
+        if hasattr(cfg, "check"):  # rules between fields (moefy: top_k <= experts), at load, not at apply
+            try:
+                cfg.check()
+            except RecipeError as e:
+                raise RecipeError(str(e), field=e.field, step=step) from None
+        return cfg
 
 
 def _type_name(t) -> str:

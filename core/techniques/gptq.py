@@ -250,7 +250,7 @@ def gptq(model, cfg: GPTQ, ctx: StepContext) -> dict:
     from ..calibration import decoder_layers
     from .quantization import excluded
     layers = decoder_layers(model)
-    eight = excluded(cfg.upgrade_8bit)
+    eight = excluded(cfg.upgrade_8bit, model, "upgrade_8bit")
 
     def per_layer(i, lin, st_layer):
         awq_s = {}

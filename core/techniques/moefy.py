@@ -43,6 +43,12 @@ class MoEfy:
     seq_len: int = seq_len_knob(256)
     calib_text: str = text_knob()
 
+    def check(self) -> None:
+        from ..errors import RecipeError
+        if self.top_k > self.experts:
+            raise RecipeError(f"moefy.top_k ({self.top_k}) is more than moefy.experts ({self.experts})",
+                              field="top_k")
+
 
 def _b64(t) -> str:
     return base64.b64encode(t.detach().float().contiguous().numpy().tobytes()).decode()
@@ -119,8 +125,6 @@ def moefy(model, cfg: MoEfy, ctx: StepContext) -> dict:
     from ..calibration import decoder_layers, samples, text_path
     from ..errors import DataError, RecipeError
 
-    if cfg.top_k > cfg.experts:
-        raise RecipeError(f"moefy.top_k ({cfg.top_k}) is more than moefy.experts ({cfg.experts})", field="top_k")
     if ctx.tokenizer is None:
         raise DataError("moefy needs the model's tokenizer for its calibration text")
     layers = decoder_layers(model)

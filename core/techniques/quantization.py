@@ -51,13 +51,23 @@ def quantize_linears(model, ctx: StepContext, bits: int, group_size: int, symmet
 
 @technique(RTN, name="rtn", family="quantization", packs=True)
 def rtn(model, cfg: RTN, ctx: StepContext) -> dict:
-    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head, excluded(cfg.exclude),
-                            excluded(cfg.upgrade_8bit))
+    return quantize_linears(model, ctx, cfg.bits, cfg.group_size, cfg.symmetric, cfg.lm_head,
+                            excluded(cfg.exclude, model), excluded(cfg.upgrade_8bit, model, "upgrade_8bit"))
 
 
-def excluded(text: str) -> tuple[str, ...]:
-    """'layers.0.mlp.down_proj, layers.3.self_attn.q_proj' -> name endings (matched on a dot boundary)."""
-    return tuple("." + p.strip().lstrip(".") for p in (text or "").split(",") if p.strip())
+def excluded(text: str, model=None, field: str = "exclude") -> tuple[str, ...]:
+    """'layers.0.mlp.down_proj, layers.3.self_attn.q_proj' -> name endings (matched on a dot boundary).
+    Given the model, an ending that matches none of its Linears is an error: a typo would otherwise
+    leave the recipe doing silently what it did without it."""
+    ends = tuple("." + p.strip().lstrip(".") for p in (text or "").split(",") if p.strip())
+    if model is not None and ends:
+        names = ["." + n for n, _ in target_linears(model, include_lm_head=True)]
+        missing = [e for e in ends if not any(n.endswith(e) for n in names)]
+        if missing:
+            from ..errors import RecipeError
+            raise RecipeError(f"{field} {missing[0].lstrip('.')!r} matches no Linear of this model; give name "
+                              "endings such as layers.0.mlp.down_proj or mlp.down_proj", field=field)
+    return ends
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class LossCurve(QWidget):
             y0, y1 = y0 - 0.5, y1 + 0.5
         pad = 0.05 * (y1 - y0)
         y0, y1 = y0 - pad, y1 + pad
+        if ys and min(ys) >= 0:  # a loss: the axis does not dip below zero
+            y0 = max(0.0, y0)
         labels = [short(y1), short(y0)]
         left = max(fm.horizontalAdvance(t) for t in labels) + 8  # the y labels fit, whatever their size
         r = QRectF(self.rect()).adjusted(left, line + 2, -10, -(line + 4))
