@@ -97,7 +97,9 @@ def cmd_techniques(a) -> int:
                 print(f"\n== {family}: {FAMILY_HELP.get(family, '')}")
             print(f"{t['name']}: {t['summary']}")
             for f in t["fields"]:
-                rng = f"choices {f['choices']}" if f["choices"] else (
+                labels = f.get("labels") or {}
+                shown = [labels.get(str(c), c) for c in f["choices"] or []]  # 0 -> per-channel, as recipes say it
+                rng = f"choices {shown}" if f["choices"] else (
                     f"{f['min']}..{f['max']}" if f["min"] is not None else f["type"])
                 print(f"    {f['name']} = {f['default']!r:12} {rng} {f['unit']}  {f['help']}")
     return 0
@@ -169,7 +171,17 @@ def _ledger():
 
 
 def cmd_runs(a) -> int:
-    rows = _ledger().rows(a.model)
+    ledger = _ledger()
+    gone = list(a.delete or [])
+    if a.clear_failed:
+        gone += [r["id"] for r in ledger.rows(a.model) if r["status"] in ("failed", "cancelled", "interrupted")
+                 and r["id"] not in gone]
+    if gone:
+        freed = []
+        for run_id in gone:
+            freed += ledger.forget(run_id)
+        print(f"deleted {len(gone)} run(s) and {len(freed)} saved folder(s)", file=sys.stderr)
+    rows = ledger.rows(a.model)
     if a.json:
         _print_json(rows)
     else:
@@ -343,6 +355,10 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("runs", help="the ledger's rows")
     sp.add_argument("--model", help="only this model's runs")
+    sp.add_argument("--delete", nargs="+", metavar="ID", help="delete these runs, their exports and their saved "
+                                                            "variants (files in the workspace only)")
+    sp.add_argument("--clear-failed", action="store_true",
+                    help="delete every failed, cancelled or interrupted run (of --model, if given)")
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_runs)
     sp = sub.add_parser("sensitivity", help="Δ perplexity per layer × module; --budget-mb: a mixed-precision recipe")
@@ -379,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # `squeeze techniques | head`: the reader left; no traceback for that
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -123,6 +123,29 @@ class Ledger:
     def delete(self, run_id: str) -> None:
         self._exec("DELETE FROM runs WHERE id=?", (run_id,))
 
+    def forget(self, run_id: str) -> list[Path]:
+        """Deletes a run that is not running, with its exports, and the folders they saved in the workspace
+        (a folder outside it — the user's model, an export placed elsewhere — is never touched).
+        -> the folders removed."""
+        import shutil
+        row = self.get(run_id)
+        if row is None:
+            raise LedgerError(f"no run {run_id} in the ledger; `squeeze runs` lists them")
+        rows = [row] + [r for r in self.rows() if r["parent_id"] == run_id]
+        if any(r["status"] == "running" for r in rows):
+            raise LedgerError(f"{row['label']} (or an export of it) is still running: cancel it first")
+        workspace = paths.workspace_dir().resolve()
+        removed = []
+        for r in rows:
+            res = r["result"] or {}
+            for folder in (res.get("variant_dir"), Path(res["path"]).parent if res.get("path") else None):
+                f = Path(folder).resolve() if folder else None
+                if f and f != workspace and f.is_relative_to(workspace) and f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                    removed.append(f)
+            self.delete(r["id"])  # the row after its files: a crash in between leaves a row, never an orphan folder
+        return removed
+
 
 def _row(r: sqlite3.Row) -> dict:
     d = dict(r)

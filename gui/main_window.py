@@ -214,6 +214,7 @@ class MainWindow(QMainWindow):
         self.table = ResultsTable()
         self.table.selected.connect(self._row_selected)
         self.table.opened.connect(self.load_run_recipe)
+        self.table.forget.connect(self.forget_run)
         self.plot = TradeoffPlot()
         self.plot.point_clicked.connect(self._point_clicked)
         self.export_panel = ExportPanel()
@@ -329,10 +330,13 @@ class MainWindow(QMainWindow):
         run_menu = self.menuBar().addMenu("&Run")
         for text, slot, key in (("&Run the recipe", self.run, "Ctrl+Return"), ("&Cancel", self.cancel, "Ctrl+."),
                                 ("&Load the selected run's recipe", lambda: self.load_run_recipe(), "Ctrl+L"),
-                                ("&Export the selected run", lambda: self.export_panel._export_clicked(), "Ctrl+E")):
+                                ("&Export the selected run", lambda: self.export_panel._export_clicked(), "Ctrl+E"),
+                                ("&Delete the selected run…", lambda: self.forget_run(self.table.selected_id()),
+                                 None)):  # (Del in the table: a window-wide Del would eat the text fields')
             a = QAction(text, self)
             a.triggered.connect(slot)
-            a.setShortcut(key)
+            if key:
+                a.setShortcut(key)
             run_menu.addAction(a)
         QApplication.instance().styleHints().colorSchemeChanged.connect(lambda *_: self.set_theme(self.theme))
         self.set_theme(self.store.get("theme", "system"))
@@ -418,6 +422,33 @@ class MainWindow(QMainWindow):
             self.say(str(e), error=True)
             return
         self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
+
+    def confirm_forget(self, row: dict, exports: int) -> bool:
+        what = f"“{row['label']}”" + (f" and its {exports} export(s)" if exports else "")
+        saved = " and the files it saved in the workspace" if (row.get("result") or {}).get("variant_dir") or exports \
+            else ""
+        return QMessageBox.question(self, "Delete run", f"Delete {what}{saved}? This cannot be undone.",
+                                    QMessageBox.Yes | QMessageBox.No, QMessageBox.No) == QMessageBox.Yes
+
+    def forget_run(self, run_id: str) -> None:
+        """Deletes a run (Del, or the table's context menu): its row, its exports and their files in the
+        workspace, after asking."""
+        row = next((r for r in self.runs if r["id"] == run_id), None)
+        if row is None:
+            return
+        if row["status"] == "running" or (self.current and self.current.job_id == run_id):
+            self.say("That run is still running: cancel it first.", error=True)
+            return
+        exports = sum(1 for r in self.runs if r.get("parent_id") == run_id)
+        if not self.confirm_forget(row, exports):
+            return
+        try:
+            freed = self.ledger.forget(run_id)
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return
+        self.say(f"Deleted {row['label']}" + (f" and {len(freed)} saved folder(s)." if freed else "."))
+        self.refresh()
 
     def load_run_recipe(self, run_id: str | None = None) -> None:
         """A past run's recipe into the panel (double click, or Ctrl+L on the selected row), to tweak it or add

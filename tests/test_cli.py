@@ -52,6 +52,7 @@ def test_eval_prints_one_json_object_with_the_promised_keys_and_records_a_run(ti
     (["recipe", "{tmp}/broken.json"], "not valid JSON"),
     (["recipe", "{tmp}/typo.yaml"], "not valid YAML at line 3, column 4"),
     (["eval", "{notok}"], "has no tokenizer"),
+    (["eval", "{tiny}", "--new-tokens", "100000"], "exceed the model's"),
     (["eval", "{tiny}", "--max-tokens", "64", "--context", "128"], "less than one window of context 128"),
     (["sensitivity", "{tiny}", "--setting", "99"], "a whole number from 2 to 8"),
     (["sensitivity", "{tiny}", "--load", "{tmp}/broken.json"], "cannot read the scan"),

@@ -672,3 +672,19 @@ def test_the_window_fits_a_1024_pixel_screen_and_teaching_mode_a_1280_one(qtbot,
     assert w.minimumSizeHint().width() <= 1280
     w.teach.fonts.setChecked(False)
     w.set_teaching(False)
+
+
+def test_the_delete_key_removes_a_run_and_its_saved_variant_after_asking(qtbot, open_window):
+    w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 4}])
+    run = next(r for r in w.table.results.rows if r["label"].startswith("rtn"))
+    variant = Path(run["variant_dir"])
+    asked = []
+    w.confirm_forget = lambda row, exports: asked.append(row["id"]) or False  # "No": nothing happens
+    w.table.select_id(run["id"])
+    w.table.setFocus()
+    qtbot.keyClick(w.table, Qt.Key_Delete)
+    assert asked == [run["id"]] and variant.is_dir() and w.table.results.row_of(run["id"]) >= 0
+    w.confirm_forget = lambda row, exports: True
+    qtbot.keyClick(w.table, Qt.Key_Delete)
+    assert w.table.results.row_of(run["id"]) < 0 and not variant.exists()
+    assert run["id"] not in {p["id"] for p in w.plot.points} and "Deleted" in w.message.text()

@@ -197,3 +197,31 @@ def test_a_packed_prefix_or_other_base_weights_are_not_reused(tiny_model, tiny_e
     make_tiny_llama(tmp_path / "other", tiny_tokenizer_dir, seed=2)  # same folder, new weights
     _, logs = _run_logged(JobSpec(model=other, recipe={"steps": [PRUNE, DISTILL]}, eval=tiny_eval))
     assert not any("reusing" in m for m in logs)
+
+
+def test_deleting_a_run_removes_its_row_its_export_rows_and_its_saved_variant_and_nothing_outside(tiny_model,
+                                                                                                  tiny_eval, home):
+    import subprocess
+    import sys
+
+    from core.errors import LedgerError
+    ledger = Ledger()
+    rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [{"technique": "rtn", "bits": 4}]}))
+    variant = Path(rec.result["variant_dir"])
+    assert rec.outcome == "done" and variant.is_dir()
+    export = JobSpec(model=tiny_model, kind="export", parent_id=rec.spec.job_id)
+    ledger.start(export)
+    out = home / "elsewhere"  # an export the user placed outside the workspace: its files stay
+    out.mkdir()
+    ledger.finish(export.job_id, "done", result={"path": str(out / "model.onnx")})
+    running = JobSpec(model=tiny_model)
+    ledger.start(running, os.getpid())
+    with pytest.raises(LedgerError, match="still running"):
+        ledger.forget(running.job_id)
+    assert ledger.forget(rec.spec.job_id) == [variant.resolve()]
+    assert not variant.exists() and out.is_dir() and Path(tiny_model).is_dir()
+    assert {r["id"] for r in ledger.rows()} == {running.job_id}
+    ledger.finish(running.job_id, "failed", error="x")
+    p = subprocess.run([sys.executable, "-m", "core.cli", "runs", "--clear-failed", "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]" and "deleted 1 run(s)" in p.stderr

@@ -10,7 +10,7 @@ from typing import Callable
 
 from .. import evaluate as ev
 from .. import models, paths
-from ..errors import Cancelled, SqueezeError
+from ..errors import Cancelled, DataError, SqueezeError
 from ..recipe import Recipe, from_data
 from ..reuse import code_stamp, link_copy, saved_prefix, stamp_manifest, state_key
 from ..techniques.base import StepContext
@@ -83,6 +83,22 @@ def _checker(cancelled):
     return check
 
 
+def _check_positions(spec: JobSpec, model_dir: Path) -> None:
+    """Windows and the decode benchmark fit the model's positions (past them, RoPE models
+    extrapolate badly and the numbers would mean nothing), said before the model loads."""
+    import json
+    try:
+        limit = int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings") or 0)
+    except (OSError, ValueError):
+        return  # an unreadable config fails in the load, with its own message
+    s = spec.eval_settings()
+    if limit and s.context + 1 > limit:  # + the BOS token
+        raise DataError(f"context {s.context} is longer than the model's {limit} positions: use {limit - 1} or less")
+    if limit and s.prompt_tokens + s.new_tokens > limit:
+        raise DataError(f"the decode benchmark's {s.prompt_tokens} prompt + {s.new_tokens} new tokens exceed the "
+                        f"model's {limit} positions: lower them")
+
+
 def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Path | None, object, object, Path]:
     """Loads the model and applies the recipe. Returns (variant_dir or None, model, tokenizer, base_dir);
     with steps, the returned model is the saved variant loaded back (what is measured is the file)."""
@@ -90,6 +106,7 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     recipe.check_files()
     steps = recipe.to_dict()["steps"]
     base_dir = models.resolve(spec.model)
+    _check_positions(spec, base_dir)
     saved = saved_prefix(spec.model, base_dir, steps) if spec.reuse and steps else None
     if saved:
         done, k, man = saved

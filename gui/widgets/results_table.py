@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QAbstractTableModel, QEvent, QModelIndex, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetrics
-from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
 
 from core.results import COLUMNS, cell
 
@@ -103,9 +103,11 @@ class ResultsModel(QAbstractTableModel):
 
 
 class ResultsTable(QTableView):
-    """Emits `selected(run_id or "")` when the user picks a row, `opened(run_id)` on a double click."""
+    """Emits `selected(run_id or "")` when the user picks a row, `opened(run_id)` on a double click,
+    `forget(run_id)` for Delete (the key, or the row's context menu)."""
     selected = Signal(str)
     opened = Signal(str)
+    forget = Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -178,6 +180,24 @@ class ResultsTable(QTableView):
             self.selectRow(i)
             self.scrollTo(self.results.index(i, 0))
         self.blockSignals(False)
+
+    def keyPressEvent(self, ev) -> None:
+        if ev.key() in (Qt.Key_Delete, Qt.Key_Backspace) and self.selected_id():
+            self.forget.emit(self.selected_id())
+            return
+        super().keyPressEvent(ev)
+
+    def contextMenuEvent(self, ev) -> None:
+        i = self.indexAt(ev.pos()).row()
+        if i < 0:
+            return
+        run_id = self.results.rows[i]["id"]
+        self.select_id(run_id)
+        menu = QMenu(self)
+        if not self.results.rows[i].get("export"):
+            menu.addAction("Load its recipe (Ctrl+L)", lambda: self.opened.emit(run_id))
+        menu.addAction("Delete run…  (Del)", lambda: self.forget.emit(run_id))
+        menu.exec(ev.globalPos())
 
     def _changed(self, *_):
         self.selected.emit(self.selected_id())
