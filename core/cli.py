@@ -172,15 +172,21 @@ def _ledger():
 
 def cmd_runs(a) -> int:
     ledger = _ledger()
-    gone = list(a.delete or [])
+    asked = list(dict.fromkeys(a.delete or []))  # each once, in order
+    unknown = [i for i in asked if ledger.get(i) is None]
+    if unknown:  # checked before anything is deleted
+        raise SqueezeError(f"no run {unknown[0]} in the ledger; `squeeze runs` lists them")
     if a.clear_failed:
-        gone += [r["id"] for r in ledger.rows(a.model) if r["status"] in ("failed", "cancelled", "interrupted")
-                 and r["id"] not in gone]
-    if gone:
-        freed = []
-        for run_id in gone:
-            freed += ledger.forget(run_id)
-        print(f"deleted {len(gone)} run(s) and {len(freed)} saved folder(s)", file=sys.stderr)
+        asked += [r["id"] for r in ledger.rows(a.model) if r["status"] in ("failed", "cancelled", "interrupted")]
+    rows_gone, freed = set(), []
+    for run_id in asked:
+        if run_id in rows_gone or ledger.get(run_id) is None:  # already gone with its parent
+            continue
+        ids, folders = ledger.forget(run_id)
+        rows_gone.update(ids)
+        freed += folders
+    if asked:
+        print(f"deleted {len(rows_gone)} run(s) and {len(freed)} saved folder(s)", file=sys.stderr)
     rows = ledger.rows(a.model)
     if a.json:
         _print_json(rows)
@@ -233,7 +239,7 @@ def cmd_sensitivity(a) -> int:
                                 "precision": a.precision})
         scan = _run(spec, a.quiet)
         if a.save:
-            from .report import write_atomic
+            from .paths import write_atomic
             write_atomic(Path(a.save).expanduser(), json.dumps(scan))
     out = {"scan": scan}
     if a.budget_mb is not None:
@@ -302,9 +308,9 @@ def parser() -> argparse.ArgumentParser:
     def common(sp, evals=True, recipe=True, decode=True):
         """--json everywhere; for jobs (evals) -q and the evaluation settings, with their defaults."""
         sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (jobs print some)")
         if not evals:
             return
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
         if recipe:
             sp.add_argument("--recipe", help="recipe file (.yaml, .yml or .json)")
         sp.add_argument("--text", help="evaluation text file (default: the shipped WikiText-2 slice)")
@@ -358,7 +364,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--delete", nargs="+", metavar="ID", help="delete these runs, their exports and their saved "
                                                             "variants (files in the workspace only)")
     sp.add_argument("--clear-failed", action="store_true",
-                    help="delete every failed, cancelled or interrupted run (of --model, if given)")
+                    help="delete every failed, cancelled or interrupted run (of --model, if given); an export that "
+                         "failed its check is a finished run: --delete it")
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_runs)
     sp = sub.add_parser("sensitivity", help="Δ perplexity per layer × module; --budget-mb: a mixed-precision recipe")
@@ -381,8 +388,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, a closed session) unwinds like Ctrl-C, so the job's ledger row is closed."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (timeout, a closed terminal) unwinds like Ctrl-C: the ledger row is closed
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         return a.fn(a)
     except SqueezeError as e:
         return _fail(str(e))
+    except Terminated:
+        return _fail("terminated", 143)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except BrokenPipeError:  # `squeeze techniques | head`: the reader left; no traceback for that

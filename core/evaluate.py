@@ -49,8 +49,9 @@ class EvalSettings:
     def check(self) -> "EvalSettings":
         """One line for settings no evaluation can run with, before any model loads."""
         for k in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
-            if getattr(self, k) < 1:
-                raise DataError(f"{k.replace('_', ' ')} must be at least 1; got {getattr(self, k)}")
+            least = 2 if k == "context" else 1  # a window scores its tokens after the first
+            if getattr(self, k) < least:
+                raise DataError(f"{k.replace('_', ' ')} must be at least {least}; got {getattr(self, k)}")
         check_window(self.max_tokens, self.context)
         return self
 

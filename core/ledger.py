@@ -123,28 +123,53 @@ class Ledger:
     def delete(self, run_id: str) -> None:
         self._exec("DELETE FROM runs WHERE id=?", (run_id,))
 
-    def forget(self, run_id: str) -> list[Path]:
-        """Deletes a run that is not running, with its exports, and the folders they saved in the workspace
-        (a folder outside it — the user's model, an export placed elsewhere — is never touched).
-        -> the folders removed."""
+    def forget(self, run_id: str) -> tuple[list[str], list[Path]]:
+        """Deletes a run that is not running, with its exports, and the folders the app saved for them in
+        the workspace: workspace/variants/<id> and the export folders. A folder outside the workspace (the
+        user's model, an export placed elsewhere) is never touched, nor one a remaining run still uses.
+        A folder that cannot be removed keeps its row (LedgerError). -> (row ids deleted, folders removed)."""
         import shutil
+
+        from .models import VARIANT_MANIFEST
         row = self.get(run_id)
         if row is None:
             raise LedgerError(f"no run {run_id} in the ledger; `squeeze runs` lists them")
-        rows = [row] + [r for r in self.rows() if r["parent_id"] == run_id]
-        if any(r["status"] == "running" for r in rows):
+        gone = [r for r in self.rows() if r["parent_id"] == run_id] + [row]  # exports first: never an orphan
+        if any(r["status"] == "running" for r in gone):
             raise LedgerError(f"{row['label']} (or an export of it) is still running: cancel it first")
+        ids = {r["id"] for r in gone}
+        kept = {f for r in self.rows() if r["id"] not in ids for f in _folders(r)}
         workspace = paths.workspace_dir().resolve()
         removed = []
-        for r in rows:
-            res = r["result"] or {}
-            for folder in (res.get("variant_dir"), Path(res["path"]).parent if res.get("path") else None):
-                f = Path(folder).resolve() if folder else None
-                if f and f != workspace and f.is_relative_to(workspace) and f.is_dir():
-                    shutil.rmtree(f, ignore_errors=True)
-                    removed.append(f)
-            self.delete(r["id"])  # the row after its files: a crash in between leaves a row, never an orphan folder
-        return removed
+        for r in gone:
+            for f in _folders(r):
+                if f in kept or f == workspace or not f.is_relative_to(workspace) or not f.is_dir():
+                    continue
+                try:
+                    (f / VARIANT_MANIFEST).unlink(missing_ok=True)  # first: a half-deleted variant is never reused
+                    shutil.rmtree(f)
+                except OSError as e:
+                    raise LedgerError(f"cannot delete {f}: {e.strerror or e}; close what uses it and try again") from None
+                removed.append(f)
+            self.delete(r["id"])
+        return [r["id"] for r in gone], removed
+
+
+def _folders(r: dict) -> list[Path]:
+    """The folders a run's files are in: its saved variant (also for a run that failed after saving) and,
+    for an export, the folder of its model.onnx; resolved (a symlink leading out of the workspace is seen
+    as where it leads)."""
+    res = r.get("result") or {}
+    out = [paths.workspace_dir() / "variants" / r["id"], paths.workspace_dir() / "variants" / f"{r['id']}.tmp"]
+    if res.get("variant_dir"):
+        out.append(Path(res["variant_dir"]))
+    if res.get("path"):
+        out.append(Path(res["path"]).parent)
+    elif r.get("kind") == "export":  # a failed export: the folder it was writing, when the app named it
+        folder = ((r.get("settings") or {}).get("export") or {}).get("out")
+        if folder and r["id"] in Path(folder).name:
+            out.append(Path(folder))
+    return [p.expanduser().resolve() for p in out]
 
 
 def _row(r: sqlite3.Row) -> dict:

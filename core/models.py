@@ -201,12 +201,16 @@ def load(model_id: str, allow_pickle: bool = False):
         return model, tok, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not any((d / f).is_file() for f in TOKENIZER_FILES):  # (transformers' own message names no file)
         raise ModelError(f"{d} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
                          "model it came from into the folder")
-    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8")) if (d / "config.json").is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{d}/config.json is not readable JSON: {e}") from None
     archs = cfg.get("architectures") or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if archs and not set(archs) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         raise ModelError(f"{d} holds a {archs[0]}, not a text-generating model: the app compresses causal "
                          "language models (…ForCausalLM)")
     try:

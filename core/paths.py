@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 APP = "squeeze-studio"
+UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(UMASK)
 
 
 def _home() -> Path | None:
@@ -77,7 +79,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600): a report is for sharing
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private (0600): a report is for sharing, as umask allows
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -424,26 +424,27 @@ class MainWindow(QMainWindow):
         self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
 
     def confirm_forget(self, row: dict, exports: int) -> bool:
+        """`row`: the table's row (its label says "↳ ONNX …" for an export)."""
         what = f"“{row['label']}”" + (f" and its {exports} export(s)" if exports else "")
-        saved = " and the files it saved in the workspace" if (row.get("result") or {}).get("variant_dir") or exports \
-            else ""
-        return QMessageBox.question(self, "Delete run", f"Delete {what}{saved}? This cannot be undone.",
+        return QMessageBox.question(self, "Delete run", f"Delete {what}, with the files the app saved for it in the "
+                                    "workspace? This cannot be undone.",
                                     QMessageBox.Yes | QMessageBox.No, QMessageBox.No) == QMessageBox.Yes
 
     def forget_run(self, run_id: str) -> None:
         """Deletes a run (Del, or the table's context menu): its row, its exports and their files in the
         workspace, after asking."""
-        row = next((r for r in self.runs if r["id"] == run_id), None)
+        row = next((r for r in self.table.results.rows if r["id"] == run_id), None) if run_id else None
         if row is None:
+            self.say("Select a run in the table to delete it.", error=True)
             return
-        if row["status"] == "running" or (self.current and self.current.job_id == run_id):
-            self.say("That run is still running: cancel it first.", error=True)
+        if self.client.running or self.queue:  # a queued export or a side-by-side may need its files
+            self.say("Wait for the running job to finish, then delete.", error=True)
             return
         exports = sum(1 for r in self.runs if r.get("parent_id") == run_id)
         if not self.confirm_forget(row, exports):
             return
         try:
-            freed = self.ledger.forget(run_id)
+            _, freed = self.ledger.forget(run_id)
         except SqueezeError as e:
             self.say(str(e), error=True)
             return
@@ -533,11 +534,10 @@ class MainWindow(QMainWindow):
         if self.client.running:
             self.say("Wait for the running job to finish.", error=True)
             return None
-        out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}")
-        spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export",
-                       export={"out": out, "quantize": quantize, "opset": opset, "graph": graph,
-                               "variant_dir": row["variant_dir"]},
-                       parent_id=row["id"])
+        spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export", parent_id=row["id"])
+        # by default a folder of its own (run, target, this export): a second export never writes into the first's
+        out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}-{spec.job_id}")
+        spec.export = {"out": out, "quantize": quantize, "opset": opset, "graph": graph, "variant_dir": row["variant_dir"]}
         self.queue.append(spec)
         self._next()
         return spec
@@ -736,7 +736,10 @@ class MainWindow(QMainWindow):
             return c.get("label") or "weights"
         if spec.kind == "sensitivity":
             return f"{c.get('technique')} {c.get('setting', 0):g} on one Linear at a time"
-        return recipes.from_data(spec.recipe).label()
+        try:
+            return recipes.from_data(spec.recipe).label()
+        except SqueezeError:
+            return "(invalid recipe)"  # the job fails with the reason
 
     def cancel(self) -> None:
         self.queue.clear()

@@ -126,7 +126,7 @@ def test_a_job_stopped_by_ctrl_c_or_a_signal_closes_its_ledger_row_and_leaves_no
     time.sleep(2)  # inside the job (1,000 timed decode repeats)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert p.returncode == 143 and "terminated" in err and "Traceback" not in err, err
     rows = Ledger().rows()
     assert len(rows) == 1 and rows[0]["status"] == "cancelled" and "stopped" in rows[0]["error"]
     assert not list((Path(home) / "workspace").glob("variants/*.tmp"))

@@ -1,5 +1,6 @@
 """The worker contract, seen from the parent: events in order, cancel within 2 s, a killed
 worker marks its run failed and every earlier ledger row stays."""
+import json
 import os
 import signal
 import threading
@@ -199,29 +200,49 @@ def test_a_packed_prefix_or_other_base_weights_are_not_reused(tiny_model, tiny_e
     assert not any("reusing" in m for m in logs)
 
 
-def test_deleting_a_run_removes_its_row_its_export_rows_and_its_saved_variant_and_nothing_outside(tiny_model,
-                                                                                                  tiny_eval, home):
+def test_deleting_a_run_removes_its_row_its_exports_and_their_saved_folders_and_nothing_shared_or_outside(
+        tiny_model, tiny_eval, home):
     import subprocess
     import sys
 
+    from core import paths
     from core.errors import LedgerError
     ledger = Ledger()
     rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [{"technique": "rtn", "bits": 4}]}))
     variant = Path(rec.result["variant_dir"])
     assert rec.outcome == "done" and variant.is_dir()
-    export = JobSpec(model=tiny_model, kind="export", parent_id=rec.spec.job_id)
-    ledger.start(export)
-    out = home / "elsewhere"  # an export the user placed outside the workspace: its files stay
-    out.mkdir()
-    ledger.finish(export.job_id, "done", result={"path": str(out / "model.onnx")})
+
+    def export(folder: Path, parent: str) -> JobSpec:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.onnx").write_bytes(b"onnx")
+        spec = JobSpec(model=tiny_model, kind="export", parent_id=parent)
+        ledger.start(spec)
+        ledger.finish(spec.job_id, "done", result={"path": str(folder / "model.onnx")})
+        return spec
+    mine = export(paths.workspace_dir() / "exports" / "mine", rec.spec.job_id)
+    outside = export(home / "elsewhere", rec.spec.job_id)  # placed outside the workspace by the user: it stays
+    other = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [{"technique": "rtn", "bits": 8}]}))
+    shared = export(paths.workspace_dir() / "exports" / "shared", other.spec.job_id)
+    shared_mine = export(paths.workspace_dir() / "exports" / "shared", rec.spec.job_id)  # another run's folder too
+    failed = JobSpec(model=tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 3}]})
+    ledger.start(failed)
+    saved_then_failed = paths.workspace_dir() / "variants" / failed.job_id  # saved, then the measurement failed
+    saved_then_failed.mkdir(parents=True)
+    ledger.finish(failed.job_id, "failed", error="x")
     running = JobSpec(model=tiny_model)
     ledger.start(running, os.getpid())
     with pytest.raises(LedgerError, match="still running"):
         ledger.forget(running.job_id)
-    assert ledger.forget(rec.spec.job_id) == [variant.resolve()]
-    assert not variant.exists() and out.is_dir() and Path(tiny_model).is_dir()
-    assert {r["id"] for r in ledger.rows()} == {running.job_id}
+
+    ids, removed = ledger.forget(rec.spec.job_id)
+    assert set(ids) == {rec.spec.job_id, mine.job_id, outside.job_id, shared_mine.job_id}
+    assert ids[-1] == rec.spec.job_id and set(removed) == {variant.resolve(), (paths.workspace_dir() / "exports/mine").resolve()}
+    assert (home / "elsewhere" / "model.onnx").is_file() and Path(tiny_model).is_dir()
+    assert (paths.workspace_dir() / "exports" / "shared" / "model.onnx").is_file()  # still another run's export
+    assert {r["id"] for r in ledger.rows()} == {other.spec.job_id, shared.job_id, failed.job_id, running.job_id}
     ledger.finish(running.job_id, "failed", error="x")
     p = subprocess.run([sys.executable, "-m", "core.cli", "runs", "--clear-failed", "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.strip() == "[]" and "deleted 1 run(s)" in p.stderr
+    assert p.returncode == 0 and "deleted 2 run(s) and 1 saved folder(s)" in p.stderr, p.stderr
+    assert {r["id"] for r in json.loads(p.stdout)} == {other.spec.job_id, shared.job_id}
+    assert not saved_then_failed.exists()

@@ -301,11 +301,9 @@ def _quantized(target, fp32_file, stage, candidates, packed, windows, bos, promp
     _replace_model(stage, verified[keep["name"]])
     shutil.rmtree(work)
     # one sentence for the user; each path's numbers are in the log lines above
-    failure = None if chosen else (f"the {target} file misses its bounds (perplexity at most {ppl_limit}x the torch "
-                                   f"model's, size at most {size_limit}x the fp32 ONNX file): its "
-                                   + keep["reason"].removeprefix("rejected: ")
-                                   + (f" (the closest of {len(rows)} ways tried; the log lists each)" if len(rows) > 1
-                                      else "")
+    failure = None if chosen else (f"the {target} file misses its bounds: its " + keep["reason"].removeprefix("rejected: ")
+                                   + (f" (the closest of {len(rows)} ways tried; the job's log lists each)"
+                                      if len(rows) > 1 else "")
                                    + _rtn_hint(target, keep))
     res = {k: keep[k] for k in ("ppl_onnx", "tokens_scored_onnx", "decode_tokens_per_s_onnx", "prefill_tokens_per_s_onnx",
                                 "generation_onnx", "generation_first_diff", "generation_match",

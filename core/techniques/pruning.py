@@ -24,7 +24,8 @@ def magnitude_prune(model, cfg: MagnitudePrune, ctx: StepContext) -> dict:
     import torch
 
     from .quantization import excluded
-    layers = [(n, m) for n, m in target_linears(model) if not n.endswith(excluded(cfg.exclude, model))]
+    skip = excluded(cfg.exclude, model)
+    layers = [(n, m) for n, m in target_linears(model) if not n.endswith(skip)]
     if cfg.sparsity <= 0:
         return {"layers": len(layers), "sparsity": 0.0}
     threshold = None

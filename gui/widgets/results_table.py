@@ -35,15 +35,6 @@ class ResultsModel(QAbstractTableModel):
         self._bold = QFont()
         self._bold.setBold(True)
 
-    def _row_height(self) -> None:
-        self.verticalHeader().setDefaultSectionSize(QFontMetrics(self.font()).height() + 6)
-
-    def changeEvent(self, ev) -> None:
-        super().changeEvent(ev)
-        if ev.type() == QEvent.FontChange:  # teaching mode's larger fonts: rows and columns follow
-            self._row_height()
-            self.fit_columns()
-
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         self.beginResetModel()
         self.rows, self.eval_key = list(rows), eval_key
