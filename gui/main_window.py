@@ -398,7 +398,10 @@ class MainWindow(QMainWindow):
     def _recipe_changed(self) -> None:
         try:
             r = self.recipe()
-            self.recipe_label.setText(f"Recipe: <b>{html.escape(r.label())}</b>" if r.steps
+            # one numbered line per step, the technique in bold: the run-on label of a long recipe was unreadable
+            lines = [f"{i}. <b>{html.escape(s.name)}</b> {html.escape(s.label()[len(s.name):].strip())}"
+                     for i, s in enumerate(r.steps, 1)]
+            self.recipe_label.setText("Recipe:<br>" + "<br>".join(lines) if r.steps
                                       else "Recipe: none ticked — the baseline is measured automatically")
             self.recipe_label.setStyleSheet(INFO_STYLE)
         except SqueezeError as e:
