@@ -71,7 +71,12 @@ ROWS = [
 # issue 5's rows healed the same way (the reference is the one-shot step the distill follows)
 FFN35 = {"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.35}
 LOWRANK = {"technique": "low_rank", "keep": 0.8, "activation_aware": True, "allocation": "loss", "sequential": True}
+LAYERS25 = {"technique": "structured_prune", "layers": 0.25, "heads": 0.0, "ffn": 0.0}
+# the 15-minute row: distill's default 80 steps, but of 2 x 512 tokens from the whole validation split
+HEAL_15MIN = {"steps": 80, "samples": 256, "seq_len": 512, "batch_size": 2, "calib_text": str(VALID)}
 ISSUE5_ROWS = [
+    ("prune25-distill-valid", "structured_prune 25 % layers → distill 80 steps (≤ 15 min), validation split", 1.50,
+     [LAYERS25, {"technique": "distill", **HEAL_15MIN}], "structured_prune 25 % layers alone", [LAYERS25]),
     ("lowrank80-distill", "low_rank keep 80 % (activation-aware, sequential) → distill", 1.50,
      [LOWRANK, {"technique": "distill", **HEAL}], "low_rank alone", [LOWRANK]),
     # longer, on more distinct text: 240 steps of 2 x 512 tokens drawn from the whole WikiText-2 validation split
