@@ -212,6 +212,7 @@ def cmd_sensitivity(a) -> int:
     """The sensitivity map (Δ ppl per layer × module), and with --budget-mb the mixed-precision
     recipe it implies; --save / --load keep a scan so budgets can be tried without re-scanning."""
     from .jobs.spec import JobSpec
+    from .paths import check_target
     from .sensitivity import check_setting
     # every option checked before a scan of minutes starts, not after it
     if a.budget_mb is not None and not a.budget_mb > 0:
@@ -221,7 +222,7 @@ def cmd_sensitivity(a) -> int:
             raise SqueezeError("--recipe-out writes the mixed-precision recipe of a size budget: add --budget-mb")
         if Path(a.recipe_out).suffix.lower() not in (".yaml", ".yml", ".json"):
             raise SqueezeError(f"--recipe-out must end in .yaml, .yml or .json: {a.recipe_out}")
-        _writable(a.recipe_out, "--recipe-out")
+        check_target(a.recipe_out, "--recipe-out")
     if a.load:
         try:
             scan = json.loads(Path(a.load).expanduser().read_text(encoding="utf-8"))
@@ -233,7 +234,7 @@ def cmd_sensitivity(a) -> int:
     else:
         check_setting(a.technique, a.setting, a.group_size)
         if a.save:
-            _writable(a.save, "--save")
+            check_target(a.save, "--save")
         spec = JobSpec(model=a.model, kind="sensitivity", eval=_eval_settings(a),
                        compare={"technique": a.technique, "setting": a.setting, "group_size": a.group_size,
                                 "precision": a.precision})
@@ -266,16 +267,6 @@ def cmd_sensitivity(a) -> int:
 
 
 SCAN_KEYS = ("technique", "setting", "base_ppl", "tokens", "layers", "modules", "delta_pct")
-
-
-def _writable(path: str, option: str) -> None:
-    """A file the command will write: not a folder, in a folder that exists."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise SqueezeError(f"{option} {path} is a folder; give a file name")
-    if not p.parent.is_dir():
-        why = "is a file, not a folder" if p.parent.exists() else "does not exist"
-        raise SqueezeError(f"{option} {path}: {p.parent} {why}")
 
 
 def cmd_recipe(a) -> int:

@@ -61,16 +61,25 @@ def default_calib_text() -> Path:
     return resources_dir() / "data" / "calib.txt"
 
 
+def check_target(path: Path, name: str = "") -> Path:
+    """A file that can be written (its missing folders will be made): not a folder, no file in the way.
+    `name` (e.g. "--save") leads the message. Checked before long work, and again when writing."""
+    from .errors import SqueezeError
+    path = Path(path).expanduser()
+    lead = f"{name} {path}" if name else str(path)
+    if path.is_dir():
+        raise SqueezeError(f"{lead} is a folder; give a file name")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise SqueezeError(f"cannot write {lead}: {blocking} is a file, not a folder")
+    return path
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Whole or nothing: a half-written report or recipe never replaces a good one. Each way it can
     fail is one SqueezeError line naming the path."""
     from .errors import SqueezeError
-    path = Path(path)
-    if path.is_dir():
-        raise SqueezeError(f"{path} is a folder; give a file name")
-    blocking = next((p for p in path.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise SqueezeError(f"cannot write {path}: {blocking} is a file, not a folder")
+    path = check_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
