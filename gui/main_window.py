@@ -160,7 +160,6 @@ class MainWindow(QMainWindow):
         scroll = self.left_scroll = QScrollArea()
         scroll.setWidget(left_inner)
         scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setMinimumWidth(330)  # with the right side's minimum, the window fits a 1024-pixel screen
 
         # run bar: always visible under the scrolling settings
@@ -582,6 +581,9 @@ class MainWindow(QMainWindow):
         if on:
             f.setPointSizeF(self._base_font.pointSizeF() * 1.35)
         app.setFont(f)
+        for wdg in self.findChildren(QWidget):  # a widget with a style sheet keeps its font when the app's changes
+            if wdg.styleSheet():
+                wdg.setFont(f)
         for view in (self.plot.view, self.weight_view.hist, self.weight_view.codes, self.weight_view.per_layer,
                      self.sensitivity_view.plot):
             font_plot(view, f)

@@ -526,6 +526,7 @@ def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qt
     size = QApplication.instance().font().pointSizeF()
     w.teach.fonts.setChecked(True)
     assert QApplication.instance().font().pointSizeF() > 1.3 * size
+    assert w.estimate_label.font().pointSizeF() > 1.3 * size  # styled labels grow too (they kept their font)
     w.teach.fonts.setChecked(False)
     w.teach_action.trigger()  # off again, and remembered
     assert not w.teach_dock.isVisible() and w.store.get("teach") is False
