@@ -212,7 +212,8 @@ def cmd_sensitivity(a) -> int:
     """The sensitivity map (Δ ppl per layer × module), and with --budget-mb the mixed-precision
     recipe it implies; --save / --load keep a scan so budgets can be tried without re-scanning."""
     from .jobs.spec import JobSpec
-    from .paths import check_target
+    from .paths import check_target, write_atomic
+    from .recipe import SUFFIXES
     from .sensitivity import check_setting
     # every option checked before a scan of minutes starts, not after it
     if a.budget_mb is not None and not a.budget_mb > 0:
@@ -220,7 +221,7 @@ def cmd_sensitivity(a) -> int:
     if a.recipe_out:
         if a.budget_mb is None:
             raise SqueezeError("--recipe-out writes the mixed-precision recipe of a size budget: add --budget-mb")
-        if Path(a.recipe_out).suffix.lower() not in (".yaml", ".yml", ".json"):
+        if Path(a.recipe_out).suffix.lower() not in SUFFIXES:
             raise SqueezeError(f"--recipe-out must end in .yaml, .yml or .json: {a.recipe_out}")
         check_target(a.recipe_out, "--recipe-out")
     if a.load:
@@ -240,7 +241,6 @@ def cmd_sensitivity(a) -> int:
                                 "precision": a.precision})
         scan = _run(spec, a.quiet)
         if a.save:
-            from .paths import write_atomic
             write_atomic(Path(a.save).expanduser(), json.dumps(scan))
     out = {"scan": scan}
     if a.budget_mb is not None:
@@ -297,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
     d = EvalSettings()
 
     def common(sp, evals=True, recipe=True, decode=True):
-        """--json everywhere; for jobs (evals) -q and the evaluation settings, with their defaults."""
+        """--json and -q everywhere; for jobs (evals) the evaluation settings, with their defaults."""
         sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (jobs print some)")
         if not evals:

@@ -69,7 +69,7 @@ class Recipe:
     def save(self, path: str | Path) -> None:
         from .paths import write_atomic
         path = Path(path).expanduser()
-        if path.suffix.lower() not in (".yaml", ".yml", ".json"):  # what load() would refuse
+        if path.suffix.lower() not in SUFFIXES:  # what load() would refuse
             raise RecipeError(f"a recipe file must end in .yaml, .yml or .json: {path.name}")
         write_atomic(path, self.to_json() if path.suffix.lower() == ".json" else self.to_yaml())
 
@@ -85,6 +85,9 @@ class Recipe:
     @property
     def packs(self) -> bool:
         return any(s.technique.packs for s in self.steps)
+
+
+SUFFIXES = (".yaml", ".yml", ".json")  # the recipe files load() reads and save() writes
 
 
 def from_data(data: Any) -> Recipe:
@@ -182,7 +185,7 @@ def load(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
+    if suffix not in SUFFIXES:
         raise RecipeError(f"recipe file must end in .yaml, .yml or .json: {path.name}")
     try:
         text = path.read_text(encoding="utf-8")
