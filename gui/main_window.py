@@ -829,7 +829,9 @@ class MainWindow(QMainWindow):
         def run():
             self._later -= 1
             fn()
-        QTimer.singleShot(ms, self, run)
+        # never 0: a 0 ms single shot is a posted event, run in the same batch as the repaint of what the
+        # slice before it changed (one long stretch); a timer runs in a pass of its own
+        QTimer.singleShot(max(ms, 1), self, run)
 
     @property
     def settled(self) -> bool:
@@ -845,6 +847,11 @@ class MainWindow(QMainWindow):
             QTimer.singleShot(2000, self.refresh)
         rows = table_rows(self.runs)
         self.table.set_rows(rows, self.eval_key)
+        # the plot and the other views in a slice of their own: with the table's, and the repaint of
+        # both, one slice held the GUI thread past 40 ms on a slow CPU
+        self.later(0, lambda: self._refresh_views(rows))
+
+    def _refresh_views(self, rows: list[dict]) -> None:
         self.plot.set_rows(rows, self.eval_key)
         self.compare_view.set_rows(rows)
         self.weight_view.set_rows(rows)

@@ -63,8 +63,9 @@ class WorkerClient(QObject):
         kind = e.get("type")
         if kind in ("result", "finished"):
             # each in its own slice of the event loop: arriving together, their slots (table, plots)
-            # would otherwise run back to back and hold the GUI thread for one long stretch
-            QTimer.singleShot(0 if kind == "result" else 20, self, lambda: self._deliver(kind, e))
+            # would otherwise run back to back and hold the GUI thread for one long stretch (1 ms, not 0: a
+            # 0 ms single shot is a posted event, run in one batch with the repaint of what came before)
+            QTimer.singleShot(1 if kind == "result" else 20, self, lambda: self._deliver(kind, e))
         elif kind in self.EVENTS:
             getattr(self, kind).emit(e)
 

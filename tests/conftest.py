@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import bundle_build
+
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="squeeze-test-home-"))
 os.environ["SQUEEZE_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -17,6 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED_DATA / "wikitext-2" / "valid.tokens"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The bundle's tests last, and the tests that measure timing after them: the bundle builds in
+    the background meanwhile (tests/bundle_build.py), at the lowest priority."""
+    def order(item) -> int:
+        if item.get_closest_marker("quiet_machine"):
+            return 2
+        return 1 if item.path.name == "test_bundle.py" else 0
+    items.sort(key=order)  # (a stable sort: each group keeps its order)
+    if not config.option.collectonly and any(item.path.name == "test_bundle.py" for item in items):
+        bundle_build.start()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(request):
+    """A timing test waits for the background bundle build to end (when this session started one)."""
+    if request.node.get_closest_marker("quiet_machine") and bundle_build.running():
+        bundle_build.wait()
 
 
 @pytest.fixture

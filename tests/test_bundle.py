@@ -1,16 +1,12 @@
 """The built desktop bundle, as a user gets it: `installer/build` from this checkout, then the
 built executable answers --info and passes --self-test offscreen and on a virtual X screen
-(Xvfb, Qt's xcb platform). The build runs once per source state (~5 min on 2 cores) and is
-reused while core/, gui/, resources/, installer/ and pyproject.toml are unchanged."""
+(Xvfb, Qt's xcb platform). The build runs once per source state (~6 min of one core), in the
+background from the session's start (tests/bundle_build.py); these tests run last."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,35 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))
 from fresh import fresh_env, start_xvfb  # noqa: E402
-DIST = ROOT / "installer" / "dist"
-APP = DIST / "squeeze-studio" / "squeeze-studio"
-STAMP = DIST / ".source-sha256"
-SOURCES = ("core", "gui", "resources", "installer/squeeze-studio.spec", "installer/entry.py", "installer/build",
-           "pyproject.toml")
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for name in SOURCES:
-        p = ROOT / name
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
-        for f in files:
-            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+import bundle_build  # noqa: E402
+from bundle_build import DIST  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bundle() -> Path:
-    want = source_hash()
-    if APP.is_file() and STAMP.is_file() and STAMP.read_text() == want:
-        return APP
-    t0 = time.monotonic()
-    r = subprocess.run([str(ROOT / "installer" / "build")], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, f"installer/build failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    assert APP.is_file(), f"installer/build exited 0 but wrote no {APP.relative_to(ROOT)}"
-    STAMP.write_text(want)
-    print(f"\n[bundle] built in {time.monotonic() - t0:.0f} s: {r.stderr.strip().splitlines()[-2:]}")
-    return APP
+    """The built app: the session started `installer/build` in the background (tests/bundle_build.py)."""
+    return bundle_build.wait()
 
 
 @pytest.fixture(scope="session")

@@ -633,6 +633,7 @@ def test_mixed_precision_from_the_sensitivity_map_proposes_for_a_budget_and_runs
     assert runs and runs[-1]["status"] == "done" and "rtn bits=2" in runs[-1]["label"]
 
 
+@pytest.mark.quiet_machine
 def test_the_event_loop_never_stalls_over_50_ms_while_any_job_runs(qtbot, open_window):
     from stall import StallMeter, drive_every_job
     w = open_window()
@@ -690,4 +691,5 @@ def test_the_delete_key_removes_a_run_and_its_saved_variant_after_asking(qtbot, 
     w.confirm_forget = lambda row, exports: True
     qtbot.keyClick(w.table, Qt.Key_Delete)
     assert w.table.results.row_of(run["id"]) < 0 and not variant.exists()
+    qtbot.waitUntil(lambda: w.settled)  # the plot follows the table a slice later
     assert run["id"] not in {p["id"] for p in w.plot.points} and "Deleted" in w.message.text()
