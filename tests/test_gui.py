@@ -385,6 +385,23 @@ def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot)
     assert panel.recipe_data()["steps"][0]["technique"] == "gptq"
 
 
+def test_slider_values_read_as_numbers_with_short_units(qtbot):
+    from core.techniques import all_techniques
+    from gui.widgets.technique_panel import TechniquePanel
+    panel = TechniquePanel()
+    qtbot.addWidget(panel)
+    shown = {}
+    for t in all_techniques():
+        for name, ed in panel.groups[t.name].editors.items():
+            if getattr(ed, "value_label", None) is not None:
+                shown[(t.name, name)] = ed.value_label.text()
+    assert shown[("distill", "lr")] == "2.0e-4"  # was "0.00020 learning rate"
+    assert shown[("distill", "temperature")] == "1.0" and shown[("distill", "hidden_mse")] == "0.0"
+    assert shown[("early_exit", "first_exit")] == "50 %" and shown[("gptq", "damping")] == "0.010 × mean diag"
+    # a value label is a number and at most a short unit: it sits in a 64-px column beside the slider
+    assert all(len(text) <= 18 for text in shown.values()), {k: v for k, v in shown.items() if len(v) > 18}
+
+
 def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_window):
     w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 2, "group_size": 0}])
     rows = rows_by_label(w)

@@ -444,7 +444,7 @@ class LowRank:
                                 "rank = floor(keep x out x in / (out + in)).")
     activation_aware: bool = knob(True, help="Whiten by the calibration inputs before the SVD (SVD-LLM): the "
                                              "truncation error is measured on what each Linear really sees.")
-    damping: float = knob(0.01, min=0.0, max=1.0, step=0.01, unit="x mean diag",
+    damping: float = knob(0.01, min=0.0, max=1.0, step=0.01, unit="× mean diag",
                           help="Added to the diagonal of the calibration x x^T before whitening (stability).")
     sequential: bool = sequential_knob()
     samples: int = samples_knob(32)

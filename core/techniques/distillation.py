@@ -45,13 +45,13 @@ class Distill:
     steps: int = knob(80, min=10, max=5000, step=10, unit="steps",
                       help="Optimizer steps; the default fits well inside 15 minutes on 2 CPU cores for a 135M model "
                            "(about 6 minutes with bf16 arithmetic, 10 in fp32).")
-    lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="learning rate",
+    lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="",
                      help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up).")
-    temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="T",
+    temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="",
                               help="Softens both distributions before the KL; the loss is scaled by T^2.")
     seq_len: int = seq_len_knob(256)
     batch_size: int = knob(4, min=1, max=64, step=1, unit="sequences", help="Calibration windows per step.")
-    hidden_mse: float = knob(0.0, min=0.0, max=10.0, step=0.1, unit="weight",
+    hidden_mse: float = knob(0.0, min=0.0, max=10.0, step=0.1, unit="",
                              help="Weight of the hidden-state MSE (student layers mapped proportionally to the "
                                   "teacher's); 0 = logits only.")
     samples: int = samples_knob(128)

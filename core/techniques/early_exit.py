@@ -47,7 +47,7 @@ class EarlyExit:
     budget: float = knob(0.1, min=0.01, max=0.7, step=0.01, unit="nats",
                          help="For the recommended threshold: the mean KL over all calibration tokens that "
                               "exiting may cost (0.1 nats ~ 1.1x perplexity).")
-    first_exit: float = knob(0.5, min=0.1, max=0.95, step=0.05, unit="of layers",
+    first_exit: float = knob(0.5, min=0.1, max=0.95, step=0.05, unit="fraction",
                              help="Earliest exit point, as a fraction of the decoder's depth.")
     every: int = knob(2, min=1, max=8, step=1, unit="layers", help="An exit point every this many layers after the first.")
     adapter: bool = knob(True, help="Per exit point, an affine map (hidden x hidden) fitted on the calibration text "

@@ -45,7 +45,7 @@ def sequential_knob(default=False):
 
 
 def damping_knob():
-    return knob(0.01, min=0.001, max=1.0, step=0.001, unit="x mean diag",
+    return knob(0.01, min=0.001, max=1.0, step=0.001, unit="× mean diag",
                 help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
 
 
@@ -77,7 +77,7 @@ class GPTQ:
                                          "statistics, folded into the op before), then run GPTQ.")
     clip: bool = knob(True, help="Search each group's range (shrunk up to 45 %) for the least weighted "
                                  "rounding error, instead of always spanning the largest weight.")
-    bos_weight: float = knob(1.0, min=0.0, max=1.0, step=0.05, unit="x",
+    bos_weight: float = knob(1.0, min=0.0, max=1.0, step=0.05, unit="×",
                              help="Weight of the position-0 (BOS, attention-sink) tokens in the Hessian; "
                                   "1 = as they come.")
     upgrade_8bit: str = knob("", help="Linears given 8 bits instead (no fp16 columns), comma-separated name "

@@ -27,7 +27,9 @@ def format_value(value, field: dict) -> str:
         return labels[str(value)]
     if unit == "fraction" and isinstance(value, float):
         return f"{value * 100:.0f} %"
-    if isinstance(value, float):
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # a learning rate reads 2.0e-4, not 0.00020
+        value = f"{value:.1e}".replace("e-0", "e-")
+    elif isinstance(value, float):
         value = f"{value:.{_decimals(field.get('step') or 0.01)}f}"
     return f"{value} {unit}".strip()
 
