@@ -761,9 +761,9 @@ class MainWindow(QMainWindow):
     def _on_progress(self, e: dict) -> None:
         self.progress.setValue(int(e.get("fraction", 0) * 1000))
         note = e.get("note") or ""
-        # a step that times itself (distill: "step 7/80 …, ETA 1 min") knows better than the job's
-        # stage-weighted guess: one ETA on the line, not two that disagree
-        eta = "" if "ETA" in note else fmt_eta(e.get("eta_s"))
+        # a step that times itself (distill's training loop) knows better than the job's stage-weighted guess
+        step_eta = e.get("step_eta_s")
+        eta = fmt_eta(e.get("eta_s")) if step_eta is None else f" — this step: ETA {fmt_duration(step_eta)}"
         text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{eta}" + (f"  ·  {note}" if note else "")
         self.stage_label.setToolTip(text)
         self.stage_label.setText(self.stage_label.fontMetrics().elidedText(text, Qt.ElideRight,

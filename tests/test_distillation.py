@@ -128,8 +128,9 @@ def test_a_job_streams_loss_lines_progress_with_eta_and_metric_points(tiny4, hom
     assert [e["type"] for e in events][-2:] == ["result", "finished"], [e for e in events if e["type"] == "error"]
     lines = [e["text"] for e in events if e["type"] == "log" and e["text"].startswith("distill: step")]
     assert lines and lines[-1].startswith("distill: step 12/12 loss ")
-    notes = [e["note"] for e in events if e["type"] == "progress" and "distill" in (e.get("note") or "")]
-    assert any("ETA" in n and "loss" in n for n in notes)
+    ticks = [e for e in events if e["type"] == "progress" and "distill: step" in (e.get("note") or "")]
+    assert ticks and all("loss" in e["note"] and "ETA" not in e["note"] for e in ticks)  # one ETA, in its field
+    assert all(e["step_eta_s"] >= 0 for e in ticks) and ticks[-1]["step_eta_s"] == 0
     pts = [e for e in events if e["type"] == "metric"]
     assert [p["step"] for p in pts] == list(range(1, 13)) and all(p["name"] == "distill_loss" for p in pts)
     steps = events[-2]["payload"]["steps"]
@@ -172,6 +173,11 @@ def test_the_window_plots_metric_points_live(qtbot, home, tiny_model, tiny_eval,
         w.client._dispatch({"type": "metric", "job_id": "x", "name": "distill_loss", "step": i, "value": 3.0 / i})
     assert w.loss_curve.isVisible() and len(w.loss_curve.points) == 20
     assert not w.loss_curve.grab().toImage().isNull()
+    # the stage line shows one ETA: the training loop's own, not the job's stage-weighted guess beside it
+    w.client._dispatch({"type": "progress", "job_id": "x", "stage": "apply", "fraction": 0.4, "stage_fraction": 0.5,
+                        "eta_s": 900.0, "step_eta_s": 75.0, "note": "distill: step 40/80 loss 0.5"})
+    line = w.stage_label.toolTip()
+    assert "this step: ETA 1 min" in line and line.count("ETA") == 1 and "loss 0.5" in line
     w.loss_curve.clear()
     assert not w.loss_curve.isVisible()
 

@@ -1,9 +1,11 @@
 """The event contract, one for every job:
 
-    started(job_id) -> progress(stage, fraction, eta_s)*, log(level, text)* and metric(name, step, value)*
+    started(job_id) -> progress(stage, fraction, eta_s, step_eta_s)*, log(level, text)* and metric(name, step, value)*
     -> exactly one of result(payload) | error(kind, message) | cancelled() -> finished()
 
 Events are plain dicts {"type": ..., ...}; the worker process writes them as JSON lines.
+`eta_s` is the job's stage-weighted guess; `step_eta_s`, when a step times itself (distill's
+training loop), that step's own estimate of its time left: the better number while it runs.
 A worker that dies without `finished` is reported by its parent as error("crashed", ...).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Emitter:
     def started(self) -> None:
         self.emit("started")
 
-    def progress(self, stage: str, stage_fraction: float, note: str = "") -> None:
+    def progress(self, stage: str, stage_fraction: float, note: str = "", step_eta_s: float | None = None) -> None:
         done = 0.0
         for s, w in self.weights.items():
             if s == stage:
@@ -46,7 +48,8 @@ class Emitter:
         elapsed = now - self.t0
         eta = elapsed * (1 - done) / done if done > 0.02 else None
         self.emit("progress", stage=stage, fraction=round(done, 4), stage_fraction=round(stage_fraction, 4),
-                  eta_s=round(eta, 1) if eta is not None else None, note=note)
+                  eta_s=round(eta, 1) if eta is not None else None, note=note,
+                  step_eta_s=round(step_eta_s, 1) if step_eta_s is not None else None)
 
     def log(self, text: str, level: str = "info") -> None:
         self.emit("log", level=level, text=text)

@@ -136,7 +136,8 @@ def build_variant(spec: JobSpec, recipe: Recipe, em: Emitter, check) -> tuple[Pa
     for i, step in enumerate(recipe.steps[k:], start=k):
         n = len(recipe.steps)
         ctx.state_key = state_key(spec.model, base_dir, steps[:i])
-        ctx._progress = lambda f, note="", i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}")
+        ctx._progress = lambda f, note="", eta_s=None, i=i: em.progress("apply", (i + f) / n, f"{step.name}: {note}",
+                                                                         eta_s)
         em.log(f"applying {step.label()}")
         t0 = time.perf_counter()
         info = step.technique.apply(model, step.config, ctx) or {}

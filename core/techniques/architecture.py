@@ -618,7 +618,7 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
 
     if cfg.sequential and cfg.activation_aware:
         outer = ctx._progress
-        ctx._progress = lambda f, note="": outer(start + (1 - start) * f, note)
+        ctx._progress = lambda f, note="", eta_s=None: outer(start + (1 - start) * f, note, eta_s)
         try:  # each layer whitened by what the already-factored layers before it produce
             calibration.each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
                                    lambda _i, lins, _st: [factor(n, lin, st, False) for n, (lin, st) in lins.items()],

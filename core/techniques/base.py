@@ -186,12 +186,13 @@ class StepContext:
         self.runtime: list[str] = []
         self.tokenizer = tokenizer
         self.state_key = state_key
-        self._progress = progress or (lambda f, note="": None)
+        self._progress = progress or (lambda f, note="", eta_s=None: None)
         self._cancelled = cancelled or (lambda: False)
         self.log = log or (lambda text: None)
 
-    def progress(self, fraction: float, note: str = "") -> None:
-        self._progress(max(0.0, min(1.0, fraction)), note)
+    def progress(self, fraction: float, note: str = "", eta_s: float | None = None) -> None:
+        """`eta_s`: a step that times itself (a training loop) says how long it has left."""
+        self._progress(max(0.0, min(1.0, fraction)), note, eta_s)
 
     def check_cancel(self) -> None:
         if self._cancelled():

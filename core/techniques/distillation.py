@@ -248,7 +248,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
                     metric("distill_loss", i, value)
                 if i % every_log == 0 or i == cfg.steps or i == start + 1:
                     ctx.log(f"distill: step {i}/{cfg.steps} loss {value:.4f}")
-                ctx.progress(i / cfg.steps, f"step {i}/{cfg.steps} loss {value:.4f}, ETA {_fmt(eta)}")
+                ctx.progress(i / cfg.steps, f"step {i}/{cfg.steps} loss {value:.4f}", eta_s=eta)
                 if i % cfg.checkpoint_every == 0 and i < cfg.steps:
                     _save_atomic({"weights": {n: p.detach().clone() for n, p in params},
                                   "optimizer": opt.state_dict(), "step": i, "losses": losses,
@@ -267,8 +267,3 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
             "last_loss": round(losses[-1], 5) if losses else None,
             "losses": [round(v, 5) for v in losses],
             "seconds_per_step": round((time.perf_counter() - t0) / max(1, done_here), 3)}
-
-
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
