@@ -51,6 +51,9 @@ LAB = (
 )
 
 
+KINDS = ("eval", "compare", "export")  # the ledger rows the checks above read
+
+
 def progress(runs: list[dict]) -> dict[str, bool]:
     """{step key: done} from the ledger's rows."""
     return {s.key: bool(s.done(runs)) for s in LAB}

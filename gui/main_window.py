@@ -21,6 +21,7 @@ from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
 from core.jobs.spec import JobSpec
+from core.lab import KINDS as LAB_KINDS
 from core.ledger import Ledger
 from core.results import TARGETS, fmt_duration, fmt_ppl, recommend, table_rows
 
@@ -107,7 +108,7 @@ class MainWindow(QMainWindow):
 
         self.eval_panel.set_settings(eval_settings or self.store.get("eval", {}))
         self.model_panel.add_models(list(models.BUNDLED) + self.store.get("recent", [])
-                                    + sorted({r["model"] for r in self.ledger.rows()}))
+                                    + sorted({r["model"] for r in self.ledger.rows(kinds=("eval",))}))
         self._update_eval_key()
         self.set_model(model or self.store.get("model") or models.DEFAULT_MODEL)
         self.set_teaching(self.store.get("teach", False) if teach is None else teach)
@@ -571,7 +572,7 @@ class MainWindow(QMainWindow):
         self.teach_action.setChecked(bool(on))
         self.store.set("teach", bool(on))
         if on:
-            self.teach.update_progress(self.ledger.rows())
+            self.teach.update_progress(self.ledger.rows(kinds=LAB_KINDS))
 
     def set_larger_fonts(self, on: bool) -> None:
         app = QApplication.instance()
@@ -632,7 +633,7 @@ class MainWindow(QMainWindow):
         if not path:
             return None
         try:
-            write(Path(path), self.runs)
+            write(Path(path), self.ledger.rows(self.model))  # every kind of job
         except (OSError, SqueezeError) as e:
             self.say(f"cannot write the report: {e}", error=True)
             return None
@@ -841,7 +842,8 @@ class MainWindow(QMainWindow):
     def refresh(self) -> None:
         """Reloads the current model's runs from the ledger (and again every 2 s while a job left
         running by an earlier window, in the background, has not finished)."""
-        self.runs = self.ledger.rows(self.model) if self.model else []
+        # the table's kinds only: re-reading the analysis jobs' results held the GUI thread ~30 ms per refresh
+        self.runs = self.ledger.rows(self.model, kinds=("eval", "export")) if self.model else []
         mine = self.current.job_id if self.current else None
         if any(r["status"] == "running" and r["id"] != mine for r in self.runs):
             QTimer.singleShot(2000, self.refresh)
@@ -856,7 +858,7 @@ class MainWindow(QMainWindow):
         self.compare_view.set_rows(rows)
         self.weight_view.set_rows(rows)
         if hasattr(self, "teach") and self.teach_dock.isVisible():
-            self.teach.update_progress(self.ledger.rows())  # every model's runs count for the lab
+            self.teach.update_progress(self.ledger.rows(kinds=LAB_KINDS))  # every model's runs count for the lab
         self._row_selected(self.table.selected_id())
 
     RERUNNABLE = ("interrupted", "failed", "cancelled")
