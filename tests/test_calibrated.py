@@ -98,7 +98,7 @@ def test_calibration_is_cached_per_model_text_samples_and_length(tiny_model, hom
 
 def test_cancel_mid_calibration_raises_and_leaves_nothing(tiny_model, home):
     notes = []
-    ctx = StepContext(progress=lambda f, n: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
+    ctx = StepContext(progress=lambda f, n, *_: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
     with pytest.raises(Cancelled):
         apply(tiny_model, "gptq", {"bits": 4, **FAST}, ctx)
     assert any("calibration" in n for n in notes)
@@ -375,7 +375,7 @@ def test_sequential_calibrates_each_layer_on_the_compressed_layers_before_it(tin
 
 def test_sequential_cancel_stops_between_layers(tiny_model, home):
     notes = []
-    ctx = StepContext(progress=lambda f, n: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
+    ctx = StepContext(progress=lambda f, n, *_: notes.append(n), cancelled=lambda: any("layer 1/" in n for n in notes))
     with pytest.raises(Cancelled):
         apply(tiny_model, "sparsegpt", {"sequential": True, "nonuniform": 0.0, **FAST}, ctx)
     assert any("sequential" in n for n in notes) and not any("layer 2/" in n for n in notes)

@@ -151,7 +151,7 @@ def test_cancel_between_layers_stops_apply():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2))
     seen = []
-    ctx = StepContext(progress=lambda f, n: seen.append(n), cancelled=lambda: len(seen) >= 3)
+    ctx = StepContext(progress=lambda f, n, *_: seen.append(n), cancelled=lambda: len(seen) >= 3)
     with pytest.raises(Cancelled):
         registry.get("rtn").apply(model, registry.get("rtn").make({}), ctx)
     assert len(seen) == 3

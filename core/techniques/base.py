@@ -178,7 +178,7 @@ class StepContext:
                calibration statistics are cached under it
     """
 
-    def __init__(self, progress: Callable[[float, str], None] | None = None,
+    def __init__(self, progress: Callable[[float, str, float | None], None] | None = None,
                  cancelled: Callable[[], bool] | None = None,
                  log: Callable[[str], None] | None = None,
                  tokenizer=None, state_key: str = ""):
@@ -191,7 +191,8 @@ class StepContext:
         self.log = log or (lambda text: None)
 
     def progress(self, fraction: float, note: str = "", eta_s: float | None = None) -> None:
-        """`eta_s`: a step that times itself (a training loop) says how long it has left."""
+        """Calls the `progress(fraction, note, eta_s)` given at construction. `eta_s`: a step that times
+        itself (a training loop) says how long it has left, else None."""
         self._progress(max(0.0, min(1.0, fraction)), note, eta_s)
 
     def check_cancel(self) -> None:
