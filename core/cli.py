@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import SqueezeError
+from .jobs.events import shown_eta
 
 
 def _print_json(obj) -> None:
@@ -32,8 +33,8 @@ class _Progress:
             return
         t = e["type"]
         if t == "progress":
-            eta = (f", this step: ETA {e['step_eta_s']:.0f} s" if e.get("step_eta_s") is not None
-                   else f", ETA {e['eta_s']:.0f} s" if e.get("eta_s") is not None else "")
+            secs, what = shown_eta(e)
+            eta = f", {what}ETA {secs:.0f} s" if secs is not None else ""
             line = f"[{e['fraction'] * 100:5.1f}%] {e['stage']}{eta} {e.get('note') or ''}"
             if self.tty:
                 sys.stderr.write("\r" + line[:100].ljust(100))

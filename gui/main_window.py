@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpin
 from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
+from core.jobs.events import shown_eta
 from core.jobs.spec import JobSpec
 from core.lab import KINDS as LAB_KINDS
 from core.ledger import Ledger
@@ -61,10 +62,10 @@ class Store:
         self.q.setValue(key, json.dumps(value))
 
 
-def fmt_eta(eta) -> str:
+def fmt_eta(eta, what: str = "") -> str:
     if eta is None:
         return ""
-    return f" — ETA {fmt_duration(eta)}"
+    return f" — {what}ETA {fmt_duration(eta)}"
 
 
 def _steps_saved(k: int) -> str:
@@ -762,9 +763,7 @@ class MainWindow(QMainWindow):
     def _on_progress(self, e: dict) -> None:
         self.progress.setValue(int(e.get("fraction", 0) * 1000))
         note = e.get("note") or ""
-        # a step that times itself (distill's training loop) knows better than the job's stage-weighted guess
-        step_eta = e.get("step_eta_s")
-        eta = fmt_eta(e.get("eta_s")) if step_eta is None else f" — this step: ETA {fmt_duration(step_eta)}"
+        eta = fmt_eta(*shown_eta(e))
         text = f"{e.get('stage')} {e.get('stage_fraction', 0) * 100:.0f} %{eta}" + (f"  ·  {note}" if note else "")
         self.stage_label.setToolTip(text)
         self.stage_label.setText(self.stage_label.fontMetrics().elidedText(text, Qt.ElideRight,

@@ -16,6 +16,13 @@ from typing import Callable
 STAGES = ("load", "apply", "save", "evaluate", "export", "verify")
 
 
+def shown_eta(e: dict) -> tuple[float | None, str]:
+    """The ETA a progress event shows (GUI and CLI): a step's own over the job's guess, and which it is."""
+    if e.get("step_eta_s") is not None:
+        return e["step_eta_s"], "this step: "
+    return e.get("eta_s"), ""
+
+
 class Emitter:
     """Turns stage progress into overall fraction + ETA and calls `sink(event)`."""
 
