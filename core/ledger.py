@@ -119,10 +119,14 @@ class Ledger:
     def mark_interrupted(self, known_pid_only: bool = False) -> int:
         """Runs left 'running' by a process that is gone (app closed or crashed mid-job).
         `known_pid_only`: leave rows without a pid alone (another app may be starting that job's worker)."""
+        with closing(self._connect()) as db:  # only the running rows: every row's result is a lot to parse
+            running = [_row(r) for r in db.execute("SELECT * FROM runs WHERE status='running'")]
+        if not running:
+            return 0
         import psutil
         n = 0
-        for r in self.rows():
-            if r["status"] != "running" or (known_pid_only and not r["pid"]):
+        for r in running:
+            if known_pid_only and not r["pid"]:
                 continue
             if not (r["pid"] and psutil.pid_exists(r["pid"])):
                 self.finish(r["id"], "interrupted", error="the app stopped while this job ran")

@@ -141,7 +141,9 @@ class ReadableLabel(QLabel):
 
 
 class TechniqueGroup(QGroupBox):
-    """A technique: checkable title (include it), its summary, one editor per field."""
+    """A technique: checkable title (include it), its summary, one editor per field; `changed` when an
+    editor's value changes."""
+    changed = Signal()
 
     def __init__(self, technique, parent=None):
         super().__init__(technique.name, parent)
@@ -159,14 +161,29 @@ class TechniqueGroup(QGroupBox):
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
         lay.addWidget(self.body)
         self.body.setVisible(False)
-        self.toggled.connect(self.body.setVisible)
-        self.editors: dict[str, FieldEditor] = {}
-        for f in technique.fields():
-            ed = FieldEditor(f)
-            label = QLabel(f["name"].replace("_", " "))
-            label.setToolTip(f.get("help") or "")
-            form.addRow(label, ed)
-            self.editors[f["name"]] = ed
+        self.toggled.connect(self._ticked)
+        self._editors: dict[str, FieldEditor] | None = None
+
+    @property
+    def editors(self) -> dict[str, FieldEditor]:
+        """One editor per field, built when first needed (~120 sliders built at start held the window's
+        opening ~60 ms; most techniques are never ticked)."""
+        if self._editors is None:
+            self._editors = {}
+            form = self.body.layout()
+            for f in self.technique.fields():
+                ed = FieldEditor(f)
+                label = QLabel(f["name"].replace("_", " "))
+                label.setToolTip(f.get("help") or "")
+                form.addRow(label, ed)
+                ed.changed.connect(self.changed)
+                self._editors[f["name"]] = ed
+        return self._editors
+
+    def _ticked(self, on: bool) -> None:
+        if on:
+            self.editors  # noqa: B018 (built on first tick)
+        self.body.setVisible(on)
 
     def values(self) -> dict:
         return {name: ed.value() for name, ed in self.editors.items()}
@@ -192,8 +209,7 @@ class TechniquePanel(QWidget):
                 lay.addWidget(head)
             g = TechniqueGroup(t)
             g.toggled.connect(self.changed)
-            for ed in g.editors.values():
-                ed.changed.connect(self.changed)
+            g.changed.connect(self.changed)
             lay.addWidget(g)
             self.groups[t.name] = g
 
