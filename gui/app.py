@@ -44,6 +44,21 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def no_display(render_only: bool) -> str | None:
+    """On Linux without a screen (no DISPLAY / WAYLAND_DISPLAY, no QT_QPA_PLATFORM) Qt aborts with a core dump.
+    Rendering to a file (--screenshot, --self-test) needs no screen: it uses the offscreen platform. The
+    window itself does: -> the line saying so, or None."""
+    import os
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM") \
+            or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    if render_only:
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+        return None
+    return ("no screen to open the window on (DISPLAY is not set). Run it in a desktop session, or on a "
+            "virtual screen (xvfb-run ./studio); without one, the CLI does everything: .venv/bin/squeeze --help")
+
+
 def check_png(out: str):
     from pathlib import Path
     out_path = Path(out).expanduser()
@@ -151,6 +166,10 @@ def main(argv=None) -> int:
     if args.worker:
         from core.jobs.worker import main as worker_main
         return worker_main()
+    headless = no_display(render_only=bool(args.self_test or args.screenshot))
+    if headless and not args.info:
+        print(f"squeeze-studio: {headless}", file=sys.stderr)
+        return 1
     if args.self_test:
         return self_test(args.model)
     if args.info:
