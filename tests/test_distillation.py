@@ -49,6 +49,25 @@ def _kl(student, teacher, ids) -> float:
         return float(kd_loss(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits, 1.0))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_distillation_loss_and_its_gradient_are_the_textbook_kl(temperature):
+    # the loss is hand-written in cache-sized chunks: it must equal T^2 * KL(teacher_T || student_T) and its
+    # gradient, on more tokens than one chunk, for a plain and a weighted loss
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 11, 97, generator=g) * 3).requires_grad_()
+    t = torch.randn(3, 11, 97, generator=g) * 3
+    T = temperature
+    want = (T * T) * (torch.log_softmax(t / T, -1).exp()
+                      * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1).mean()
+    (0.5 * want).backward()
+    want_grad, s.grad = s.grad.clone(), None
+    got = kd_loss(s, t, T)
+    (0.5 * got).backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert torch.allclose(s.grad, want_grad, atol=1e-7, rtol=1e-4)
+    assert float(got.detach()) > 0.1 and float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-5)  # 0 only when they agree
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_distill_after_dropping_layers_lowers_the_kl_on_held_out_text(tiny4, home, precision):
     student, tok, ctx = _pruned_student(tiny4, key=f"distill-{precision}")

@@ -107,13 +107,62 @@ def use_bf16(precision: str) -> bool:
         return False
 
 
+KD_ROWS = 8  # tokens per chunk of the loss: 8 x 49,152 fp32 logits = 1.5 MB, in cache (4-16 measured best)
+
+
 def kd_loss(s_logits, t_logits, temperature: float):
-    """T^2 * mean over tokens of KL(teacher_T || student_T)."""
+    """T^2 * mean over tokens of KL(teacher_T || student_T), differentiable in the student's logits.
+
+    Written by hand (torch has no fused KL-from-logits): the plain expression made ~8 passes over the
+    (B, S, V) logits in memory, forward and backward — 200 MB each at 4 x 256 tokens of a 49k vocabulary,
+    ~15 % of a distillation step on a 2-core CPU. Here each chunk of KD_ROWS tokens is done while in cache
+    and the gradient, T/N * (softmax(s/T) - softmax(t/T)), is computed with the loss."""
+    return _KD.apply(s_logits, t_logits.detach(), float(temperature))
+
+
+def _kd_class():
     import torch
-    T = temperature
-    t = torch.log_softmax(t_logits.float() / T, -1)
-    s = torch.log_softmax(s_logits.float() / T, -1)
-    return (T * T) * (t.exp() * (t - s)).sum(-1).mean()
+
+    class KD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s_logits, t_logits, T):
+            v = s_logits.shape[-1]
+            s2, t2 = s_logits.detach().reshape(-1, v), t_logits.reshape(-1, v)  # (N, V)
+            n = s2.shape[0]
+            grad = torch.empty(s2.shape, dtype=s_logits.dtype) if s_logits.requires_grad else None
+            total = torch.zeros((), dtype=torch.float64)
+            for i in range(0, n, KD_ROWS):
+                ls = torch.log_softmax(s2[i:i + KD_ROWS].float() / T, -1)
+                lt = torch.log_softmax(t2[i:i + KD_ROWS].float() / T, -1)
+                pt = lt.exp()
+                total += (pt * (lt - ls)).sum(dtype=torch.float64)
+                if grad is not None:
+                    grad[i:i + KD_ROWS] = ls.exp_().sub_(pt).mul_(T / n)
+            ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+            ctx.shape = s_logits.shape
+            return (total * (T * T / n)).float()
+
+        @staticmethod
+        def backward(ctx, g):
+            (grad,) = ctx.saved_tensors
+            if g.numel() == 1 and float(g) == 1.0:  # the usual case: spare another pass over the logits
+                return grad.reshape(ctx.shape), None, None
+            return (grad * g).reshape(ctx.shape), None, None
+
+    return KD
+
+
+class _LazyKD:  # the Function class is built on first use: importing this module must not import torch
+    cls = None
+
+    @classmethod
+    def apply(cls, *args):
+        if cls.cls is None:
+            cls.cls = _kd_class()
+        return cls.cls.apply(*args)
+
+
+_KD = _LazyKD
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
@@ -133,6 +182,16 @@ def _trainable(model):
     if head is not None:
         frozen.add(id(head.weight))
     return [(n, p) for n, p in model.named_parameters() if id(p) not in frozen]
+
+
+def _adamw(params, lr: float):
+    """AdamW, its fused CPU kernel where this torch has one (3x faster a step than the per-tensor loop:
+    0.42 -> 0.13 s for SmolLM2's decoder on 2 cores)."""
+    import torch
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def _save_atomic(obj, folder) -> None:
@@ -180,7 +239,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
         p.requires_grad_(True)
     masks = {n: (p != 0) for n, p in params
              if p.dim() == 2 and (p == 0).float().mean().item() >= 0.01}  # pruned weights stay zero
-    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+    opt = _adamw([p for _, p in params], cfg.lr)
 
     folder = checkpoint_dir(ctx, cfg)
     start, losses = 0, []
@@ -202,7 +261,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
         except Exception as e:  # a damaged or stale checkpoint: start over
             ctx.log(f"distill: checkpoint not usable ({type(e).__name__}: {e}); starting from step 0")
             start, losses = 0, []
-            opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+            opt = _adamw([p for _, p in params], cfg.lr)
     else:
         torch.manual_seed(cfg.seed)
 
