@@ -108,6 +108,7 @@ def use_bf16(precision: str) -> bool:
 
 
 KD_ROWS = 8  # tokens per chunk of the loss: 8 x 49,152 fp32 logits = 1.5 MB, in cache (4-16 measured best)
+_KD = None  # the loss's torch.autograd.Function, built on first use
 
 
 def kd_loss(s_logits, t_logits, temperature: float):
@@ -117,6 +118,9 @@ def kd_loss(s_logits, t_logits, temperature: float):
     (B, S, V) logits in memory, forward and backward — 200 MB each at 4 x 256 tokens of a 49k vocabulary,
     ~15 % of a distillation step on a 2-core CPU. Here each chunk of KD_ROWS tokens is done while in cache
     and the gradient, T/N * (softmax(s/T) - softmax(t/T)), is computed with the loss."""
+    global _KD
+    if _KD is None:  # built on first use: importing this module must not import torch
+        _KD = _kd_class()
     return _KD.apply(s_logits, t_logits.detach(), float(temperature))
 
 
@@ -150,19 +154,6 @@ def _kd_class():
             return (grad * g).reshape(ctx.shape), None, None
 
     return KD
-
-
-class _LazyKD:  # the Function class is built on first use: importing this module must not import torch
-    cls = None
-
-    @classmethod
-    def apply(cls, *args):
-        if cls.cls is None:
-            cls.cls = _kd_class()
-        return cls.cls.apply(*args)
-
-
-_KD = _LazyKD
 
 
 def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
