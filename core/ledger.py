@@ -89,13 +89,16 @@ class Ledger:
         self._exec("UPDATE runs SET status=?, result=COALESCE(?, result), error=?, finished=? WHERE id=?",
                    (status, json.dumps(result) if result is not None else None, error, time.time(), run_id))
 
-    def rows(self, model: str | None = None, kinds: tuple[str, ...] | None = None) -> list[dict]:
-        """Rows (of `model`, of these job `kinds`) oldest first. `kinds` spares a caller the results it does
-        not read: a weight view's result is ~0.6 MB of histograms on SmolLM2 (~30 ms to parse)."""
+    def rows(self, model: str | None = None, kinds: tuple[str, ...] | None = None,
+             status: str | None = None) -> list[dict]:
+        """Rows (of `model`, of these job `kinds`, in this `status`) oldest first. The filters spare a caller
+        the results it does not read: a weight view's result is ~0.6 MB of histograms on SmolLM2 (~30 ms to
+        parse)."""
         where, args = [], []
-        if model:
-            where.append("model=?")
-            args.append(model)
+        for column, value in (("model", model), ("status", status)):
+            if value:
+                where.append(f"{column}=?")
+                args.append(value)
         if kinds:
             where.append(f"kind IN ({','.join('?' * len(kinds))})")
             args.extend(kinds)
@@ -119,8 +122,7 @@ class Ledger:
     def mark_interrupted(self, known_pid_only: bool = False) -> int:
         """Runs left 'running' by a process that is gone (app closed or crashed mid-job).
         `known_pid_only`: leave rows without a pid alone (another app may be starting that job's worker)."""
-        with closing(self._connect()) as db:  # only the running rows: every row's result is a lot to parse
-            running = [_row(r) for r in db.execute("SELECT * FROM runs WHERE status='running'")]
+        running = self.rows(status="running")
         if not running:
             return 0
         import psutil
