@@ -59,12 +59,14 @@ def test_the_distillation_loss_and_its_gradient_are_the_textbook_kl(temperature)
     T = temperature
     want = (T * T) * (torch.log_softmax(t / T, -1).exp()
                       * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum(-1).mean()
-    (0.5 * want).backward()
-    want_grad, s.grad = s.grad.clone(), None
-    got = kd_loss(s, t, T)
-    (0.5 * got).backward()
-    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
-    assert torch.allclose(s.grad, want_grad, atol=1e-7, rtol=1e-4)
+    for weight in (1.0, 0.5):  # the loss alone, and weighted inside a larger one
+        (weight * want).backward(retain_graph=True)
+        want_grad, s.grad = s.grad.clone(), None
+        got = kd_loss(s, t, T)
+        (weight * got).backward()
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+        assert torch.allclose(s.grad, want_grad, atol=1e-7, rtol=1e-4)
+        s.grad = None
     assert float(got.detach()) > 0.1 and float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-5)  # 0 only when they agree
 
 
