@@ -158,6 +158,12 @@ def test_a_job_streams_loss_lines_progress_with_eta_and_metric_points(tiny4, hom
     assert steps[-1]["technique"] == "distill" and len(steps[-1]["losses"]) == 12
 
 
+def test_a_depth_pruned_student_knows_which_teacher_layer_each_of_its_layers_was(tiny4, home):
+    student, _, _ = _pruned_student(tiny4, key="origin")
+    origin = [layer.teacher_layer for layer in student.model.layers]
+    assert len(origin) == 2 and origin == sorted(set(origin)) and max(origin) < 4
+
+
 def test_order_rules_and_layer_map():
     r = rc.of(("structured_prune", {"layers": 0.25}), "distill", ("gptq", {"bits": 4}))
     assert [s.name for s in r.steps] == ["structured_prune", "distill", "gptq"]
@@ -167,6 +173,8 @@ def test_order_rules_and_layer_map():
         rc.of("early_exit", "distill")
     assert layer_map(2, 4) == [(1, 2), (2, 4)]
     assert layer_map(3, 4)[-1] == (3, 4)
+    # after a depth prune each kept layer is matched to itself in the teacher, the last output to the last
+    assert layer_map(3, 6, origin=[0, 2, 3]) == [(1, 1), (2, 3), (3, 6)]
 
 
 def test_listed_by_the_cli_with_full_metadata():

@@ -140,6 +140,9 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
             info["healed_runs"] = linear_heal(model, layers, gone, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
                                               start=0.7, span=0.1)
     inner = model.model
+    for i in keep_layers:  # which teacher layer each one was, for distill's hidden-state loss (this job only)
+        if getattr(layers[i], "teacher_layer", None) is None:
+            layers[i].teacher_layer = i
     inner.layers = torch.nn.ModuleList([layers[i] for i in keep_layers])
     config.num_hidden_layers = len(keep_layers)
     if getattr(config, "layer_types", None):

@@ -3,9 +3,10 @@
 calibration text, never the evaluation text.
 
 Loss per token: T^2 KL(teacher_T || student_T) on the logits softened by the temperature T, plus,
-when `hidden_mse` > 0, that weight times the mean squared error between hidden states, student
-layer j matched to teacher layer round(j * L_teacher / L_student) (layers mapped proportionally;
-skipped when the hidden sizes differ). The decoder layers and the final norm train; the embedding
+when `hidden_mse` > 0, that weight times the mean squared error between hidden states: after
+`structured_prune` dropped layers in this job, each kept layer's output matched to its own output in the
+teacher, else student layer j to teacher layer round(j * L_teacher / L_student) (skipped when the hidden
+sizes differ). The decoder layers and the final norm train; the embedding
 and the (tied) LM head stay as they are, which keeps the optimizer state small and the step fast.
 Weights that are exactly zero in a Linear of a pruned student (magnitude_prune, wanda, sparsegpt)
 stay zero: their mask is re-applied after every update.
@@ -52,8 +53,8 @@ class Distill:
     seq_len: int = seq_len_knob(256)
     batch_size: int = knob(4, min=1, max=64, step=1, unit="sequences", help="Calibration windows per step.")
     hidden_mse: float = knob(0.0, min=0.0, max=10.0, step=0.1, unit="",
-                             help="Weight of the hidden-state MSE (student layers mapped proportionally to the "
-                                  "teacher's); 0 = logits only.")
+                             help="Weight of the hidden-state MSE (each layer kept by a depth prune matched to "
+                                  "itself in the teacher, else layers mapped proportionally); 0 = logits only.")
     samples: int = samples_knob(128)
     calib_text: str = text_knob()
     checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps",
@@ -156,8 +157,12 @@ def _kd_class():
     return KD
 
 
-def layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
-    """(student hidden-state index, teacher index) pairs, layers matched proportionally (index 0 = embeddings)."""
+def layer_map(n_student: int, n_teacher: int, origin: list[int] | None = None) -> list[tuple[int, int]]:
+    """(student hidden-state index, teacher index) pairs (index 0 = embeddings; the last, both models' normed
+    output). `origin`: the teacher layer each student layer was (structured_prune keeps whole layers): each
+    kept layer's output is matched to its own in the teacher; else layers are matched proportionally."""
+    if origin is not None and len(origin) == n_student and max(origin, default=-1) < n_teacher:
+        return [(j, origin[j - 1] + 1) for j in range(1, n_student)] + [(n_student, n_teacher)]
     return [(j, round(j * n_teacher / n_student)) for j in range(1, n_student + 1)]
 
 
@@ -221,7 +226,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
         ctx.log(f"distill: hidden sizes differ ({model.config.hidden_size} vs {teacher.config.hidden_size}); "
                 "hidden-state MSE off")
         use_hidden = False
-    pairs = layer_map(n_s, n_t) if use_hidden else []
+    origin = [getattr(layer, "teacher_layer", None) for layer in model.model.layers]
+    pairs = layer_map(n_s, n_t, None if None in origin else origin) if use_hidden else []
 
     params = _trainable(model)
     for p in model.parameters():
