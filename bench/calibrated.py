@@ -77,6 +77,11 @@ HEAL_15MIN = {"steps": 80, "samples": 256, "seq_len": 512, "batch_size": 2, "cal
 ISSUE5_ROWS = [
     ("prune25-distill-valid", "structured_prune 25 % layers → distill 80 steps (≤ 15 min), validation split", 1.50,
      [LAYERS25, {"technique": "distill", **HEAL_15MIN}], "structured_prune 25 % layers alone", [LAYERS25]),
+    # the same with the hidden-state MSE, each kept layer matched to itself in the teacher; its weight puts the
+    # MSE (~29 at the start, dominated by the late layers' larger states) near the KL (~1.2)
+    ("prune25-distill-hidden", "structured_prune 25 % layers → distill 80 steps + hidden-state MSE 0.05, validation "
+     "split", 1.50, [LAYERS25, {"technique": "distill", **HEAL_15MIN, "hidden_mse": 0.05}],
+     "structured_prune 25 % layers alone", [LAYERS25]),
     ("lowrank80-distill", "low_rank keep 80 % (activation-aware, sequential) → distill", 1.50,
      [LOWRANK, {"technique": "distill", **HEAL}], "low_rank alone", [LOWRANK]),
     # longer, on more distinct text: 240 steps of 2 x 512 tokens drawn from the whole WikiText-2 validation split
