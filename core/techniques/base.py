@@ -172,7 +172,7 @@ class StepContext:
 
     packed:   weight name -> QTensor, filled by quantizers; saved packed, loaded back dequantized
     runtime:  transforms re-applied when the saved variant is loaded (e.g. "dynamic_int8")
-    progress: progress(fraction, note) within this step
+    progress: progress(fraction, note, eta_s=None) within this step
     tokenizer: the model's tokenizer (calibration text is tokenized with it)
     state_key: identifies the model as this step receives it (base model + the steps before);
                calibration statistics are cached under it
