@@ -16,7 +16,7 @@ from core.jobs.run import run_job
 from core.jobs.spec import JobSpec
 from core.techniques import registry
 from core.techniques.base import StepContext
-from core.techniques.distillation import CKPT_FILE, checkpoint_dir, kd_loss, layer_map
+from core.techniques.distillation import CKPT_FILE, _hidden_loss, checkpoint_dir, kd_loss, layer_map
 
 from conftest import make_tiny_llama
 
@@ -175,6 +175,22 @@ def test_order_rules_and_layer_map():
     assert layer_map(3, 4)[-1] == (3, 4)
     # after a depth prune each kept layer is matched to itself in the teacher, the last output to the last
     assert layer_map(3, 6, origin=[0, 2, 3]) == [(1, 1), (2, 3), (3, 6)]
+
+
+def test_the_hidden_state_loss_is_not_all_the_attention_sink():
+    # a sink token's states are hundreds of times larger than the others': the loss weighs each token's error
+    # relative to its size, as the next layer's RMSNorm sees it, so scaling one token changes nothing
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 6, 16, generator=g)
+    s = t + 0.1 * torch.randn(2, 6, 16, generator=g)
+    pairs = [(1, 1)]
+    loss = float(_hidden_loss([None, s], [None, t], pairs))
+    rel = ((s - t) ** 2).mean(-1) / (t ** 2).mean(-1)   # (2, 6): each token's relative squared error
+    assert loss == pytest.approx(float(rel.mean()), rel=1e-4)
+    s2, t2 = s.clone(), t.clone()
+    s2[:, 0] *= 300
+    t2[:, 0] *= 300
+    assert float(_hidden_loss([None, s2], [None, t2], pairs)) == pytest.approx(loss, rel=1e-4)
 
 
 def test_listed_by_the_cli_with_full_metadata():

@@ -3,7 +3,8 @@
 calibration text, never the evaluation text.
 
 Loss per token: T^2 KL(teacher_T || student_T) on the logits softened by the temperature T, plus,
-when `hidden_mse` > 0, that weight times the mean squared error between hidden states: after
+when `hidden_mse` > 0, that weight times the mean squared error between hidden states (each token's
+divided by the teacher state's RMS there, as the next RMSNorm sees it): after
 `structured_prune` dropped layers in this job, each kept layer's output matched to its own output in the
 teacher, else student layer j to teacher layer round(j * L_teacher / L_student) (skipped when the hidden
 sizes differ). The decoder layers and the final norm train; the embedding
@@ -53,8 +54,9 @@ class Distill:
     seq_len: int = seq_len_knob(256)
     batch_size: int = knob(4, min=1, max=64, step=1, unit="sequences", help="Calibration windows per step.")
     hidden_mse: float = knob(0.0, min=0.0, max=10.0, step=0.1, unit="",
-                             help="Weight of the hidden-state MSE (each layer kept by a depth prune matched to "
-                                  "itself in the teacher, else layers mapped proportionally); 0 = logits only.")
+                             help="Weight of the hidden-state MSE, relative to each token's size (each layer kept by a "
+                                  "depth prune matched to itself in the teacher, else layers mapped "
+                                  "proportionally); 0 = logits only.")
     samples: int = samples_knob(128)
     calib_text: str = text_knob()
     checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps",
@@ -167,9 +169,16 @@ def layer_map(n_student: int, n_teacher: int, origin: list[int] | None = None) -
 
 
 def _hidden_loss(s_hidden, t_hidden, pairs):
+    """Mean over the pairs of the MSE between hidden states, each token's pair divided by the teacher state's
+    RMS: every consumer of the residual stream normalizes it per token first (RMSNorm), and unscaled the loss
+    is all the attention-sink tokens' massive activations (hundreds, against ~1 elsewhere)."""
     import torch
-    return torch.stack([torch.nn.functional.mse_loss(s_hidden[j].float(), t_hidden[k].float())
-                        for j, k in pairs]).mean()
+    out = []
+    for j, k in pairs:
+        t = t_hidden[k].float()                                   # (B, S, H)
+        inv = t.pow(2).mean(-1, keepdim=True).add_(1e-6).rsqrt_()  # (B, S, 1)
+        out.append(torch.nn.functional.mse_loss(s_hidden[j].float() * inv, t * inv))
+    return torch.stack(out).mean()
 
 
 def _trainable(model):
