@@ -83,6 +83,10 @@ ISSUE5_ROWS = [
     ("prune25-distill-hidden", "structured_prune 25 % layers → distill 80 steps + hidden-state MSE 3, validation "
      "split", 1.50, [LAYERS25, {"technique": "distill", **HEAL_15MIN, "hidden_mse": 3.0}],
      "structured_prune 25 % layers alone", [LAYERS25]),
+    # lr 5e-4 instead of 2e-4: 1.809x vs 1.885x in a 40-step probe at 4,096 tokens (session 17)
+    ("prune25-distill-lr5e-4", "structured_prune 25 % layers → distill 80 steps at lr 5e-4 (≤ 15 min), validation "
+     "split", 1.50, [LAYERS25, {"technique": "distill", **HEAL_15MIN, "lr": 5e-4}],
+     "structured_prune 25 % layers alone", [LAYERS25]),
     ("lowrank80-distill", "low_rank keep 80 % (activation-aware, sequential) → distill", 1.50,
      [LOWRANK, {"technique": "distill", **HEAL}], "low_rank alone", [LOWRANK]),
     # longer, on more distinct text: 240 steps of 2 x 512 tokens drawn from the whole WikiText-2 validation split
