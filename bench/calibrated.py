@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, MODEL, ROOT, TEXT, eval_settings, isolated_home, run_recipe  # noqa: E402, F401 (repo root on sys.path)
+from common import HERE, MODEL, ROOT, TEXT, VALID, eval_settings, isolated_home, run_recipe  # noqa: E402, F401 (repo root on sys.path)
 
 G4 = {"bits": 4, "group_size": 64, "symmetric": True}
 G3 = {"bits": 3, "group_size": 64, "symmetric": True}
@@ -29,7 +29,6 @@ AWQ = {"outliers": 16, "sequential": True, "samples": 32}  # 32 / 64 / 128 sampl
 WS = {"outliers": 8}
 SGPT = {"sequential": True, "samples": 32}
 HEAL = {"steps": 160, "samples": 256}  # 4,096 tokens: sparsegpt 50 % 1.66x -> 1.42x after it
-VALID = ROOT.parent / "shared/data/wikitext-2/valid.tokens"  # calibration only, never the evaluation text
 HEAL_LONG = {"steps": 240, "samples": 256, "seq_len": 512, "batch_size": 2, "calib_text": str(VALID)}
 CALIBRATED = {"gptq", "awq", "smoothquant", "weight_sharing", "wanda", "sparsegpt"}
 # name, bar (x fp32), recipe, reference name, reference recipe

@@ -13,6 +13,7 @@ if str(ROOT) not in sys.path:
 
 MODEL = "bundled:smollm2-135m"
 TEXT = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+VALID = ROOT.parent / "shared/data/wikitext-2/valid.tokens"  # calibration only, never the evaluation text
 
 
 def isolated_home(prefix: str = "squeeze-bench-") -> Path:

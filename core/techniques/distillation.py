@@ -48,7 +48,9 @@ class Distill:
                       help="Optimizer steps; the default is sized for 15 minutes on 2 CPU cores for a 135M model with a "
                            "quarter of its layers dropped (about 6 minutes with bf16 arithmetic, 12-15 in fp32).")
     lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="",
-                     help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up).")
+                     help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up). Short runs "
+                          "heal more at a higher one: 80 steps after a quarter of the layers were dropped reached "
+                          "1.58x fp32 perplexity at 5e-4, 1.67x at 2e-4.")
     temperature: float = knob(1.0, min=0.5, max=8.0, step=0.5, unit="",
                               help="Softens both distributions before the KL; the loss is scaled by T^2.")
     seq_len: int = seq_len_knob(256)
