@@ -20,17 +20,10 @@ from common import MODEL, TEXT, VALID, isolated_home  # noqa: E402 (repo root on
 
 
 def drop_layers(model, drop: list[int]):
-    """A copy of `model` without the decoder layers in `drop`, each kept layer tagged with its old index."""
-    import torch
+    """A copy of `model` without the decoder layers in `drop` (structured_prune's own surgery)."""
+    from core.techniques.architecture import keep_only_layers
     s = copy.deepcopy(model)
-    keep = [i for i in range(len(s.model.layers)) if i not in drop]
-    s.model.layers = torch.nn.ModuleList([s.model.layers[i] for i in keep])
-    s.config.num_hidden_layers = len(keep)
-    if getattr(s.config, "layer_types", None):
-        s.config.layer_types = [s.config.layer_types[i] for i in keep]
-    for j, (i, layer) in enumerate(zip(keep, s.model.layers)):
-        layer.self_attn.layer_idx = j
-        layer.teacher_layer = i
+    keep_only_layers(s, [i for i in range(s.config.num_hidden_layers) if i not in drop])
     return s
 
 

@@ -94,6 +94,26 @@ def _half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def keep_only_layers(model, keep: list[int]) -> None:
+    """Keep these decoder layers (their indices, in order), dropping the rest: the config and each layer's
+    cache index follow, and each kept layer remembers which teacher layer it was (for distill's hidden-state
+    loss; this job only, not saved)."""
+    import torch
+    layers = model.model.layers
+    for i in keep:
+        if getattr(layers[i], "teacher_layer", None) is None:
+            layers[i].teacher_layer = i
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    for new_i, layer in enumerate(model.model.layers):  # caches index by layer_idx
+        layer.self_attn.layer_idx = new_i
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_i
+
+
 @technique(StructuredPrune, name="structured_prune", family="architecture")
 def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
     import torch
@@ -140,17 +160,7 @@ def structured_prune(model, cfg: StructuredPrune, ctx: StepContext) -> dict:
             info["healed_runs"] = linear_heal(model, layers, gone, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
                                               start=0.7, span=0.1)
     inner = model.model
-    for i in keep_layers:  # which teacher layer each one was, for distill's hidden-state loss (this job only)
-        if getattr(layers[i], "teacher_layer", None) is None:
-            layers[i].teacher_layer = i
-    inner.layers = torch.nn.ModuleList([layers[i] for i in keep_layers])
-    config.num_hidden_layers = len(keep_layers)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep_layers]
-    for new_i, layer in enumerate(inner.layers):  # caches index by layer_idx
-        layer.self_attn.layer_idx = new_i
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_i
+    keep_only_layers(model, keep_layers)
 
     # 3. heads and FFN channels: the same count in every layer, which ones per layer
     new_heads = heads - drop_q * kv - drop_groups * group
