@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import pyqtgraph as pg
-from PySide6.QtWidgets import QGraphicsItem
+from PySide6.QtGui import QFontMetrics
+from PySide6.QtWidgets import QApplication, QGraphicsItem
+
+WIDEST_TICK = "-00.000"  # the widest tick label the views show (counts, MB, perplexity, weight values)
 
 
 def lean_axes(plot: pg.PlotItem, text: str = "#333", line: str = "#888") -> pg.PlotItem:
@@ -16,7 +19,17 @@ def lean_axes(plot: pg.PlotItem, text: str = "#333", line: str = "#888") -> pg.P
         axis.enableAutoSIPrefix(False)  # MB stay MB, not "×0.001"
         axis.setStyle(maxTickLevel=0)
         axis.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
+        fixed_text_space(axis)
     return plot
+
+
+def fixed_text_space(axis: pg.AxisItem, font=None) -> None:
+    """Room for tick labels sized once from the font, not from the labels drawn: otherwise each
+    repaint with new data whose labels are wider or narrower resizes the axis, re-lays out the plot
+    and paints it again (three extra repaints of the weight view, ~10 ms on a slow CPU)."""
+    fm = QFontMetrics(font or axis.style.get("tickFont") or QApplication.font())
+    axis.setStyle(autoExpandTextSpace=False, tickTextWidth=fm.horizontalAdvance(WIDEST_TICK),
+                  tickTextHeight=fm.height())
 
 
 PLOT_COLOURS = {False: ("w", "#333", "#888"), True: ("#1e1f22", "#dfe1e5", "#8c8f94")}  # background, text, lines
@@ -44,6 +57,7 @@ def font_plot(widget: pg.PlotWidget, font) -> None:
     for side in ("left", "bottom"):
         axis = pi.getAxis(side)
         axis.setStyle(tickFont=font)
+        fixed_text_space(axis, font)
         axis.label.setFont(font)
         axis.picture = None  # re-measure the tick labels
         axis.update()
