@@ -88,6 +88,7 @@ class MainWindow(QMainWindow):
         self.model = ""
         self.model_ok = False
         self.eval_key: str | None = None
+        self._shown: tuple | None = None  # (model, eval key, table rows) last drawn by refresh()
         self.runs: list[dict] = []
         self.queue: list[JobSpec] = []
         self.current: JobSpec | None = None
@@ -847,15 +848,21 @@ class MainWindow(QMainWindow):
         if any(r["status"] == "running" and r["id"] != mine for r in self.runs):
             QTimer.singleShot(2000, self.refresh)
         rows = table_rows(self.runs)
+        shown, self._shown = self._shown, (self.model, self.eval_key, rows)
+        if shown == self._shown:  # e.g. after an analysis job (not a table row): nothing to redraw
+            self.later(0, lambda: self._refresh_views(None))
+            return
         self.table.set_rows(rows, self.eval_key)
         # the plot and the other views in a slice of their own: with the table's, and the repaint of
         # both, one slice held the GUI thread past 40 ms on a slow CPU
         self.later(0, lambda: self._refresh_views(rows))
 
-    def _refresh_views(self, rows: list[dict]) -> None:
-        self.plot.set_rows(rows, self.eval_key)
-        self.compare_view.set_rows(rows)
-        self.weight_view.set_rows(rows)
+    def _refresh_views(self, rows: list[dict] | None) -> None:
+        """`rows`: the table's new rows for the plot and the views; None when they did not change."""
+        if rows is not None:
+            self.plot.set_rows(rows, self.eval_key)
+            self.compare_view.set_rows(rows)
+            self.weight_view.set_rows(rows)
         if hasattr(self, "teach") and self.teach_dock.isVisible():
             self.teach.update_progress(self.ledger.rows(kinds=LAB_KINDS))  # every model's runs count for the lab
         self._row_selected(self.table.selected_id())
