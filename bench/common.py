@@ -19,7 +19,7 @@ VALID = ROOT.parent / "shared/data/wikitext-2/valid.tokens"  # calibration only,
 def isolated_home(prefix: str = "squeeze-bench-") -> Path:
     """A fresh SQUEEZE_HOME sharing the converted bundled model (so nothing else is reused)."""
     from core import paths
-    user_models = paths.cache_dir() / "models"
+    user_models = paths.make_dir(paths.cache_dir() / "models")  # a fresh machine has none yet
     home = Path(tempfile.mkdtemp(prefix=prefix))
     (home / "cache").mkdir()
     (home / "cache" / "models").symlink_to(user_models, target_is_directory=True)

@@ -164,7 +164,7 @@ def _converted(gguf: Path, key: str, convert: bool) -> Path:
         return out
     from filelock import FileLock
     locks = out.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    paths.make_dir(locks)
     with FileLock(str(locks / (key + ".lock"))):
         if (out / "model.safetensors").is_file():
             return out

@@ -16,11 +16,24 @@ def _home() -> Path | None:
     return Path(h).expanduser() if h else None
 
 
+def make_dir(p: Path) -> Path:
+    """mkdir -p, with one clear line where a folder on the way is a link to nowhere (a cache moved to a
+    drive that is not mounted): mkdir then says only "File exists"."""
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        from .errors import DataError
+        for q in [p, *p.parents]:
+            if q.is_symlink() and not q.exists():
+                raise DataError(f"{q} is a link to {os.readlink(q)}, which does not exist: connect what it points "
+                                "to, or remove the link and the app makes a new folder there") from None
+        raise
+    return p
+
+
 def _dir(sub: str, platform_default) -> Path:
     h = _home()
-    p = h / sub if h else Path(platform_default())
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    return make_dir(h / sub if h else Path(platform_default()))
 
 
 def data_dir() -> Path:

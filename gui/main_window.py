@@ -92,6 +92,7 @@ class MainWindow(QMainWindow):
         self.runs: list[dict] = []
         self.queue: list[JobSpec] = []
         self.current: JobSpec | None = None
+        self._failed_baselines: set[tuple[str, str]] = set()  # (model, eval key): not queued again by itself
 
         self.client = WorkerClient(self)
         self._later = 0  # deferred GUI work pending (see later())
@@ -497,12 +498,18 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ jobs
 
-    def ensure_baseline(self) -> None:
+    def ensure_baseline(self, again: bool = False) -> None:
         """Queues the baseline of (model, eval settings) unless the ledger has it: it is measured
-        once and cached there."""
+        once and cached there. One that failed is not queued again by itself (the window would retry
+        it without end: each failed job re-reads the model's facts, which asks for the baseline); a
+        click on Run (`again`) tries once more."""
         if not (self.auto_baseline and self.model_ok and self.eval_key):
             return
         if self.ledger.baseline(self.model, self.eval_key):
+            return
+        if again:
+            self._failed_baselines.discard((self.model, self.eval_key))
+        elif (self.model, self.eval_key) in self._failed_baselines:
             return
         if any(self._is_baseline_of_now(s) for s in [self.current, *self.queue] if s):
             return
@@ -527,7 +534,7 @@ class MainWindow(QMainWindow):
         if not self._update_eval_key():
             return
         self.queue.append(JobSpec(self.model, recipe=r.to_dict(), eval=self.eval_panel.settings().to_dict()))
-        self.ensure_baseline()  # when missing, it runs first
+        self.ensure_baseline(again=True)  # when missing, it runs first
         self._next()
 
     def export_selected(self, out: str | None = None, quantize: str | None = None,
@@ -772,6 +779,9 @@ class MainWindow(QMainWindow):
 
     def _on_error(self, e: dict) -> None:
         message = e.get("message") or "the job failed"
+        spec = self.current
+        if spec is not None and spec.kind == "eval" and not spec.recipe.get("steps"):
+            self._failed_baselines.add((spec.model, spec.eval_key()))
         self.say(message, error=True)
         self._log(f"failed: {message}")  # the message line is replaced by the next one; the log keeps it
 

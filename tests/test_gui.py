@@ -257,6 +257,33 @@ def test_cancel_stops_a_long_job_within_two_seconds(qtbot, open_window, tiny_eva
     assert w.run_button.isEnabled() and w.message.text() == "Cancelled."
 
 
+def test_a_failing_baseline_says_why_once_and_is_not_retried_without_end(qtbot, home, open_window):
+    # the converted-model cache is a link to a drive that is not mounted: the bundled model cannot be
+    # converted, so its baseline fails; each failed job re-read the model's facts, which queued the
+    # baseline again (hundreds of failed rows in minutes)
+    link = home / "cache" / "models"
+    link.unlink()
+    link.symlink_to(home / "unplugged-drive" / "models", target_is_directory=True)
+    w = open_window(model="bundled:smollm2-135m")
+    baselines = lambda: [r for r in w.ledger.rows(kinds=("eval",)) if r["label"] == "baseline"]  # noqa: E731
+    qtbot.waitUntil(lambda: any(r["status"] == "failed" for r in baselines()), timeout=JOB_MS)
+    wait_idle(qtbot, w)
+    qtbot.wait(3000)  # the loop queued a new baseline within a second of each failure
+    assert [r["status"] for r in baselines()] == ["failed"]
+    assert not w.queue and not w.client.running
+    assert "unplugged-drive" in w.message.toolTip() and "which does not exist" in w.message.toolTip()
+    assert "Traceback" not in w.message.toolTip() and "FileExistsError" not in w.message.toolTip()
+    # Run is a click: it tries the baseline once more (then the run itself), and stops again
+    from core.recipe import from_data
+    w.techniques.set_recipe(from_data({"steps": [{"technique": "rtn", "bits": 8}]}))
+    w.run()
+    qtbot.waitUntil(lambda: len(baselines()) == 2, timeout=JOB_MS)
+    wait_idle(qtbot, w)
+    qtbot.wait(2000)
+    assert [r["status"] for r in baselines()] == ["failed", "failed"]
+    assert not w.queue and not w.client.running
+
+
 def test_killing_the_worker_marks_the_run_failed_and_the_app_goes_on(qtbot, open_window):
     w = open_window()
     wait_baseline(qtbot, w)
