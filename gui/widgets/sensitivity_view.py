@@ -28,7 +28,7 @@ class SensitivityView(QWidget):
     `mixed(allocation)` (core.mixed_precision.allocate's dict, to put in the recipe and run)."""
     scan = Signal(str, float, int)
     exclude = Signal(str, float, str)
-    mixed = Signal(dict)
+    mixed = Signal(object)  # an allocation dict, passed as it is
 
     def __init__(self, parent=None):
         super().__init__(parent)

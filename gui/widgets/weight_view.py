@@ -9,6 +9,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from core.weights import bin_edges
 from gui.widgets.plotting import lean_axes, theme_plot
 
 
@@ -110,7 +111,7 @@ class WeightView(QWidget):
         if not self.result or self.layer.currentIndex() < 0:
             return
         lay = self.result["layers"][self.layer.currentIndex()]
-        edges = np.array(lay["edges"])
+        edges = bin_edges(lay)
         after = lay["after"] if lay["after"] is not None else []
         self.before.setData(edges, lay["before"])
         self.after.setData(edges if len(after) else [], after)
