@@ -517,8 +517,7 @@ class MainWindow(QMainWindow):
         self._next()
 
     def _is_baseline_of_now(self, spec: JobSpec) -> bool:
-        return (spec.kind == "eval" and not spec.recipe.get("steps") and spec.model == self.model
-                and spec.eval_key() == self.eval_key)
+        return _is_baseline(spec) and spec.model == self.model and spec.eval_key() == self.eval_key
 
     def run(self) -> None:
         if self.client.running:
@@ -780,7 +779,7 @@ class MainWindow(QMainWindow):
     def _on_error(self, e: dict) -> None:
         message = e.get("message") or "the job failed"
         spec = self.current
-        if spec is not None and spec.kind == "eval" and not spec.recipe.get("steps"):
+        if spec is not None and _is_baseline(spec):
             self._failed_baselines.add((spec.model, spec.eval_key()))
         self.say(message, error=True)
         self._log(f"failed: {message}")  # the message line is replaced by the next one; the log keeps it
@@ -962,3 +961,8 @@ class MainWindow(QMainWindow):
         self.queue.clear()
         self.store.q.setValue("geometry", self.saveGeometry())
         super().closeEvent(ev)
+
+
+def _is_baseline(spec: JobSpec) -> bool:
+    """An evaluation of the model as it is (no recipe)."""
+    return spec.kind == "eval" and not spec.recipe.get("steps")

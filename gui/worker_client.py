@@ -12,8 +12,8 @@ from core.ledger import Ledger
 
 
 class WorkerClient(QObject):
-    # object, not dict: a dict signal copies the event into a QVariantMap and back at each emit — for a
-    # weight view's ~0.3 MB result ~30 ms of GUI thread on a slow CPU; an object is passed as it is
+    # object, not dict: a dict signal copies the event into a QVariantMap and back at each emit (the
+    # queued hop and the re-emit): tens of ms of GUI thread for a weight view's result on SmolLM2
     started = Signal(object)
     progress = Signal(object)
     log = Signal(object)
