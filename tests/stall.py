@@ -35,9 +35,6 @@ class StallMeter(QObject):
         self.last = now
         self.worst[self.label] = max(self.worst.get(self.label, 0.0), gap)
 
-    def overall(self) -> float:
-        return max(self.worst.values(), default=0.0)
-
 
 def drive_every_job(w, wait_idle, wait_baseline, meter: StallMeter,
                     steps=({"technique": "rtn", "bits": 4, "group_size": 64},), tokens: int = 256,
