@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import atexit
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from results_md import write_section  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-os.environ["SQUEEZE_HOME"] = str(isolated_home("squeeze-stall-"))
+_HOME = isolated_home("squeeze-stall-")
+os.environ["SQUEEZE_HOME"] = str(_HOME)
+atexit.register(shutil.rmtree, _HOME, True)  # its exports and variants (~0.7 GB) serve no later bench
 
 
 def window_seconds(repeats: int = 3) -> list[float]:
@@ -35,7 +38,7 @@ def window_seconds(repeats: int = 3) -> list[float]:
                    capture_output=True)
     out = []
     for _ in range(repeats):
-        shot = Path(tempfile.mkdtemp()) / "w.png"
+        shot = _HOME / "w.png"
         t0 = time.perf_counter()
         r = subprocess.run([str(ROOT / ".venv" / "bin" / "squeeze-studio"), "--screenshot", str(shot)],
                            capture_output=True, text=True, timeout=120)

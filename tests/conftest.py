@@ -3,6 +3,7 @@ ledger and caches are never touched. The bundled model is converted once per tes
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=order)  # (a stable sort: each group keeps its order)
     if not config.option.collectonly and any(item.path.name == "test_bundle.py" for item in items):
         bundle_build.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's home goes with the session: it holds a converted copy of the bundled model
+    (1.2 GB after a full run), and every `./studio test` used to leave one in the temp folder."""
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
