@@ -62,7 +62,7 @@ def main() -> None:
         ctx = StepContext(tokenizer=tok, state_key=f"probe {spec}")
         ctx.base_model = lambda: teacher
         cfg = distill.make({"steps": a.steps, "samples": 256, "seq_len": 512, "batch_size": 2,
-                            "calib_text": str(VALID), "checkpoint_every": 1000, **over})
+                            "calib_text": str(VALID), "checkpoint_every": 1000, "minutes": 0, **over})
         t0 = time.perf_counter()
         r = distill.apply(student, cfg, ctx)
         after = ppl(student)

@@ -239,3 +239,34 @@ def test_distill_trains_a_low_rank_models_factors_and_keeps_their_shapes(tiny4, 
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes  # still the factored model
     now = dict(model.model.layers.named_parameters())
     assert all(not torch.equal(now[n], w) for n, w in factors.items())
+
+
+def test_a_time_budget_plans_fewer_steps_and_still_decays_the_learning_rate(tiny4, home, monkeypatch):
+    """On a slow CPU the default 15 minutes must hold: 6 s a step (a fake clock) against a one-minute budget
+    leaves room for ~10 of the 80 steps asked, and the schedule is planned over those, not cut off mid-way."""
+    from core.techniques import distillation
+    clock = [0.0]
+    monkeypatch.setattr(distillation, "_now", lambda: clock[0])
+    student, _, ctx = _pruned_student(tiny4, key="budget")
+    student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
+    lrs, logs = [], []
+    ctx.log = logs.append
+    real_adamw = distillation._adamw
+
+    def spying_adamw(params, lr):
+        opt = real_adamw(params, lr)
+        step = opt.step
+        opt.step = lambda *a, **k: (lrs.append(opt.param_groups[0]["lr"]), step(*a, **k))[1]
+        return opt
+    monkeypatch.setattr(distillation, "_adamw", spying_adamw)
+    tech = registry.get("distill")
+    out = tech.apply(student, tech.make({**FAST, "steps": 80, "minutes": 1.0}), ctx)
+    assert 8 <= out["steps"] <= 10 and out["steps_asked"] == 80 and len(out["losses"]) == out["steps"]
+    assert any(f"1-minute budget: {out['steps']} of 80 steps fit" in t for t in logs)
+    assert any(f"distill: step {out['steps']}/{out['steps']} loss" in t for t in logs)
+    assert lrs[-1] < 0.2 * FAST["lr"]  # decayed to near its floor (a tenth) by the planned last step
+
+    # without a budget the steps decide, however slow the steps are
+    student, _, ctx = _pruned_student(tiny4, key="no-budget")
+    student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
+    assert tech.apply(student, tech.make({**FAST, "steps": 20, "minutes": 0.0}), ctx)["steps"] == 20

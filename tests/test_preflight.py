@@ -70,3 +70,13 @@ def test_distill_estimate_grows_with_what_it_trains_on_and_a_pruned_variant_is_e
     assert est({"technique": "structured_prune", "layers": 0.5, "ffn": 0.0}) < plain  # the variant evaluated is smaller
     # quantized variants hold their packed tensors beside the float ones; a mask does not
     assert est({"technique": "gptq"}) > est({"technique": "sparsegpt", "nonuniform": 0.0}) > plain
+
+
+def test_a_distill_estimate_stays_within_its_time_budget():
+    ev = {"max_tokens": 4096, "context": 512}
+    secs = lambda **k: preflight.estimate(135_000_000, 576, 49152,  # noqa: E731
+                                          {"steps": [{"technique": "distill", **k}]}, ev)["seconds"]
+    plain = preflight.estimate(135_000_000, 576, 49152, {"steps": []}, ev)["seconds"]
+    assert secs(steps=400, minutes=0.0) > secs(steps=80, minutes=0.0) > plain + 60  # steps cost time
+    assert secs(steps=400, minutes=15.0) - plain <= 15 * 60  # the budget bounds the training
+    assert secs(steps=400, minutes=15.0) < secs(steps=400, minutes=0.0)

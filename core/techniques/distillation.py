@@ -18,6 +18,11 @@ hold no second copy in memory and no other technique changes. Losses stream as `
 ("distill: step i/N loss x"), as progress notes with an ETA, and as numeric points through
 `ctx.metric(name, step, value)` when the job provides it (a "metric" event, core/jobs/events.py).
 
+Time budget: with `minutes` > 0 the run times its first steps and, where `steps` would overrun the
+budget at that pace, plans fewer (the learning-rate schedule follows the planned count, so the run still
+ends on its decayed rate); a run that slows down later stops at the budget. The same recipe therefore
+trains more steps on a faster CPU (bf16 halves a step where the CPU has it): the result says how many ran.
+
 Checkpoints: every `checkpoint_every` steps the trainable weights, the optimizer state, the step
 and the RNG state are written atomically (temp file, then rename) under
 cache_dir()/distill/<key>, key = hash of (ctx.state_key, the config); a run that finds one resumes
@@ -38,6 +43,8 @@ from .gptq import samples_knob, seq_len_knob, text_knob
 from .registry import technique
 
 CKPT_FILE = "state.pt"
+PROBE_STEPS = 3  # steps timed (after the first, which pays one-time costs) before the budget plans the run
+_now = time.perf_counter  # (a test's clock replaces it)
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,13 @@ class Distill:
     """Distillation: train the compressed model to imitate the original one (KL on logits, optional hidden-state MSE)."""
 
     steps: int = knob(80, min=10, max=5000, step=10, unit="steps",
-                      help="Optimizer steps; the default is sized for 15 minutes on 2 CPU cores for a 135M model with a "
-                           "quarter of its layers dropped (about 6 minutes with bf16 arithmetic, 12-15 in fp32).")
+                      help="Optimizer steps at most (minutes may plan fewer): 80 take about 5 minutes on 2 CPU cores "
+                           "with bf16 arithmetic for a 135M model with a quarter of its layers dropped, about 15 in "
+                           "fp32.")
+    minutes: float = knob(15.0, min=0.0, max=600.0, step=0.5, unit="min",
+                          help="Time budget of the training: where the steps would take longer at the pace of the "
+                               "first ones, fewer are planned and the learning rate decays over those; 0 = no "
+                               "limit, the steps decide.")
     lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="",
                      help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up). Short runs "
                           "heal more at a higher one: 80 steps after a quarter of the layers were dropped reached "
@@ -251,6 +263,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
 
     folder = checkpoint_dir(ctx, cfg)
     start, losses = 0, []
+    plan, planned, spent_before = cfg.steps, False, 0.0  # planned: the budget already fixed the step count
     ck = folder / CKPT_FILE
     if ck.is_file():
         try:
@@ -265,10 +278,13 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             start, losses = int(state["step"]), list(state["losses"])
-            ctx.log(f"distill: resuming from the checkpoint at step {start}/{cfg.steps}")
+            plan, planned = int(state.get("plan", cfg.steps)), bool(state.get("planned", False))
+            spent_before = float(state.get("seconds", 0.0))
+            ctx.log(f"distill: resuming from the checkpoint at step {start}/{plan}")
         except Exception as e:  # a damaged or stale checkpoint: start over
             ctx.log(f"distill: checkpoint not usable ({type(e).__name__}: {e}); starting from step 0")
             start, losses = 0, []
+            plan, planned, spent_before = cfg.steps, False, 0.0
             opt = _adamw([p for _, p in params], cfg.lr)
     else:
         torch.manual_seed(cfg.seed)
@@ -278,13 +294,15 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     metric = getattr(ctx, "metric", None)
     was_training = model.training
     model.train()
-    t0, done_here = time.perf_counter(), 0
+    t0, done_here, t_probe = _now(), 0, None
+    budget = cfg.minutes * 60.0
     every_log = max(1, min(10, cfg.steps // 20))
     bf16 = use_bf16(cfg.precision)
     ctx.log(f"distill: {'bf16 autocast' if bf16 else 'fp32'} arithmetic")
     try:
         with torch.enable_grad():
-            for step in range(start, cfg.steps):
+            step = start
+            while step < plan:
                 ctx.check_cancel()
                 batch = ids[batch_indices(step, len(ids), cfg.batch_size, cfg.seed)]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -296,7 +314,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
                     loss = loss + cfg.hidden_mse * _hidden_loss(s_out.hidden_states, t_out.hidden_states, pairs)
                 del t_out
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg.steps, cfg.lr)
+                    g["lr"] = lr_at(step, plan, cfg.lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -308,17 +326,35 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
                 value = float(loss.detach())
                 losses.append(value)
                 done_here += 1
-                i = step + 1
-                per_step = (time.perf_counter() - t0) / done_here
-                eta = per_step * (cfg.steps - i)
+                step = i = step + 1
+                now = _now()
+                per_step = (now - t0) / done_here
+                if budget > 0:
+                    if done_here == 1:
+                        t_probe = now  # the first step pays one-time costs: the pace is timed after it
+                    else:
+                        per_step = (now - t_probe) / (done_here - 1)
+                    left = budget - spent_before - (now - t0)
+                    if not planned and done_here == PROBE_STEPS + 1 and i < plan:
+                        planned = True
+                        fit = i + int(left // per_step)
+                        if fit < plan:
+                            plan = max(i, fit)
+                            ctx.log(f"distill: {cfg.minutes:g}-minute budget: {plan} of {cfg.steps} steps fit at "
+                                    f"{per_step:.1f} s a step; the learning rate decays over {plan}")
+                    elif i < plan and left < per_step:  # slower than planned: stop at the budget
+                        ctx.log(f"distill: {cfg.minutes:g}-minute budget spent at step {i} of {plan}")
+                        plan = i
+                eta = per_step * (plan - i)
                 if metric is not None:
                     metric("distill_loss", i, value)
-                if i % every_log == 0 or i == cfg.steps or i == start + 1:
-                    ctx.log(f"distill: step {i}/{cfg.steps} loss {value:.4f}")
-                ctx.progress(i / cfg.steps, f"step {i}/{cfg.steps} loss {value:.4f}", eta_s=eta)
-                if i % cfg.checkpoint_every == 0 and i < cfg.steps:
+                if i % every_log == 0 or i == plan or i == start + 1:
+                    ctx.log(f"distill: step {i}/{plan} loss {value:.4f}")
+                ctx.progress(i / plan, f"step {i}/{plan} loss {value:.4f}", eta_s=eta)
+                if i % cfg.checkpoint_every == 0 and i < plan:
                     _save_atomic({"weights": {n: p.detach().clone() for n, p in params},
                                   "optimizer": opt.state_dict(), "step": i, "losses": losses,
+                                  "plan": plan, "planned": planned, "seconds": spent_before + now - t0,
                                   "rng": torch.get_rng_state(), "config": asdict(cfg)}, folder)
     finally:
         for h in hooks:
@@ -329,8 +365,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     del teacher, opt
     shutil.rmtree(folder, ignore_errors=True)
     tail = losses[-max(1, min(10, len(losses))):]
-    return {"steps": cfg.steps, "resumed_from": start, "first_loss": round(losses[0], 5) if losses else None,
+    return {"steps": len(losses), "steps_asked": cfg.steps, "minutes": cfg.minutes, "resumed_from": start, "first_loss": round(losses[0], 5) if losses else None,
             "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
             "last_loss": round(losses[-1], 5) if losses else None,
             "losses": [round(v, 5) for v in losses],
-            "seconds_per_step": round((time.perf_counter() - t0) / max(1, done_here), 3)}
+            "seconds_per_step": round((_now() - t0) / max(1, done_here), 3)}
