@@ -71,6 +71,7 @@ ROWS = [
 FFN35 = {"technique": "structured_prune", "layers": 0.0, "heads": 0.0, "ffn": 0.35}
 LOWRANK = {"technique": "low_rank", "keep": 0.8, "activation_aware": True, "allocation": "loss", "sequential": True}
 LAYERS25 = {"technique": "structured_prune", "layers": 0.25, "heads": 0.0, "ffn": 0.0}
+MOEFY82 = {"technique": "moefy", "experts": 8, "top_k": 2}
 # the 15-minute row: distill's default 80 steps (no time budget: these rows were measured before it), but of 2 x 512 tokens from the whole validation split
 HEAL_15MIN = {"steps": 80, "samples": 256, "seq_len": 512, "batch_size": 2, "calib_text": str(VALID), "minutes": 0}
 ISSUE5_ROWS = [
@@ -102,6 +103,10 @@ ISSUE5_ROWS = [
      "at lr 5e-4, validation split", 1.50,
      [LAYERS25, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4}],
      "structured_prune 25 % layers alone", [LAYERS25]),
+    # what training buys a MoE-fied model: its experts (not the fixed router) trained to imitate the dense model
+    ("moefy8x2-distill", "moefy top-2 of 8 → distill for 14 minutes at lr 5e-4, validation split", 1.60,
+     [MOEFY82, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4}],
+     "moefy top-2 of 8 alone", [MOEFY82]),
     ("lowrank80-distill", "low_rank keep 80 % (activation-aware, sequential) → distill", 1.50,
      [LOWRANK, {"technique": "distill", **HEAL}], "low_rank alone", [LOWRANK]),
     # longer, on more distinct text: 240 steps of 2 x 512 tokens drawn from the whole WikiText-2 validation split

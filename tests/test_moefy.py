@@ -193,3 +193,16 @@ def test_a_job_reports_the_flops_ratio_and_measures_the_saved_variant(tiny_model
     assert r.result["ppl"] > 1 and r.result["decode_tokens_per_s"] > 0
     man = json.loads((Path(r.result["variant_dir"]) / "squeeze.json").read_text())
     assert any(e.startswith("moefy:") for e in man["runtime"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_moefied_model_heals_under_distill_in_either_precision(tiny_model, home, precision):
+    """moefy → distill trains the experts behind the fixed router; under bf16 autocast (what distill picks on a
+    CPU with bf16) the experts' outputs come back in bf16 and used to break the routed FFN's sum."""
+    model, _, ctx, _ = fitted(tiny_model, experts=4, top_k=1)
+    ctx.base_model = lambda: models.load(tiny_model)[0]
+    d = registry.get("distill")
+    out = d.apply(model, d.make({"samples": 16, "seq_len": 128, "batch_size": 4, "lr": 3e-3, "steps": 10,
+                                 "precision": precision}), ctx)
+    assert out["steps"] == 10 and sum(out["losses"][-3:]) < sum(out["losses"][:3])
+    assert mf.experts_per_token(model) == 1.0  # still routed: one expert a token

@@ -291,7 +291,8 @@ def attach(model, entry: dict) -> None:
                     if idx.numel() == 0:
                         continue
                     st.expert_tokens[e] += idx.numel()
-                    out.index_add_(0, idx, part(x2[idx], bounds[e], bounds[e + 1]))
+                    # (under bf16 autocast, as distill trains, the parts come back in bf16)
+                    out.index_add_(0, idx, part(x2[idx], bounds[e], bounds[e + 1]).to(out.dtype))
             if st.mean is not None and st.top_k < st.experts:
                 m = st.mean.to(x2.dtype)
                 if n == 1:
