@@ -266,7 +266,21 @@ def test_a_time_budget_plans_fewer_steps_and_still_decays_the_learning_rate(tiny
     assert any(f"distill: step {out['steps']}/{out['steps']} loss" in t for t in logs)
     assert lrs[-1] < 0.2 * FAST["lr"]  # decayed to near its floor (a tenth) by the planned last step
 
+    # the pace doubles after step 5: the plan follows it down and the run still ends within the budget
+    student, _, ctx = _pruned_student(tiny4, key="budget-slower")
+    calls = [0]
+
+    def tick(*_):
+        calls[0] += 1
+        clock[0] += 6.0 if calls[0] <= 5 else 12.0
+    student.model.layers[0].register_forward_pre_hook(tick)
+    lrs.clear()
+    start = clock[0]
+    out = tech.apply(student, tech.make({**FAST, "steps": 80, "minutes": 1.0}), ctx)
+    assert out["steps"] < 10 and clock[0] - start <= 60.0
+    assert lrs[-1] < 0.5 * FAST["lr"]  # well down its decay (a sudden slowdown cuts its last steps)
+
     # without a budget the steps decide, however slow the steps are
     student, _, ctx = _pruned_student(tiny4, key="no-budget")
     student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
-    assert tech.apply(student, tech.make({**FAST, "steps": 20, "minutes": 0.0}), ctx)["steps"] == 20
+    assert tech.apply(student, tech.make({**FAST, "steps": 10, "minutes": 0.0}), ctx)["steps"] == 10

@@ -18,9 +18,9 @@ hold no second copy in memory and no other technique changes. Losses stream as `
 ("distill: step i/N loss x"), as progress notes with an ETA, and as numeric points through
 `ctx.metric(name, step, value)` when the job provides it (a "metric" event, core/jobs/events.py).
 
-Time budget: with `minutes` > 0 the run times its first steps and, where `steps` would overrun the
-budget at that pace, plans fewer (the learning-rate schedule follows the planned count, so the run still
-ends on its decayed rate); a run that slows down later stops at the budget. The same recipe therefore
+Time budget: with `minutes` > 0 the run times its steps and, where `steps` would overrun the budget at
+that pace, plans fewer (the learning-rate schedule follows the planned count, so the run still ends on its
+decayed rate); the plan follows the pace as it changes and the run ends within the budget. The same recipe therefore
 trains more steps on a faster CPU (bf16 halves a step where the CPU has it): the result says how many ran.
 
 Checkpoints: every `checkpoint_every` steps the trainable weights, the optimizer state, the step
@@ -32,6 +32,7 @@ batches as an uninterrupted one.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ from .registry import technique
 
 CKPT_FILE = "state.pt"
 PROBE_STEPS = 3  # steps timed (after the first, which pays one-time costs) before the budget plans the run
+PACE_STEPS = 10  # the pace a plan assumes: the mean of the last this many steps
 _now = time.perf_counter  # (a test's clock replaces it)
 
 
@@ -294,7 +296,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     metric = getattr(ctx, "metric", None)
     was_training = model.training
     model.train()
-    t0, done_here, t_probe = _now(), 0, None
+    t0, done_here = _now(), 0
+    ends = collections.deque(maxlen=PACE_STEPS + 1)  # when each recent step ended
     budget = cfg.minutes * 60.0
     every_log = max(1, min(10, cfg.steps // 20))
     bf16 = use_bf16(cfg.precision)
@@ -330,21 +333,19 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
                 now = _now()
                 per_step = (now - t0) / done_here
                 if budget > 0:
-                    if done_here == 1:
-                        t_probe = now  # the first step pays one-time costs: the pace is timed after it
-                    else:
-                        per_step = (now - t_probe) / (done_here - 1)
+                    ends.append(now)  # the first step pays one-time costs: the pace is timed after it,
+                    if len(ends) > 1:  # over the last PACE_STEPS steps
+                        per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
                     left = budget - spent_before - (now - t0)
-                    if not planned and done_here == PROBE_STEPS + 1 and i < plan:
-                        planned = True
-                        fit = i + int(left // per_step)
-                        if fit < plan:
-                            plan = max(i, fit)
-                            ctx.log(f"distill: {cfg.minutes:g}-minute budget: {plan} of {cfg.steps} steps fit at "
+                    if done_here > PROBE_STEPS:
+                        # planned at the pace so far, and re-planned when it moves (a neighbour's load, a slower
+                        # phase) by a few %: the cosine schedule shifts a little and still ends at its floor
+                        fit = max(i, min(cfg.steps, i + int(left // per_step)))
+                        if fit != plan and (not planned or fit == i or abs(fit - plan) >= max(2, plan // 20)):
+                            plan, planned = fit, True
+                            ctx.log(f"distill: budget spent at step {i}" if fit == i else
+                                    f"distill: {cfg.minutes:g}-minute budget: {plan} of {cfg.steps} steps fit at "
                                     f"{per_step:.1f} s a step; the learning rate decays over {plan}")
-                    elif i < plan and left < per_step:  # slower than planned: stop at the budget
-                        ctx.log(f"distill: {cfg.minutes:g}-minute budget spent at step {i} of {plan}")
-                        plan = i
                 eta = per_step * (plan - i)
                 if metric is not None:
                     metric("distill_loss", i, value)
