@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,11 @@ import pytest
 
 import bundle_build
 
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="squeeze-test-home-"))
+# One home per test process, however this module is imported (as `conftest` by pytest, or again as
+# `tests.conftest`: a second folder would take SQUEEZE_HOME over and outlive the session)
+_first = next((m for name in ("conftest", "tests.conftest") if (m := sys.modules.get(name)) is not None
+               and hasattr(m, "_SESSION_HOME")), None)
+_SESSION_HOME = _first._SESSION_HOME if _first else Path(tempfile.mkdtemp(prefix="squeeze-test-home-"))
 os.environ["SQUEEZE_HOME"] = str(_SESSION_HOME)
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -14,7 +14,7 @@ from core.techniques import early_exit as ee
 from core.techniques import registry
 from core.techniques.base import StepContext
 from core.variant import load_variant
-from tests.conftest import make_tiny_llama
+from conftest import make_tiny_llama
 
 FAST = {"samples": 8, "seq_len": 128, "first_exit": 0.3, "every": 1}
 

@@ -12,7 +12,7 @@ from core.techniques import moefy as mf
 from core.techniques import registry
 from core.techniques.base import StepContext
 from core.variant import load_variant, save_variant
-from tests.conftest import ROOT
+from conftest import ROOT
 
 FAST = {"samples": 8, "seq_len": 128}
 
