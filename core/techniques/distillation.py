@@ -20,8 +20,9 @@ hold no second copy in memory and no other technique changes. Losses stream as `
 
 Time budget: with `minutes` > 0 the run times its steps and, where `steps` would overrun the budget at
 that pace, plans fewer (the learning-rate schedule follows the planned count, so the run still ends on its
-decayed rate); the plan follows the pace as it changes and the run ends within the budget. The same recipe therefore
-trains more steps on a faster CPU (bf16 halves a step where the CPU has it): the result says how many ran.
+decayed rate); the plan follows the pace as it changes and the run ends within the budget. The same
+recipe therefore trains more steps on a faster CPU (bf16 halves a step where the CPU has it): the result
+says how many ran.
 
 Checkpoints: every `checkpoint_every` steps the trainable weights, the optimizer state, the step
 and the RNG state are written atomically (temp file, then rename) under
@@ -265,7 +266,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
 
     folder = checkpoint_dir(ctx, cfg)
     start, losses = 0, []
-    plan, planned, spent_before = cfg.steps, False, 0.0  # planned: the budget already fixed the step count
+    plan, planned, spent_before = cfg.steps, False, 0.0  # planned: the budget has set the plan once
     ck = folder / CKPT_FILE
     if ck.is_file():
         try:
@@ -297,7 +298,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     was_training = model.training
     model.train()
     t0, done_here = _now(), 0
-    ends = collections.deque(maxlen=PACE_STEPS + 1)  # when each recent step ended
+    ends = collections.deque(maxlen=PACE_STEPS + 1)  # when each of the recent steps ended
     budget = cfg.minutes * 60.0
     every_log = max(1, min(10, cfg.steps // 20))
     bf16 = use_bf16(cfg.precision)
@@ -331,21 +332,19 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
                 done_here += 1
                 step = i = step + 1
                 now = _now()
-                per_step = (now - t0) / done_here
-                if budget > 0:
-                    ends.append(now)  # the first step pays one-time costs: the pace is timed after it,
-                    if len(ends) > 1:  # over the last PACE_STEPS steps
-                        per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
+                # the pace: over the last PACE_STEPS steps, from the end of the first (which pays one-time costs)
+                ends.append(now)
+                per_step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else now - t0
+                if budget > 0 and done_here > PROBE_STEPS:
+                    # planned at that pace, and re-planned when it moves (a neighbour's load, a slower phase) by a
+                    # few %: the cosine schedule shifts a little and still ends at its floor
                     left = budget - spent_before - (now - t0)
-                    if done_here > PROBE_STEPS:
-                        # planned at the pace so far, and re-planned when it moves (a neighbour's load, a slower
-                        # phase) by a few %: the cosine schedule shifts a little and still ends at its floor
-                        fit = max(i, min(cfg.steps, i + int(left // per_step)))
-                        if fit != plan and (not planned or fit == i or abs(fit - plan) >= max(2, plan // 20)):
-                            plan, planned = fit, True
-                            ctx.log(f"distill: budget spent at step {i}" if fit == i else
-                                    f"distill: {cfg.minutes:g}-minute budget: {plan} of {cfg.steps} steps fit at "
-                                    f"{per_step:.1f} s a step; the learning rate decays over {plan}")
+                    fit = max(i, min(cfg.steps, i + int(left // per_step)))
+                    if fit != plan and (not planned or fit == i or abs(fit - plan) >= max(2, plan // 20)):
+                        plan, planned = fit, True
+                        ctx.log(f"distill: budget spent at step {i}" if fit == i else
+                                f"distill: {cfg.minutes:g}-minute budget: {plan} of {cfg.steps} steps fit at "
+                                f"{per_step:.1f} s a step; the learning rate decays over {plan}")
                 eta = per_step * (plan - i)
                 if metric is not None:
                     metric("distill_loss", i, value)
@@ -366,7 +365,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     del teacher, opt
     shutil.rmtree(folder, ignore_errors=True)
     tail = losses[-max(1, min(10, len(losses))):]
-    return {"steps": len(losses), "steps_asked": cfg.steps, "minutes": cfg.minutes, "resumed_from": start, "first_loss": round(losses[0], 5) if losses else None,
+    return {"steps": len(losses), "steps_asked": cfg.steps, "minutes": cfg.minutes, "resumed_from": start,
+            "first_loss": round(losses[0], 5) if losses else None,
             "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
             "last_loss": round(losses[-1], 5) if losses else None,
             "losses": [round(v, 5) for v in losses],
