@@ -284,3 +284,29 @@ def test_a_time_budget_plans_fewer_steps_and_still_decays_the_learning_rate(tiny
     student, _, ctx = _pruned_student(tiny4, key="no-budget")
     student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
     assert tech.apply(student, tech.make({**FAST, "steps": 10, "minutes": 0.0}), ctx)["steps"] == 10
+
+
+def test_a_budgeted_run_cancelled_and_resumed_spends_the_budget_once(tiny4, home, monkeypatch):
+    """The checkpoint keeps the plan and the training time spent: the resumed run goes on with what is left of
+    the budget, not a fresh 2 minutes."""
+    from core.techniques import distillation
+    clock = [0.0]
+    monkeypatch.setattr(distillation, "_now", lambda: clock[0])
+    tech = registry.get("distill")
+    cfg = tech.make({**FAST, "steps": 80, "minutes": 2.0, "checkpoint_every": 10})
+
+    student, _, ctx = _pruned_student(tiny4, key="budget-resume")
+    student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
+    ckpt = checkpoint_dir(ctx, cfg) / CKPT_FILE
+    ctx._cancelled = lambda: ckpt.is_file()  # cancel right after the checkpoint at step 10
+    with pytest.raises(Cancelled):
+        tech.apply(student, cfg, ctx)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 10 and state["plan"] == 20 and state["seconds"] == pytest.approx(60.0)
+
+    clock[0] += 3600.0  # resumed an hour later
+    student, _, ctx = _pruned_student(tiny4, key="budget-resume")
+    student.model.layers[0].register_forward_pre_hook(lambda *_: clock.__setitem__(0, clock[0] + 6.0))
+    t = clock[0]
+    out = tech.apply(student, cfg, ctx)
+    assert out["resumed_from"] == 10 and out["steps"] == 20 and clock[0] - t <= 60.0 + 1e-6
