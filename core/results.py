@@ -51,6 +51,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
             "label": r.get("label") or "baseline",
             "error": r.get("error"),
             "recipe": r.get("recipe") or EMPTY_RECIPE,
+            "ran": what_ran(res),
             "eval": settings,
             "eval_key": r.get("eval_key"),
             "baseline": is_baseline(r),
@@ -72,6 +73,18 @@ def table_rows(runs: list[dict]) -> list[dict]:
             "created": r.get("created"),
         })
         out += [export_row(x, out[-1], bres) for x in exports.get(r["id"], [])]
+    return out
+
+
+def what_ran(result: dict) -> list[str]:
+    """Where a step did other than its settings say (a time budget planned fewer steps), one line each; the
+    label shows the settings."""
+    out = []
+    for info in result.get("steps") or []:
+        asked, ran = info.get("steps_asked"), info.get("steps")
+        if info.get("technique") == "distill" and asked and ran != asked:
+            out.append(f"distill ran {ran} of its {asked} steps: its {info.get('minutes', 0):g}-minute budget "
+                       "held no more")
     return out
 
 

@@ -759,3 +759,17 @@ def test_the_delete_key_removes_a_run_and_its_saved_variant_after_asking(qtbot, 
     assert w.table.results.row_of(run["id"]) < 0 and not variant.exists()
     qtbot.waitUntil(lambda: w.settled)  # the plot follows the table a slice later
     assert run["id"] not in {p["id"] for p in w.plot.points} and "Deleted" in w.message.text()
+
+
+def test_a_rows_tooltip_says_when_a_budget_ran_fewer_distill_steps_than_asked(qtbot):
+    from core.results import table_rows
+    from gui.widgets.results_table import ResultsModel
+    info = [{"technique": "distill", "seconds": 840.0, "steps": 220, "steps_asked": 1000, "minutes": 14.0}]
+    runs = [{"id": "d", "kind": "eval", "model": "m", "label": "distill steps=1000 minutes=14.0", "eval_key": "k",
+             "status": "done", "recipe": {"steps": [{"technique": "distill"}]}, "created": 1,
+             "result": {"ppl": 30.0, "steps": info}}]
+    m = ResultsModel()
+    m.set_rows(table_rows(runs), "k")
+    tip = m.data(m.index(0, 0), Qt.ItemDataRole.ToolTipRole)
+    assert tip.splitlines() == ["distill steps=1000 minutes=14.0",
+                                "distill ran 220 of its 1000 steps: its 14-minute budget held no more"]

@@ -119,3 +119,13 @@ def test_recommend_picks_the_best_row_that_meets_the_target_and_says_why():
     assert best["id"] == "q8"
     best, why = results.recommend(rows, "size", 10)
     assert best is None and "No run has size on disk ≤ 10 MB" in why and "rtn 2 at 60.0 MB" in why
+
+
+def test_a_distill_that_its_budget_cut_short_says_how_many_steps_ran():
+    recipe = {"steps": [{"technique": "distill", "steps": 1000, "minutes": 14.0}]}
+    short = [{"technique": "distill", "seconds": 840.0, "steps": 220, "steps_asked": 1000, "minutes": 14.0}]
+    whole = [{"technique": "distill", "seconds": 300.0, "steps": 80, "steps_asked": 80, "minutes": 15.0}]
+    rows = {r["id"]: r for r in results.table_rows([run("base", ppl=20.0), run("cut", recipe, ppl=30.0, steps=short),
+                                                    run("all", recipe, ppl=31.0, steps=whole)])}
+    assert rows["cut"]["ran"] == ["distill ran 220 of its 1000 steps: its 14-minute budget held no more"]
+    assert rows["all"]["ran"] == [] and rows["base"]["ran"] == []

@@ -40,8 +40,8 @@ class ResultsModel(QAbstractTableModel):
         self.rows, self.eval_key = list(rows), eval_key
         self._cells = [[cell(r, c) for c in COLUMNS] for r in self.rows]
         self._colours = [[self._colour(r, c) for c in COLUMNS] for r in self.rows]
-        self._tips = [(r.get("error") or r["label"]) + ("" if self.comparable(r) else
-                      "\n(other eval settings: not on the plot)") for r in self.rows]
+        self._tips = ["\n".join([r.get("error") or r["label"], *r.get("ran", [])])
+                      + ("" if self.comparable(r) else "\n(other eval settings: not on the plot)") for r in self.rows]
         self.endResetModel()
 
     def comparable(self, row: dict) -> bool:
