@@ -173,6 +173,7 @@ def _ledger():
 
 
 def cmd_runs(a) -> int:
+    from .results import what_ran
     ledger = _ledger()
     asked = list(dict.fromkeys(a.delete or []))  # each once, in order
     unknown = [i for i in asked if ledger.get(i) is None]
@@ -197,6 +198,8 @@ def cmd_runs(a) -> int:
             res = r["result"] or {}
             ppl = f"ppl {res['ppl']:.2f}" if "ppl" in res else (r["error"] or "")
             print(f"{r['id']}  {r['status']:11} {r['model']:24} {r['label'][:50]:50} {ppl}")
+            for line in what_ran(res):
+                print(f"{'':14}{line}")
     return 0
 
 

@@ -145,3 +145,16 @@ def test_a_variant_write_that_is_interrupted_leaves_no_half_written_folder(tiny_
     with pytest.raises(KeyboardInterrupt):
         save_variant(model, tok, {}, [], tmp_path / "v", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_says_under_a_run_when_its_distill_budget_ran_fewer_steps_than_asked(home):
+    from core.jobs.spec import JobSpec
+    from core.ledger import Ledger
+    ledger = Ledger(home / "data" / "ledger.sqlite")
+    spec = JobSpec("m", recipe={"steps": [{"technique": "distill", "steps": 1000, "minutes": 14}]})
+    ledger.start(spec)
+    ledger.finish(spec.job_id, "done", {"ppl": 30.0, "steps": [
+        {"technique": "distill", "seconds": 840.0, "steps": 220, "steps_asked": 1000, "minutes": 14.0}]})
+    lines = squeeze("runs").stdout.splitlines()
+    i = next(k for k, t in enumerate(lines) if t.startswith(spec.job_id))
+    assert lines[i + 1].strip() == "distill ran 220 of its 1000 steps: its 14-minute budget held no more"
