@@ -103,6 +103,11 @@ ISSUE5_ROWS = [
      "at lr 5e-4, validation split", 1.50,
      [LAYERS25, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4}],
      "structured_prune 25 % layers alone", [LAYERS25]),
+    # the same budget at fp32 arithmetic (what a CPU without bf16 trains in): fewer steps fit
+    ("prune25-distill-14min-fp32", "structured_prune 25 % layers → distill for 14 minutes in fp32 (steps as the budget "
+     "plans) at lr 5e-4, validation split", 1.50,
+     [LAYERS25, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4, "precision": "fp32"}],
+     "structured_prune 25 % layers alone", [LAYERS25]),
     # what training buys a MoE-fied model: its experts (not the fixed router) trained to imitate the dense model
     ("moefy8x2-distill", "moefy top-2 of 8 → distill for 14 minutes at lr 5e-4, validation split", 1.60,
      [MOEFY82, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4}],
