@@ -11,8 +11,8 @@ Rewrites the "gui-stall" section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import atexit
+import os
 import shutil
 import statistics
 import subprocess

@@ -54,7 +54,7 @@ def compare(base, variant, packed: dict | None = None, check_cancel=None) -> dic
         w1 = b.get(name)
         lo, hi = float(np.percentile(w0, 0.1)), float(np.percentile(w0, 99.9))
         lim = max(abs(lo), abs(hi)) or 1.0
-        edges = np.linspace(-lim, lim, BINS + 1)
+        edges = bin_edges(lim)
         row = {"name": name, "limit": lim, "before": np.histogram(np.clip(w0, -lim, lim), edges)[0].tolist(),
                "sparsity_before": float((w0 == 0).mean()), "shape_before": list(w0.shape)}
         if w1 is None:
@@ -66,6 +66,6 @@ def compare(base, variant, packed: dict | None = None, check_cancel=None) -> dic
     return {"layers": layers}
 
 
-def bin_edges(layer: dict) -> np.ndarray:
-    """The bin edges of a layer's before / after counts."""
-    return np.linspace(-layer["limit"], layer["limit"], len(layer["before"]) + 1)
+def bin_edges(limit: float, bins: int = BINS) -> np.ndarray:
+    """The edges of `bins` equal bins over [-limit, limit] (a layer's before / after counts: its "limit")."""
+    return np.linspace(-limit, limit, bins + 1)

@@ -111,7 +111,7 @@ class WeightView(QWidget):
         if not self.result or self.layer.currentIndex() < 0:
             return
         lay = self.result["layers"][self.layer.currentIndex()]
-        edges = bin_edges(lay)
+        edges = bin_edges(lay["limit"], len(lay["before"]))
         after = lay["after"] if lay["after"] is not None else []
         self.before.setData(edges, lay["before"])
         self.after.setData(edges if len(after) else [], after)
