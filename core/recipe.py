@@ -118,6 +118,24 @@ def from_data(data: Any) -> Recipe:
 RESHAPING = ("structured_prune", "low_rank")  # change the model's shapes: before any packing step
 RUNTIME = ("early_exit", "kv_quant", "kv_window")  # fitted to / wrap the weights as they are: after distill
 
+# The order in which a set of techniques works, for a recipe built by ticking boxes (the GUI's panel):
+# shapes first (structured_prune before low_rank, whose factors it cannot prune), then the MoE split, sparse
+# masks, distill healing what came before (it keeps every zero), quantization packing the healed weights, and
+# last what wraps the inference loop. Every pair check_order allows in some order is allowed in this one.
+WORKING_ORDER = (("structured_prune",), ("low_rank",), ("moefy",), ("magnitude_prune", "sparsegpt", "wanda"),
+                 ("distill",), ("awq", "dynamic_int8", "gptq", "rtn", "smoothquant", "weight_sharing"),
+                 ("early_exit",), ("kv_quant", "kv_window"))
+
+
+def working_rank(name: str) -> int:
+    """Where a technique goes in WORKING_ORDER (a technique not listed goes last)."""
+    return next((i for i, names in enumerate(WORKING_ORDER) if name in names), len(WORKING_ORDER))
+
+
+def in_working_order(steps: list[dict]) -> list[dict]:
+    """Step mappings sorted into WORKING_ORDER (stable: steps of one rank keep their order)."""
+    return sorted(steps, key=lambda s: working_rank(s.get("technique", "")))
+
 
 def check_order(steps: list[Step]) -> None:
     """Composition rules, checked before a job starts."""

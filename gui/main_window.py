@@ -154,7 +154,7 @@ class MainWindow(QMainWindow):
         left_inner = QWidget()
         ll = QVBoxLayout(left_inner)
         ll.addWidget(self.model_panel)
-        techniques_head = QLabel("<b>Techniques</b> — tick to include; applied top to bottom")
+        techniques_head = QLabel("<b>Techniques</b> — tick to include; they run in the order listed under Recipe")
         techniques_head.setWordWrap(True)
         ll.addWidget(techniques_head)
         ll.addWidget(self.techniques)

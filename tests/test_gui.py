@@ -426,6 +426,27 @@ def test_techniques_come_in_families_with_their_sliders_shown_when_ticked(qtbot)
     assert panel.recipe_data()["steps"][0]["technique"] == "gptq"
 
 
+def test_ticked_techniques_make_a_recipe_that_runs_in_a_working_order(qtbot):
+    """Ticking sparsegpt and distill heals the pruned model (not the reverse); structured_prune with low_rank and
+    early_exit with distill, which the panel lists in the other order, give recipes the engine accepts."""
+    from core.recipe import from_data, of
+    from gui.widgets.technique_panel import TechniquePanel
+    panel = TechniquePanel()
+    qtbot.addWidget(panel)
+    for ticked, expected in ((("distill", "sparsegpt"), ["sparsegpt", "distill"]),
+                             (("low_rank", "structured_prune"), ["structured_prune", "low_rank"]),
+                             (("early_exit", "distill", "gptq"), ["distill", "gptq", "early_exit"])):
+        for g in panel.groups.values():
+            g.setChecked(g.technique.name in ticked)
+        data = panel.recipe_data()
+        assert [s["technique"] for s in data["steps"]] == expected
+        from_data(data)  # a valid composition
+    # a recipe file in another valid order is shown with a note saying the order the panel will run
+    notes = panel.set_recipe(of("kv_quant", "gptq"))
+    assert any("gptq → kv_quant" in n for n in notes)
+    assert panel.set_recipe(of("sparsegpt", "distill")) == []
+
+
 def test_slider_values_read_as_numbers_with_short_units(qtbot):
     from core.techniques import all_techniques
     from gui.widgets.technique_panel import TechniquePanel

@@ -157,3 +157,27 @@ def test_rules_between_fields_and_missing_files_fail_when_the_recipe_is_read():
     r = rc.from_data([{"technique": "gptq", "calib_text": "/no/such/calib.txt"}])
     with pytest.raises(RecipeError, match="gptq.calib_text: no file at /no/such/calib.txt"):
         r.check_files()
+
+
+def test_techniques_ticked_in_any_order_run_in_an_order_that_works():
+    """The GUI's panel builds a recipe from ticked boxes: put into the working order, every pair of techniques
+    that composes at all composes, and pruning comes before the distill that heals it."""
+    import itertools
+    names = [t.name for t in all_techniques()]
+    assert all(rc.working_rank(n) < len(rc.WORKING_ORDER) for n in names), "a technique without a place"
+    for a, b in itertools.permutations(names, 2):
+        def valid(x, y):
+            try:
+                rc.of(x, y)
+                return True
+            except RecipeError:
+                return False
+        if valid(a, b) or valid(b, a):
+            steps = rc.in_working_order([{"technique": b}, {"technique": a}])
+            rc.from_data(steps)  # raises if the working order breaks a rule
+    for pruner in ("sparsegpt", "wanda", "magnitude_prune", "structured_prune", "low_rank", "moefy"):
+        got = [s["technique"] for s in rc.in_working_order([{"technique": "distill"}, {"technique": pruner}])]
+        assert got == [pruner, "distill"]
+    assert [s["technique"] for s in rc.in_working_order(
+        [{"technique": "gptq"}, {"technique": "kv_quant"}, {"technique": "sparsegpt"}])] == \
+        ["sparsegpt", "gptq", "kv_quant"]

@@ -1,18 +1,20 @@
 """Sliders, combos and checkboxes built from the techniques' field metadata: no per-technique
-code here. One group per technique (its checkbox includes it in the recipe); the recipe's
-steps follow the panel's order."""
+code here. One group per technique (its checkbox includes it in the recipe); the ticked techniques run in
+core.recipe's working order, which the panel follows except for early_exit (an architecture change that is fitted
+last, to the weights as they end up)."""
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QSlider, QSpinBox, QToolButton, QVBoxLayout, QWidget)
 
+from core.recipe import in_working_order, working_rank
 from core.techniques import all_techniques
 from core.techniques.base import FAMILY_HELP
 
-# Steps are applied top to bottom: shape changes and pruning need float weights, so they come
-# before quantization (which packs them). By family, never by technique name.
-FAMILY_ORDER = ("architecture", "distillation", "pruning", "kv_cache", "quantization")
+# Families in the order they run (shape changes and pruning need float weights, distill heals them, quantization
+# packs them), each family's techniques by their place in the working order.
+FAMILY_ORDER = ("architecture", "pruning", "distillation", "quantization", "kv_cache")
 
 
 def _decimals(step: float) -> int:
@@ -197,7 +199,8 @@ class TechniquePanel(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         techs = sorted(all_techniques(), key=lambda t: (
-            FAMILY_ORDER.index(t.family) if t.family in FAMILY_ORDER else len(FAMILY_ORDER), t.name))
+            FAMILY_ORDER.index(t.family) if t.family in FAMILY_ORDER else len(FAMILY_ORDER), working_rank(t.name),
+            t.name))
         self.groups: dict[str, TechniqueGroup] = {}
         family = None
         for t in techs:
@@ -214,8 +217,9 @@ class TechniquePanel(QWidget):
             self.groups[t.name] = g
 
     def recipe_data(self) -> dict:
-        """{"steps": [...]} of the ticked techniques, in panel order (for core.recipe.from_data)."""
-        return {"steps": [{"technique": name, **g.values()} for name, g in self.groups.items() if g.isChecked()]}
+        """{"steps": [...]} of the ticked techniques, in the working order (for core.recipe.from_data)."""
+        return {"steps": in_working_order([{"technique": name, **g.values()}
+                                           for name, g in self.groups.items() if g.isChecked()])}
 
     def set_recipe(self, recipe) -> list[str]:
         """Shows a core.recipe.Recipe; returns notes on what the panel cannot show as given."""
@@ -236,8 +240,9 @@ class TechniquePanel(QWidget):
                 ed.blockSignals(True)
                 ed.set_value(getattr(step.config, name))
                 ed.blockSignals(False)
-        if seen != [n for n in self.groups if n in seen]:
-            notes.append("steps follow the panel's order: " + " → ".join(n for n in self.groups if n in seen))
+        order = [s["technique"] for s in in_working_order([{"technique": n} for n in dict.fromkeys(seen)])]
+        if seen != order:
+            notes.append("the steps run in the order that works: " + " → ".join(order))
         for g in self.groups.values():
             g.body.setVisible(g.isChecked())  # its toggled signal was blocked: show the sliders of what is ticked
             g.blockSignals(False)
