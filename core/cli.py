@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import SqueezeError
@@ -276,6 +277,19 @@ SCAN_KEYS = ("technique", "setting", "base_ppl", "tokens", "layers", "modules", 
 
 def cmd_recipe(a) -> int:
     from . import recipe as rc
+    if a.list:
+        shipped = rc.bundled()
+        if a.json:
+            _print_json([{"id": b.id, "name": b.name, "description": b.description, **b.recipe.to_dict()}
+                         for b in shipped])
+        else:
+            for b in shipped:
+                print(f"{b.id}\n    {b.name}: {b.recipe.label()}")
+                print(textwrap.fill(b.description, width=100, initial_indent="    ", subsequent_indent="    "))
+            print("(use one as `--recipe bundled:NAME`; `squeeze recipe bundled:NAME --json` prints its steps)")
+        return 0
+    if not a.file:
+        raise SqueezeError("give a recipe file (or bundled:NAME) to check, or --list for the bundled recipes")
     r = rc.load(a.file)
     r.check_files()
     if a.json:
@@ -308,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
         if not evals:
             return
         if recipe:
-            sp.add_argument("--recipe", help="recipe file (.yaml, .yml or .json)")
+            sp.add_argument("--recipe", help="recipe file (.yaml, .yml or .json), or a shipped one: bundled:NAME "
+                                             "(`squeeze recipe --list`)")
         sp.add_argument("--text", help="evaluation text file (default: the shipped WikiText-2 slice)")
         sp.add_argument("--max-tokens", type=int, help=f"tokens of the text to score (default {d.max_tokens})")
         sp.add_argument("--context", type=int, help=f"window length in tokens (default {d.context})")
@@ -377,8 +392,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe-out", metavar="FILE.yaml", help="write the mixed-precision recipe (needs --budget-mb)")
     common(sp, recipe=False, decode=False)
     sp.set_defaults(fn=cmd_sensitivity)
-    sp = sub.add_parser("recipe", help="check a recipe file")
-    sp.add_argument("file")
+    sp = sub.add_parser("recipe", help="check a recipe file; --list: the bundled recipes")
+    sp.add_argument("file", nargs="?", help="a recipe file, or bundled:NAME")
+    sp.add_argument("--list", action="store_true", help="the recipes shipped with the app, with what each measured")
     common(sp, evals=False)
     sp.set_defaults(fn=cmd_recipe)
     return p

@@ -199,6 +199,9 @@ def loads(text: str, fmt: str = "yaml") -> Recipe:
 
 
 def load(path: str | Path) -> Recipe:
+    """A recipe file, or a shipped recipe by its id (bundled:gptq-4bit)."""
+    if str(path).startswith(BUNDLED):
+        return bundled_recipe(str(path)).recipe
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -210,6 +213,44 @@ def load(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
     return loads(text, "json" if suffix == ".json" else "yaml")
+
+
+BUNDLED = "bundled:"  # the recipes shipped in resources/recipes, by file name: bundled:gptq-4bit
+
+
+@dataclass(frozen=True)
+class Bundled:
+    id: str  # bundled:<file stem>
+    name: str  # a title for menus
+    description: str  # what it does and what it measured on the bundled model
+    recipe: Recipe
+
+
+def bundled() -> list[Bundled]:
+    """The shipped recipes (resources/recipes/*.yaml: name, description, steps), by family of their first
+    step, then by name."""
+    import yaml
+
+    from .paths import resources_dir
+    from .techniques.base import FAMILIES
+    out = []
+    for f in (resources_dir() / "recipes").glob("*.yaml"):
+        data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        out.append(Bundled(BUNDLED + f.stem, data.get("name") or f.stem,
+                           " ".join(str(data.get("description") or "").split()), from_data(data)))
+    return sorted(out, key=lambda b: (FAMILIES.index(b.recipe.steps[0].technique.family) if b.recipe.steps else -1,
+                                      b.name.lower()))
+
+
+def bundled_recipe(ident: str) -> Bundled:
+    """One shipped recipe by id; an unknown id names the nearest."""
+    from .techniques.registry import nearest
+    known = {b.id: b for b in bundled()}
+    if ident in known:
+        return known[ident]
+    near = nearest(ident, list(known))
+    raise RecipeError(f"no bundled recipe {ident!r}" + (f"; did you mean {near!r}?" if near else "") +
+                      " (`squeeze recipe --list` lists them)")
 
 
 def of(*steps: tuple[str, dict] | str) -> Recipe:

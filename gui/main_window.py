@@ -141,6 +141,16 @@ class MainWindow(QMainWindow):
         self.recipe_label = QLabel()
         self.recipe_label.setWordWrap(True)
         rl.addWidget(self.recipe_label)
+        # the shipped recipes, each with what it measured on the bundled model (its tooltip)
+        self.bundled_recipes = recipes.bundled()
+        self.bundled_combo = QComboBox()
+        self.bundled_combo.addItem("Start from a bundled recipe…")
+        for i, b in enumerate(self.bundled_recipes, start=1):
+            self.bundled_combo.addItem(b.name, b.id)
+            self.bundled_combo.setItemData(i, f"<p>{html.escape(b.description)}</p>", Qt.ToolTipRole)
+        self.bundled_combo.setToolTip("Recipes shipped with the app, with what each measured on the bundled model")
+        self.bundled_combo.activated.connect(self._bundled_chosen)
+        rl.addWidget(self.bundled_combo)
         rb = QHBoxLayout()
         self.open_recipe_button = QPushButton("Open recipe…")
         self.open_recipe_button.clicked.connect(self.open_recipe)
@@ -304,6 +314,11 @@ class MainWindow(QMainWindow):
             if key is not None:
                 a.setShortcut(key)
             m.addAction(a)
+            if slot == self.open_recipe:
+                shipped = m.addMenu("&Bundled recipes")
+                for b in self.bundled_recipes:
+                    shipped.addAction(b.name, lambda i=b.id: self.open_recipe(i)).setToolTip(b.description)
+                shipped.setToolTipsVisible(True)
         self.teach = TeachPanel(list(self.techniques.groups))
         self.teach.larger_fonts.connect(self.set_larger_fonts)
         for name, g in self.techniques.groups.items():  # the explainer follows the technique just ticked
@@ -417,17 +432,28 @@ class MainWindow(QMainWindow):
         """The panel's recipe (raises RecipeError)."""
         return recipes.from_data(self.techniques.recipe_data())
 
+    def _bundled_chosen(self, index: int) -> None:
+        ident = self.bundled_combo.itemData(index)
+        self.bundled_combo.setCurrentIndex(0)  # a menu of starting points, not a state: the panel shows the recipe
+        if ident:
+            self.open_recipe(ident)
+
     def open_recipe(self, path: str | None = None) -> None:
+        """A recipe file, or a bundled recipe by id (bundled:NAME), into the panel."""
         if not path:
             path, _ = QFileDialog.getOpenFileName(self, "Open recipe", "", "Recipes (*.yaml *.yml *.json)")
             if not path:
                 return
         try:
-            notes = self.techniques.set_recipe(recipes.load(path))
+            shipped = recipes.bundled_recipe(path) if path.startswith(recipes.BUNDLED) else None
+            notes = self.techniques.set_recipe(shipped.recipe if shipped else recipes.load(path))
         except SqueezeError as e:
             self.say(str(e), error=True)
             return
-        self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
+        if shipped:
+            self.say(f"Loaded “{shipped.name}”: {shipped.description}")
+        else:
+            self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
 
     def confirm_forget(self, row: dict, exports: int) -> bool:
         """`row`: the table's row (its label says "↳ ONNX …" for an export)."""

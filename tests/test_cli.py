@@ -41,6 +41,21 @@ def test_eval_prints_one_json_object_with_the_promised_keys_and_records_a_run(ti
     assert [x["id"] for x in runs] == [r["job_id"]] and runs[0]["status"] == "done"
 
 
+def test_bundled_recipes_are_listed_with_what_they_measured_and_run_by_name(tiny_model, short_text, home):
+    shipped = json.loads(squeeze("recipe", "--list", "--json").stdout)
+    ids = [r["id"] for r in shipped]
+    assert {"bundled:gptq-4bit", "bundled:smoothquant-w8a8", "bundled:sparsegpt-50-distill"} <= set(ids)
+    assert all(r["name"] and "×" in r["description"] and r["steps"] for r in shipped)
+    text = squeeze("recipe", "--list").stdout
+    assert all(i in text for i in ids) and "perplexity 1.087× fp32" in text
+    steps = json.loads(squeeze("recipe", "bundled:rtn-4bit", "--json").stdout)["steps"]
+    assert [(s["technique"], s["bits"], s["group_size"]) for s in steps] == [("rtn", 4, 64)]
+    r = json.loads(squeeze("eval", tiny_model, "--recipe", "bundled:rtn-4bit", "--text", short_text, "--max-tokens",
+                           128, "--context", 64, "--new-tokens", 2, "--repeats", 1, "--json").stdout)
+    row = next(x for x in json.loads(squeeze("runs", "--json").stdout) if x["id"] == r["job_id"])
+    assert row["recipe"]["steps"] == steps
+
+
 @pytest.mark.parametrize("args, words", [
     (["eval", "/no/such/folder"], "does not exist"),
     (["eval", "{tmp}"], "not a model folder"),
@@ -50,6 +65,8 @@ def test_eval_prints_one_json_object_with_the_promised_keys_and_records_a_run(ti
     (["eval", "{truncated}"], "truncated"),
     (["eval", "{pickled}"], "pickle"),
     (["recipe", "{tmp}/broken.json"], "not valid JSON"),
+    (["eval", "{tiny}", "--recipe", "bundled:gptq-4bt"], "did you mean 'bundled:gptq-4bit'"),
+    (["recipe"], "--list for the bundled recipes"),
     (["recipe", "{tmp}/typo.yaml"], "not valid YAML at line 3, column 4"),
     (["eval", "{notok}"], "has no tokenizer"),
     (["eval", "{tiny}", "--new-tokens", "100000"], "exceed the model's"),

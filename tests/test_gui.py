@@ -232,6 +232,24 @@ def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path)
     assert "did you mean 'rtn'" in w.message.text()
 
 
+def test_a_bundled_recipe_chosen_from_the_list_fills_the_panel_and_says_what_it_measured(qtbot, open_window):
+    from core.recipe import bundled_recipe
+    w = open_window(auto_baseline=False)
+    shipped = bundled_recipe("bundled:sparsegpt-50-distill")
+    combo = w.bundled_combo
+    i = combo.findData(shipped.id)
+    assert i > 0 and "1.314×" in combo.itemData(i, Qt.ToolTipRole)
+    combo.activated.emit(i)
+    assert w.recipe() == shipped.recipe  # both steps ticked with the recipe's values, pruning before distill
+    assert w.techniques.groups["distill"].body.isVisible()
+    assert shipped.name in w.message.text() and "1.314×" in w.message.text()
+    assert combo.currentIndex() == 0  # the list is a starting point: the panel now holds the recipe
+    menu = next(a.menu() for a in w.menuBar().actions() if a.text() == "&File")
+    shipped_menu = next(a.menu() for a in menu.actions() if a.menu() and "Bundled" in a.text())
+    next(a for a in shipped_menu.actions() if a.text() == bundled_recipe("bundled:rtn-4bit").name).trigger()
+    assert [s.name for s in w.recipe().steps] == ["rtn"]
+
+
 def test_a_model_that_is_not_a_model_gets_a_message_and_no_job(qtbot, open_window, tmp_path):
     (tmp_path / "not-a-model").mkdir()
     w = open_window(model=str(tmp_path / "not-a-model"))
