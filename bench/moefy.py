@@ -26,7 +26,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", default="8:2:activation,8:4:activation,8:2:weights")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--oracle", action="store_true",
+                    help="what the FFN's own activations allow at a quarter of its neurons (section moefy-oracle)")
     a = ap.parse_args()
+    if a.oracle:
+        return oracle(a)
 
     from core import evaluate as ev
     from core import models
@@ -100,6 +104,97 @@ Bar (issue 5): top-2 of 8 experts with FFN FLOPs ≤ 0.3× and ppl ≤ 1.6× fp3
 """
     if not a.no_write:
         write_section("moefy", body)
+    print(body)
+
+
+def oracle(a) -> None:
+    """Upper bounds for any MoE-fication of this FFN at top-2 of 8: each token keeps a quarter of the intermediate
+    neurons chosen with everything computed (per neuron, by |silu(gate)·up| or by |silu(gate)| alone), or the best
+    pair of 8 overlapping neuron sets built from token clusters. None of these saves FLOPs: they say how much a
+    quarter of the neurons can carry at all."""
+    import itertools
+
+    import torch
+
+    from core import evaluate as ev
+    from core import models, paths
+    from results_md import fmt_table, write_section
+    torch.manual_seed(0)
+    model, tok, _ = models.load(MODEL)
+    mlps = [layer.mlp for layer in model.model.layers]
+    inter = mlps[0].gate_proj.out_features
+    keep = inter // 4
+    rule = {"mask": None}
+
+    def routed(i, mlp):
+        def forward(x):
+            g = mlp.act_fn(mlp.gate_proj(x))
+            h = g * mlp.up_proj(x)  # [batch, seq, inter]
+            return mlp.down_proj(h if rule["mask"] is None else h * rule["mask"](i, h, g))
+        return forward
+    for i, mlp in enumerate(mlps):
+        mlp.forward = routed(i, mlp)
+
+    def top_of(score):  # 1 for the `keep` largest entries of each token's score
+        return torch.zeros_like(score).scatter_(-1, score.topk(keep, dim=-1).indices, 1.0)
+
+    # token clusters on the calibration slice: k-means of each token's normalised |h| into 8 clusters; a
+    # cluster's expert = its `keep` neurons of largest mean |h| (experts may share neurons)
+    ids = tok(paths.default_calib_text().read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    starts = torch.linspace(0, len(ids) - 257, 32).long()
+    hs = [[] for _ in mlps]
+    rule["mask"] = lambda i, h, g: hs[i].append(h.detach().abs().reshape(-1, inter)) or 1.0
+    with torch.no_grad():
+        for s0 in starts:
+            model(ids[s0:s0 + 256][None])
+    pair_masks = []
+    for h in (torch.cat(x) for x in hs):
+        xn = h / h.norm(dim=1, keepdim=True)
+        cent = xn[torch.randperm(len(xn))[:8]].clone()
+        for _ in range(20):
+            lab = torch.cdist(xn, cent).argmin(1)
+            for j in range(8):
+                if (lab == j).any():
+                    cent[j] = xn[lab == j].mean(0)
+        experts = [(h[lab == j] if (lab == j).any() else h).mean(0).topk(keep).indices for j in range(8)]
+        m = torch.zeros(28, inter)
+        for p, (e1, e2) in enumerate(itertools.combinations(range(8), 2)):
+            m[p, experts[e1]] = 1.0
+            m[p, experts[e2]] = 1.0
+        pair_masks.append(m)
+    union = float(torch.stack(pair_masks).sum(-1).mean())
+
+    def best_pair(i, h, g):
+        m = pair_masks[i]
+        return m[(h.abs() @ m.T).argmax(-1)]
+    rows = []
+    for what, mask in (("none (dense)", None),
+                       ("per token, the quarter of neurons with largest |silu(gate)·up|", lambda i, h, g: top_of(h.abs())),
+                       ("per token, the quarter with largest |silu(gate)| (the gate alone)", lambda i, h, g: top_of(g.abs())),
+                       (f"8 experts from token clusters (overlapping, {keep} neurons each; a pair covers "
+                        f"{union:.0f} on average), the best pair per token", best_pair)):
+        rule["mask"] = mask
+        p = ev.perplexity(model, tok, TEXT, a.max_tokens, a.context)
+        rows.append([what, f"{p['ppl']:.3f}"])
+        print(what, p["ppl"], file=sys.stderr, flush=True)
+    base = float(rows[0][1])
+    rows = [r + [f"{float(r[1]) / base:.3f}×"] for r in rows]
+    body = f"""## MoE-fication: what a quarter of the FFN's neurons can carry (issue 5)
+
+Command: `.venv/bin/python bench/moefy.py --oracle --max-tokens {a.max_tokens} --context {a.context}`
+(bundled SmolLM2-135M, {a.max_tokens:,} tokens of WikiText-2 test, context {a.context}; token clusters fitted on
+32 × 256 tokens of the shipped validation slice. Every row computes the whole FFN and then keeps {keep} of its
+{inter} intermediate neurons per token in every layer — top-2 of 8 experts' share — so these are upper bounds on
+what a MoE-fication at top-2 of 8 could give without training, not speed-ups.)
+
+{fmt_table(["neurons kept per token", "ppl", "× dense"], rows)}
+
+moefy's own experts (neurons clustered by co-activation, contiguous, disjoint) with a perfect router give ~102×
+(section "moefy"). A quarter of the neurons chosen per token carries the FFN well, but no fixed grouping into 8
+experts lets two of them hold a token's quarter: the neurons each token needs are spread over the groups.
+"""
+    if not a.no_write:
+        write_section("moefy-oracle", body)
     print(body)
 
 

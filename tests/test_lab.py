@@ -40,3 +40,13 @@ def test_explainers_fit_the_teaching_dock_headings_down_and_formulas_wrapping():
         md = for_dock(explainer(t.name))
         assert "```" not in md and not md.startswith("# ")  # no code block (it cannot wrap), no h1 title
         assert f"### {t.name}" in md
+
+
+def test_a_bundled_recipe_a_lab_step_names_is_one_the_app_ships():
+    import re
+
+    from core.lab import LAB
+    from core.recipe import bundled
+    names = {b.name for b in bundled()}
+    named = [m for s in LAB for m in re.findall(r"bundled recipe '([^']+)'", s.how)]
+    assert named and all(n in names for n in named), (named, names)
