@@ -284,8 +284,9 @@ def cmd_recipe(a) -> int:
                          for b in shipped])
         else:
             for b in shipped:
-                print(f"{b.id}\n    {b.name}: {b.recipe.label()}")
-                print(textwrap.fill(b.description, width=100, initial_indent="    ", subsequent_indent="    "))
+                print(b.id)
+                for para in (f"{b.name}: {b.recipe.label()}", b.description):
+                    print(textwrap.fill(para, width=100, initial_indent="    ", subsequent_indent="      "))
             print("(use one as `--recipe bundled:NAME`; `squeeze recipe bundled:NAME --json` prints its steps)")
         return 0
     if not a.file:
