@@ -310,3 +310,24 @@ def test_a_budgeted_run_cancelled_and_resumed_spends_the_budget_once(tiny4, home
     t = clock[0]
     out = tech.apply(student, cfg, ctx)
     assert out["resumed_from"] == 10 and out["steps"] == 20 and clock[0] - t <= 60.0 + 1e-6
+
+
+def test_distill_trains_on_the_whole_shipped_validation_split_unless_given_a_text(tiny4, home, monkeypatch):
+    """Calibration statistics come from the 200 kB slice; distill, which gains from distinct text, draws its
+    windows from the whole validation split the app ships (the slice is its beginning)."""
+    from core import calibration, paths
+    seen = []
+    real = calibration.samples
+    monkeypatch.setattr(calibration, "samples", lambda tok, text, *a, **k: seen.append(Path(text)) or
+                        real(tok, text, *a, **k))
+    student, tok, ctx = _pruned_student(tiny4, key="distill-text")
+    tech = registry.get("distill")
+    tech.apply(student, tech.make({**FAST, "steps": 10}), ctx)
+    assert seen[-1] == paths.default_distill_text()
+    whole, calib = (p.read_text(encoding="utf-8") for p in (seen[-1], paths.default_calib_text()))
+    assert whole.startswith(calib) and len(whole) > 5 * len(calib)
+    mine = Path(home) / "mine.txt"
+    mine.write_text(calib[:40000], encoding="utf-8")
+    student, tok, ctx = _pruned_student(tiny4, key="distill-text-2")
+    tech.apply(student, tech.make({**FAST, "steps": 10, "calib_text": str(mine)}), ctx)
+    assert seen[-1] == mine

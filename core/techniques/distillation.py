@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .base import StepContext, knob
-from .gptq import samples_knob, seq_len_knob, text_knob
+from .gptq import samples_knob, seq_len_knob
 from .registry import technique
 
 CKPT_FILE = "state.pt"
@@ -75,7 +75,8 @@ class Distill:
                                   "depth prune matched to itself in the teacher, else layers mapped "
                                   "proportionally); 0 = logits only.")
     samples: int = samples_knob(128)
-    calib_text: str = text_knob()
+    calib_text: str = knob("", unit="file", help="Training text file; empty = the whole shipped WikiText-2 "
+                                                 "validation split (~280k tokens; never the evaluation text).")
     checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps",
                                  help="Write a checkpoint every this many steps: a cancelled or crashed run "
                                       "resumes from the last one.")
@@ -88,7 +89,8 @@ class Distill:
 
 def checkpoint_dir(ctx: StepContext, cfg: Distill):
     from .. import paths
-    raw = json.dumps([ctx.state_key, asdict(cfg)], sort_keys=True, default=str)
+    text = cfg.calib_text or paths.default_distill_text().name  # which shipped text an empty field meant
+    raw = json.dumps([ctx.state_key, asdict(cfg), text], sort_keys=True, default=str)
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     return paths.cache_dir() / "distill" / key
 
@@ -230,6 +232,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
 
     import torch
 
+    from .. import paths
     from ..calibration import samples, text_path
     from ..errors import DataError
 
@@ -238,7 +241,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     load_teacher = getattr(ctx, "base_model", None)
     if load_teacher is None:
         raise DataError("distill needs the model before the recipe (the teacher); this job does not provide it")
-    ids = samples(ctx.tokenizer, text_path(cfg.calib_text), cfg.samples, cfg.seq_len, seed=cfg.seed)
+    text = text_path(cfg.calib_text) if cfg.calib_text else paths.default_distill_text()
+    ids = samples(ctx.tokenizer, text, cfg.samples, cfg.seq_len, seed=cfg.seed)
     ctx.progress(0.0, "loading the teacher")
     teacher = load_teacher()
     teacher.eval()
