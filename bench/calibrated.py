@@ -108,11 +108,12 @@ ISSUE5_ROWS = [
      "plans) at lr 5e-4, validation split", 1.50,
      [LAYERS25, {"technique": "distill", **HEAL_15MIN, "steps": 1000, "minutes": 14, "lr": 5e-4, "precision": "fp32"}],
      "structured_prune 25 % layers alone", [LAYERS25]),
-    # the same budgeted recipe on the shipped calibration slice (~50k tokens; what the installed app has and what
-    # the bundled recipe "layers-25-distill" uses)
+    # the same budgeted recipe on the shipped calibration slice (~50k tokens; distill's own text before it became
+    # the whole validation split, resources/data/distill.txt)
     ("prune25-distill-14min-slice", "structured_prune 25 % layers → distill for 14 minutes (steps as the budget "
      "plans) at lr 5e-4, shipped slice", 1.50,
-     [LAYERS25, {"technique": "distill", **HEAL_15MIN, "calib_text": "", "steps": 1000, "minutes": 14, "lr": 5e-4}],
+     [LAYERS25, {"technique": "distill", **HEAL_15MIN, "calib_text": str(ROOT / "resources" / "data" / "calib.txt"), "steps": 1000,
+                  "minutes": 14, "lr": 5e-4}],
      "structured_prune 25 % layers alone", [LAYERS25]),
     # what training buys a MoE-fied model: its experts (not the fixed router) trained to imitate the dense model
     ("moefy8x2-distill", "moefy top-2 of 8 → distill for 14 minutes at lr 5e-4, validation split", 1.60,
