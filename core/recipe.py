@@ -68,6 +68,8 @@ class Recipe:
 
     def save(self, path: str | Path) -> None:
         from .paths import write_atomic
+        if str(path).startswith(BUNDLED):  # load() reads that name as a shipped recipe, never as this file
+            raise RecipeError(f"{BUNDLED}… names the app's shipped recipes; save under another name")
         path = Path(path).expanduser()
         if path.suffix.lower() not in SUFFIXES:  # what load() would refuse
             raise RecipeError(f"a recipe file must end in .yaml, .yml or .json: {path.name}")
@@ -80,7 +82,7 @@ class Recipe:
                 v = getattr(s.config, f["name"])
                 if f.get("unit") == "file" and v and not Path(v).expanduser().is_file():
                     raise RecipeError(f"{s.name}.{f['name']}: no file at {v}; give a text file, or leave it empty "
-                                      "for the shipped slice", field=f["name"], step=i)
+                                      "for the shipped text", field=f["name"], step=i)
 
     @property
     def packs(self) -> bool:
@@ -235,9 +237,15 @@ def bundled() -> list[Bundled]:
     from .techniques.base import FAMILIES
     out = []
     for f in (resources_dir() / "recipes").glob("*.yaml"):
-        data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        out.append(Bundled(BUNDLED + f.stem, data.get("name") or f.stem,
-                           " ".join(str(data.get("description") or "").split()), from_data(data)))
+        try:  # a broken shipped file names itself (a packaging fault, caught by the tests)
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise RecipeError("not a mapping with name, description and steps")
+            recipe = from_data(data)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecipeError) as e:
+            raise RecipeError(f"the bundled recipe {f.name} cannot be read: {e}") from None
+        out.append(Bundled(BUNDLED + f.stem, str(data.get("name") or f.stem),
+                           " ".join(str(data.get("description") or "").split()), recipe))
     return sorted(out, key=lambda b: (FAMILIES.index(b.recipe.steps[0].technique.family) if b.recipe.steps else -1,
                                       b.name.lower()))
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from PySide6.QtCore import QPoint, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QHBoxLayout, QLabel,
-                               QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea,
-                               QSizePolicy, QSplitter, QTabWidget, QVBoxLayout, QWidget)
+                               QMainWindow, QMenu, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea,
+                               QSizePolicy, QSplitter, QTabWidget, QToolButton, QVBoxLayout, QWidget)
 
 from core import models, paths, preflight, reuse
 from core import recipe as recipes
@@ -141,16 +141,29 @@ class MainWindow(QMainWindow):
         self.recipe_label = QLabel()
         self.recipe_label.setWordWrap(True)
         rl.addWidget(self.recipe_label)
-        # the shipped recipes, each with what it measured on the bundled model (its tooltip)
-        self.bundled_recipes = recipes.bundled()
-        self.bundled_combo = QComboBox()
-        self.bundled_combo.addItem("Start from a bundled recipe…")
-        for i, b in enumerate(self.bundled_recipes, start=1):
-            self.bundled_combo.addItem(b.name, b.id)
-            self.bundled_combo.setItemData(i, f"<p>{html.escape(b.description)}</p>", Qt.ToolTipRole)
-        self.bundled_combo.setToolTip("Recipes shipped with the app, with what each measured on the bundled model")
-        self.bundled_combo.activated.connect(self._bundled_chosen)
-        rl.addWidget(self.bundled_combo)
+        # the shipped recipes, each with what it measured on the bundled model (its tooltip); a menu, not a combo
+        # box: a wheel turned over a combo in the scrolling settings would load a recipe over the user's
+        bundled_error = "no bundled recipes in this install"
+        try:
+            self.bundled_recipes = recipes.bundled()
+        except SqueezeError as e:  # the app still opens; the button says why it is off
+            self.bundled_recipes, bundled_error = [], str(e)
+        self.bundled_menu = QMenu("&Bundled recipes", self)
+        self.bundled_menu.setToolTipsVisible(True)
+        for b in self.bundled_recipes:
+            a = self.bundled_menu.addAction(b.name)
+            a.setData(b.id)
+            a.setToolTip(f"<p>{html.escape(b.description)}</p>")
+            a.triggered.connect(lambda _=False, i=b.id: self.open_recipe(i))
+        self.bundled_button = QToolButton()
+        self.bundled_button.setText("Start from a bundled recipe ▾")
+        self.bundled_button.setToolTip("Recipes shipped with the app, with what each measured on the bundled model")
+        self.bundled_button.setMenu(self.bundled_menu)
+        self.bundled_button.setPopupMode(QToolButton.InstantPopup)
+        self.bundled_button.setEnabled(bool(self.bundled_recipes))
+        if not self.bundled_recipes:
+            self.bundled_button.setToolTip(bundled_error)
+        rl.addWidget(self.bundled_button)
         rb = QHBoxLayout()
         self.open_recipe_button = QPushButton("Open recipe…")
         self.open_recipe_button.clicked.connect(self.open_recipe)
@@ -315,10 +328,7 @@ class MainWindow(QMainWindow):
                 a.setShortcut(key)
             m.addAction(a)
             if slot == self.open_recipe:
-                shipped = m.addMenu("&Bundled recipes")
-                for b in self.bundled_recipes:
-                    shipped.addAction(b.name, lambda i=b.id: self.open_recipe(i)).setToolTip(b.description)
-                shipped.setToolTipsVisible(True)
+                m.addMenu(self.bundled_menu)
         self.teach = TeachPanel(list(self.techniques.groups))
         self.teach.larger_fonts.connect(self.set_larger_fonts)
         for name, g in self.techniques.groups.items():  # the explainer follows the technique just ticked
@@ -432,18 +442,13 @@ class MainWindow(QMainWindow):
         """The panel's recipe (raises RecipeError)."""
         return recipes.from_data(self.techniques.recipe_data())
 
-    def _bundled_chosen(self, index: int) -> None:
-        ident = self.bundled_combo.itemData(index)
-        self.bundled_combo.setCurrentIndex(0)  # a menu of starting points, not a state: the panel shows the recipe
-        if ident:
-            self.open_recipe(ident)
-
-    def open_recipe(self, path: str | None = None) -> None:
+    def open_recipe(self, path: str | Path | None = None) -> None:
         """A recipe file, or a bundled recipe by id (bundled:NAME), into the panel."""
         if not path:
             path, _ = QFileDialog.getOpenFileName(self, "Open recipe", "", "Recipes (*.yaml *.yml *.json)")
             if not path:
                 return
+        path = str(path)
         try:
             shipped = recipes.bundled_recipe(path) if path.startswith(recipes.BUNDLED) else None
             notes = self.techniques.set_recipe(shipped.recipe if shipped else recipes.load(path))
@@ -451,7 +456,7 @@ class MainWindow(QMainWindow):
             self.say(str(e), error=True)
             return
         if shipped:
-            self.say(f"Loaded “{shipped.name}”: {shipped.description}")
+            self.say(f"Loaded “{shipped.name}”: {shipped.description}" + "".join(f" ({n})" for n in notes))
         else:
             self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
 

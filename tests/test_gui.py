@@ -235,18 +235,26 @@ def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path)
 def test_a_bundled_recipe_chosen_from_the_list_fills_the_panel_and_says_what_it_measured(qtbot, open_window):
     from core.recipe import bundled_recipe
     w = open_window(auto_baseline=False)
-    shipped = bundled_recipe("bundled:sparsegpt-50-distill")
-    combo = w.bundled_combo
-    i = combo.findData(shipped.id)
-    assert i > 0 and "1.314×" in combo.itemData(i, Qt.ToolTipRole)
-    combo.activated.emit(i)
-    assert w.recipe() == shipped.recipe  # both steps ticked with the recipe's values, pruning before distill
-    assert w.techniques.groups["distill"].body.isVisible()
-    assert shipped.name in w.message.text() and "1.314×" in w.message.text()
-    assert combo.currentIndex() == 0  # the list is a starting point: the panel now holds the recipe
-    menu = next(a.menu() for a in w.menuBar().actions() if a.text() == "&File")
-    shipped_menu = next(a.menu() for a in menu.actions() if a.menu() and "Bundled" in a.text())
-    next(a for a in shipped_menu.actions() if a.text() == bundled_recipe("bundled:rtn-4bit").name).trigger()
+    shipped = bundled_recipe("bundled:layers-25-distill")
+    w.techniques.groups["gptq"].setChecked(True)  # what the user had ticked goes
+    menu = w.bundled_button.menu()
+    action = next(a for a in menu.actions() if a.data() == shipped.id)
+    assert action.text() == shipped.name and "1.461×" in action.toolTip()
+    action.trigger()
+    assert w.recipe() == shipped.recipe  # both steps ticked with the recipe's values, the prune before distill
+    assert w.techniques.groups["distill"].body.isVisible() and not w.techniques.groups["gptq"].isChecked()
+    assert shipped.name in w.message.text() and "1.461×" in w.message.text()
+    # the same menu under File; a wheel turned over the button (in the scrolling settings) loads nothing
+    file_menu = next(a.menu() for a in w.menuBar().actions() if a.text() == "&File")
+    assert any(a.menu() is menu for a in file_menu.actions())
+    from PySide6.QtCore import QPoint
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+    before = w.recipe()
+    QApplication.sendEvent(w.bundled_button, QWheelEvent(QPointF(5, 5), QPointF(5, 5), QPoint(0, 0), QPoint(0, -120),
+                                                          Qt.NoButton, Qt.NoModifier, Qt.NoScrollPhase, False))
+    assert w.recipe() == before
+    next(a for a in menu.actions() if a.data() == "bundled:rtn-4bit").trigger()
     assert [s.name for s in w.recipe().steps] == ["rtn"]
 
 
@@ -462,7 +470,10 @@ def test_ticked_techniques_make_a_recipe_that_runs_in_a_working_order(qtbot):
     # a recipe file in another valid order is shown with a note saying the order the panel will run
     notes = panel.set_recipe(of("kv_quant", "gptq"))
     assert any("gptq → kv_quant" in n for n in notes)
+    assert any("kv_quant → kv_window" in n for n in panel.set_recipe(of("kv_window", "kv_quant")))
     assert panel.set_recipe(of("sparsegpt", "distill")) == []
+    twice = panel.set_recipe(of(("kv_quant", {"bits": 8}), "kv_quant"))
+    assert twice == ["kv_quant appears twice; the panel keeps the last"]
 
 
 def test_slider_values_read_as_numbers_with_short_units(qtbot):

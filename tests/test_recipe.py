@@ -194,6 +194,21 @@ def test_bundled_recipes_load_by_id_and_each_cites_a_measured_figure():
         rc.load("bundled:awq-4")
 
 
+def test_a_broken_bundled_recipe_names_its_file_and_none_can_be_overwritten_by_save(tmp_path, monkeypatch):
+    from core import paths
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "ok.yaml").write_text("name: OK\ndescription: 1.0×\nsteps:\n  - technique: rtn\n")
+    monkeypatch.setattr(paths, "resources_dir", lambda: tmp_path)
+    assert [b.id for b in rc.bundled()] == ["bundled:ok"]
+    for bad in ("steps: [\n", "- technique: rtn\n", "steps:\n  - technique: rnt\n"):
+        (tmp_path / "recipes" / "broken.yaml").write_text(bad)
+        with pytest.raises(RecipeError, match="bundled recipe broken.yaml cannot be read"):
+            rc.bundled()
+    with pytest.raises(RecipeError, match="shipped recipes; save under another name"):
+        rc.of("rtn").save("bundled:ok.yaml")
+    assert not (tmp_path / "bundled:ok.yaml").exists()
+
+
 def test_bundled_recipes_that_cite_the_32k_protocol_are_the_recipes_measured_in_bench_results():
     """A figure in a bundled recipe's description comes from bench/RESULTS.md: the recipe whose description cites
     the issue's 32,768-token protocol must be one recorded there (same steps, same values)."""

@@ -19,7 +19,7 @@ FAMILIES = ("quantization", "pruning", "distillation", "architecture", "kv_cache
 FAMILY_HELP = {
     "architecture": "Change the model's shape or its inference loop: fewer layers, heads or channels, "
                     "factored weights, exiting early. These make a model faster, not only smaller.",
-    "distillation": "Train the changed model to imitate the original one on the calibration text.",
+    "distillation": "Train the changed model to imitate the original one on text (never the evaluation text).",
     "pruning": "Set weights to zero (any, or N of every M): smaller when stored sparse; calibrated "
                "methods choose which and correct the rest.",
     "kv_cache": "Shrink what the model remembers while generating (the key/value cache): quantize it "

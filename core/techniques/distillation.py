@@ -1,6 +1,6 @@
 """Knowledge distillation: train the model as the preceding steps left it (the student, e.g. after
 `structured_prune` dropped layers) to imitate the model before the recipe (the teacher) on the
-calibration text, never the evaluation text.
+whole shipped WikiText-2 validation split (or calib_text), never the evaluation text.
 
 Loss per token: T^2 KL(teacher_T || student_T) on the logits softened by the temperature T, plus,
 when `hidden_mse` > 0, that weight times the mean squared error between hidden states (each token's
@@ -26,7 +26,7 @@ says how many ran.
 
 Checkpoints: every `checkpoint_every` steps the trainable weights, the optimizer state, the step
 and the RNG state are written atomically (temp file, then rename) under
-cache_dir()/distill/<key>, key = hash of (ctx.state_key, the config); a run that finds one resumes
+cache_dir()/distill/<key>, key = hash of (ctx.state_key, the config, the text); a run that finds one resumes
 from it (a cancelled or crashed run goes on where it stopped), and it is deleted when training
 completes. The batch order is a function of the step number, so a resumed run sees the same
 batches as an uninterrupted one.
@@ -237,7 +237,7 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     from ..errors import DataError
 
     if ctx.tokenizer is None:
-        raise DataError("distill needs the model's tokenizer for its calibration text")
+        raise DataError("distill needs the model's tokenizer for its training text")
     load_teacher = getattr(ctx, "base_model", None)
     if load_teacher is None:
         raise DataError("distill needs the model before the recipe (the teacher); this job does not provide it")

@@ -240,9 +240,9 @@ class TechniquePanel(QWidget):
                 ed.blockSignals(True)
                 ed.set_value(getattr(step.config, name))
                 ed.blockSignals(False)
-        order = [s["technique"] for s in in_working_order([{"technique": n} for n in dict.fromkeys(seen)])]
-        if seen != order:
-            notes.append("the steps run in the order that works: " + " → ".join(order))
+        given, order = list(dict.fromkeys(seen)), [s["technique"] for s in self.recipe_data()["steps"]]
+        if given != order:
+            notes.append("the panel runs them as " + " → ".join(order))
         for g in self.groups.values():
             g.body.setVisible(g.isChecked())  # its toggled signal was blocked: show the sliders of what is ticked
             g.blockSignals(False)
