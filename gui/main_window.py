@@ -156,7 +156,7 @@ class MainWindow(QMainWindow):
             a.setToolTip(f"<p>{html.escape(b.description)}</p>")
             a.triggered.connect(lambda _=False, i=b.id: self.open_recipe(i))
         self.bundled_button = QToolButton()
-        self.bundled_button.setText("Start from a bundled recipe ▾")
+        self.bundled_button.setText("Start from a bundled recipe")
         self.bundled_button.setToolTip("Recipes shipped with the app, with what each measured on the bundled model")
         self.bundled_button.setMenu(self.bundled_menu)
         self.bundled_button.setPopupMode(QToolButton.InstantPopup)
