@@ -144,3 +144,17 @@ def test_an_exited_token_is_read_through_its_exits_adapter(deep_model, home):
         got = model(ids).logits
     assert torch.allclose(got, want, atol=1e-4)
     assert not torch.allclose(got, raw, atol=1e-3)  # the adapter is not the identity
+
+
+def test_early_exit_after_quantization_the_order_the_panel_runs_saves_and_loads(deep_model, tiny_eval, home):
+    """The GUI runs early_exit after quantization (its heads fitted to the weights as they end up): the job
+    evaluates, saves and loads back a packed model with exits."""
+    r = run_inline(JobSpec(model=deep_model, recipe=rc.of(("rtn", {"bits": 8}),
+                                                          ("early_exit", {**FAST, "threshold": 0.5})).to_dict(),
+                           eval=tiny_eval, evaluate=True))
+    assert r.outcome == "done", r.error
+    assert 2.0 <= r.result["eval_layers_per_token"] <= 6.0
+    model, _ = load_variant(r.result["variant_dir"])
+    with torch.no_grad():
+        model(torch.randint(3, 384, (1, 30)))
+    assert ee.layers_per_token(model) is not None  # the exits came back with the packed weights
