@@ -123,7 +123,7 @@ def oracle(a) -> None:
     model, tok, _ = models.load(MODEL)
     mlps = [layer.mlp for layer in model.model.layers]
     inter = mlps[0].gate_proj.out_features
-    keep = inter // 4
+    keep, size = inter // 4, inter // 8  # top-2 of 8 experts: two experts of `size` neurons, `keep` at most
     rule = {"mask": None}
 
     def routed(i, mlp):
@@ -139,7 +139,7 @@ def oracle(a) -> None:
         return torch.zeros_like(score).scatter_(-1, score.topk(keep, dim=-1).indices, 1.0)
 
     # token clusters on the calibration slice: k-means of each token's normalised |h| into 8 clusters; a
-    # cluster's expert = its `keep` neurons of largest mean |h| (experts may share neurons)
+    # cluster's expert = its `size` neurons of largest mean |h| (experts may share neurons)
     ids = tok(paths.default_calib_text().read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     starts = torch.linspace(0, len(ids) - 257, 32).long()
     hs = [[] for _ in mlps]
@@ -156,7 +156,7 @@ def oracle(a) -> None:
             for j in range(8):
                 if (lab == j).any():
                     cent[j] = xn[lab == j].mean(0)
-        experts = [(h[lab == j] if (lab == j).any() else h).mean(0).topk(keep).indices for j in range(8)]
+        experts = [(h[lab == j] if (lab == j).any() else h).mean(0).topk(size).indices for j in range(8)]
         m = torch.zeros(28, inter)
         for p, (e1, e2) in enumerate(itertools.combinations(range(8), 2)):
             m[p, experts[e1]] = 1.0
@@ -169,9 +169,11 @@ def oracle(a) -> None:
         return m[(h.abs() @ m.T).argmax(-1)]
     rows = []
     for what, mask in (("none (dense)", None),
-                       ("per token, the quarter of neurons with largest |silu(gate)·up|", lambda i, h, g: top_of(h.abs())),
-                       ("per token, the quarter with largest |silu(gate)| (the gate alone)", lambda i, h, g: top_of(g.abs())),
-                       (f"8 experts from token clusters (overlapping, {keep} neurons each; a pair covers "
+                       ("per token, the quarter of neurons with largest abs(silu(gate)·up)",
+                        lambda i, h, g: top_of(h.abs())),
+                       ("per token, the quarter with largest abs(silu(gate)) (the gate alone)",
+                        lambda i, h, g: top_of(g.abs())),
+                       (f"8 experts from token clusters (overlapping, {size} neurons each; a pair covers "
                         f"{union:.0f} on average), the best pair per token", best_pair)):
         rule["mask"] = mask
         p = ev.perplexity(model, tok, TEXT, a.max_tokens, a.context)
