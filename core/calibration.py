@@ -32,8 +32,9 @@ from .errors import DataError
 VERSION = 2  # bump when what is cached changes
 
 
-def text_path(calib_text: str) -> Path:
-    return Path(calib_text).expanduser() if calib_text else paths.default_calib_text()
+def text_path(calib_text: str, default: Path | None = None) -> Path:
+    """The text a calib_text field names; empty: `default`, else the shipped calibration slice."""
+    return Path(calib_text).expanduser() if calib_text else (default or paths.default_calib_text())
 
 
 def samples(tokenizer, text: Path, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -89,7 +89,8 @@ class Distill:
 
 def checkpoint_dir(ctx: StepContext, cfg: Distill):
     from .. import paths
-    text = cfg.calib_text or paths.default_distill_text().name  # which shipped text an empty field meant
+    from ..calibration import text_path
+    text = text_path(cfg.calib_text, paths.default_distill_text()).name  # which shipped text an empty field meant
     raw = json.dumps([ctx.state_key, asdict(cfg), text], sort_keys=True, default=str)
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     return paths.cache_dir() / "distill" / key
@@ -241,8 +242,8 @@ def distill(model, cfg: Distill, ctx: StepContext) -> dict:
     load_teacher = getattr(ctx, "base_model", None)
     if load_teacher is None:
         raise DataError("distill needs the model before the recipe (the teacher); this job does not provide it")
-    text = text_path(cfg.calib_text) if cfg.calib_text else paths.default_distill_text()
-    ids = samples(ctx.tokenizer, text, cfg.samples, cfg.seq_len, seed=cfg.seed)
+    ids = samples(ctx.tokenizer, text_path(cfg.calib_text, paths.default_distill_text()), cfg.samples, cfg.seq_len,
+                  seed=cfg.seed)
     ctx.progress(0.0, "loading the teacher")
     teacher = load_teacher()
     teacher.eval()
