@@ -238,7 +238,8 @@ def bundled() -> list[Bundled]:
     out = []
     for f in (resources_dir() / "recipes").glob("*.yaml"):
         try:  # a broken shipped file names itself (a packaging fault, caught by the tests)
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            # libyaml's loader where present: the window reads these at start, ~8x faster than pure-Python
+            data = yaml.load(f.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             if not isinstance(data, dict):
                 raise RecipeError("not a mapping with name, description and steps")
             recipe = from_data(data)
