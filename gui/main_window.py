@@ -450,7 +450,8 @@ class MainWindow(QMainWindow):
                 return
         path = str(path)
         try:
-            shipped = recipes.bundled_recipe(path) if path.startswith(recipes.BUNDLED) else None
+            # the list read at start, not the files again; an unknown bundled: id is load()'s error (nearest name)
+            shipped = next((b for b in self.bundled_recipes if b.id == path), None)
             notes = self.techniques.set_recipe(shipped.recipe if shipped else recipes.load(path))
         except SqueezeError as e:
             self.say(str(e), error=True)
