@@ -38,13 +38,16 @@ class Knob:
     labels: dict | None = None  # choice -> shown text, e.g. {0: "per-channel"}
     unit: str = ""
     help: str = ""
+    scale: str = "linear"  # "log": a slider spaced by ratio (a learning rate over three decades)
 
 
-def knob(default, *, min=None, max=None, step=None, choices=None, labels=None, unit="", help=""):
+def knob(default, *, min=None, max=None, step=None, choices=None, labels=None, unit="", help="", scale="linear"):
     """A config field with slider metadata."""
     if not help:
         raise ValueError("every knob needs a one-line help text")
-    k = Knob(min, max, step, tuple(choices) if choices is not None else None, labels, unit, help)
+    if scale not in ("linear", "log") or (scale == "log" and not (min and min > 0)):
+        raise ValueError("scale is 'linear' or 'log' (log needs a minimum above 0)")
+    k = Knob(min, max, step, tuple(choices) if choices is not None else None, labels, unit, help, scale)
     return field(default=default, metadata={"knob": k})
 
 
@@ -76,6 +79,7 @@ class Technique:
                 "labels": {str(a): b for a, b in k.labels.items()} if k.labels else None,
                 "unit": k.unit,
                 "help": k.help,
+                "scale": k.scale,
             })
         return out
 

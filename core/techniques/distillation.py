@@ -54,7 +54,7 @@ _now = time.perf_counter  # (a test's clock replaces it)
 class Distill:
     """Distillation: train the compressed model to imitate the original one (KL on logits, optional hidden-state MSE)."""
 
-    steps: int = knob(80, min=10, max=5000, step=10, unit="steps",
+    steps: int = knob(80, min=10, max=5000, step=10, unit="steps", scale="log",
                       help="Optimizer steps at most (minutes may plan fewer): 80 take about 5 minutes on 2 CPU cores "
                            "with bf16 arithmetic for a 135M model with a quarter of its layers dropped, about 15 in "
                            "fp32.")
@@ -62,7 +62,7 @@ class Distill:
                           help="Time budget of the training: where the steps would take longer at the pace of the "
                                "first ones, fewer are planned and the learning rate decays over those; 0 = no "
                                "limit, the steps decide.")
-    lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="",
+    lr: float = knob(2e-4, min=1e-5, max=1e-2, step=1e-5, unit="", scale="log",
                      help="AdamW learning rate (cosine decay to a tenth of it after a short warm-up). Short runs "
                           "heal more at a higher one: 80 steps after a quarter of the layers were dropped reached "
                           "1.58x fp32 perplexity at 5e-4, 1.67x at 2e-4.")
@@ -75,9 +75,10 @@ class Distill:
                                   "depth prune matched to itself in the teacher, else layers mapped "
                                   "proportionally); 0 = logits only.")
     samples: int = samples_knob(128)
-    calib_text: str = knob("", unit="file", help="Training text file; empty = the whole shipped WikiText-2 "
-                                                 "validation split (~280k tokens; never the evaluation text).")
-    checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps",
+    calib_text: str = knob("", unit="file", help="Training text file the samples are drawn from; empty = the "
+                                                 "shipped WikiText-2 validation split (~280k tokens; never the "
+                                                 "evaluation text).")
+    checkpoint_every: int = knob(10, min=1, max=1000, step=1, unit="steps", scale="log",
                                  help="Write a checkpoint every this many steps: a cancelled or crashed run "
                                       "resumes from the last one.")
     seed: int = knob(0, min=0, max=2**31 - 1, step=1, help="Seed of the batch order.")

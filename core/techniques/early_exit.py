@@ -41,7 +41,7 @@ class EarlyExit:
     threshold: float = knob(0.0, min=0.0, max=0.99, step=0.01, unit="confidence", labels={0.0: "auto"},
                             help="Exit when the head's confidence that the next token is already settled "
                                  "reaches this; 0 = the threshold recommended on the calibration text.")
-    tolerance: float = knob(0.1, min=0.01, max=1.0, step=0.01, unit="nats",
+    tolerance: float = knob(0.1, min=0.01, max=1.0, step=0.01, unit="nats", scale="log",
                             help="A token may leave at a layer whose next-token distribution is within this "
                                  "KL divergence of the full model's (what the heads learn to predict).")
     budget: float = knob(0.1, min=0.01, max=0.7, step=0.01, unit="nats",

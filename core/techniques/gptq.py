@@ -45,7 +45,7 @@ def sequential_knob(default=False):
 
 
 def damping_knob():
-    return knob(0.01, min=0.001, max=1.0, step=0.001, unit="× mean diag",
+    return knob(0.01, min=0.001, max=1.0, step=0.001, unit="× mean diag", scale="log",
                 help="Added to the Hessian's diagonal, as a fraction of its mean: stabilises the inverse.")
 
 

@@ -70,7 +70,7 @@ class KVWindow:
 
     sinks: int = knob(4, min=0, max=64, step=1, unit="tokens",
                       help="First tokens always kept: attention piles onto them, dropping them breaks the model.")
-    window: int = knob(256, min=16, max=8192, step=16, unit="tokens",
+    window: int = knob(256, min=16, max=8192, step=16, unit="tokens", scale="log",
                        help="Most recent tokens kept; older ones (after the sinks) are evicted.")
 
 

@@ -4,9 +4,12 @@ core.recipe's working order, which the panel follows except for early_exit (an a
 last, to the weights as they end up)."""
 from __future__ import annotations
 
+import math
+
 from PySide6.QtCore import QEvent, Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                               QLineEdit, QSlider, QSpinBox, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtGui import QValidator
+from PySide6.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QGroupBox, QHBoxLayout, QLabel, QLineEdit, QSlider, QToolButton, QVBoxLayout, QWidget)
 
 from core.recipe import in_working_order, working_rank
 from core.techniques import all_techniques
@@ -22,23 +25,94 @@ def _decimals(step: float) -> int:
     return len(text.split(".")[1]) if "." in text else 0
 
 
+def _clean(v: float) -> float:
+    return float(f"{v:.10g}")  # 0.15, not 0.15000000000000002 (a step's multiple in binary)
+
+
 def format_value(value, field: dict) -> str:
     unit = field.get("unit") or ""
     labels = field.get("labels") or {}
     if str(value) in labels:
         return labels[str(value)]
+    # the step's decimals, more for a value between steps (typed, or from a recipe file): 0.0011, not 0.001
+    decimals = max(_decimals(field.get("step") or 0.01), min(6, _decimals(_clean(value)))) \
+        if isinstance(value, float) else 0
     if unit == "fraction" and isinstance(value, float):
-        return f"{value * 100:.0f} %"
+        return f"{value * 100:.{max(0, decimals - 2)}f} %"
     if isinstance(value, float) and 0 < abs(value) < 1e-3:  # a learning rate reads 2.0e-4, not 0.00020
         value = f"{value:.1e}".replace("e-0", "e-")
     elif isinstance(value, float):
-        value = f"{value:.{_decimals(field.get('step') or 0.01)}f}"
+        value = f"{value:.{decimals}f}"
     return f"{value} {unit}".strip()
 
 
+def parse_value(text: str, field: dict) -> float | None:
+    """The number a user typed into a value box: "65 %", "0.65", "2e-4", "8 bits" or a label ("per-channel")."""
+    text = text.strip()
+    for value, label in (field.get("labels") or {}).items():
+        if text == label:
+            return float(value)
+    unit = field.get("unit") or ""
+    percent = text.endswith("%")
+    number = text.rstrip("%").strip()
+    if unit and number.endswith(unit):
+        number = number[:-len(unit)].strip()
+    try:
+        v = float(number.split()[0]) if number else None
+    except ValueError:
+        return None
+    if v is not None and unit == "fraction" and (percent or v > 1):
+        v /= 100  # a fraction is shown and typed as a percentage
+    return v
+
+
+LONG_UNIT = 9  # characters: a longer unit ("× mean diag") goes in the row's label, not in the value box
+
+
+def row_label(field: dict) -> str:
+    unit = field.get("unit") or ""
+    name = field["name"].replace("_", " ")
+    return f"{name} ({unit})" if len(unit) > LONG_UNIT and unit != "file" else name
+
+
+class ValueBox(QDoubleSpinBox):
+    """The value beside a slider, as the panel shows it ("65 %", "2.0e-4"), editable: a value typed (or read
+    from a recipe) between the slider's steps is kept as it is, not rounded to a step."""
+
+    def __init__(self, field: dict, parent=None):
+        super().__init__(parent)
+        self.field = field if len(field.get("unit") or "") <= LONG_UNIT else {**field, "unit": ""}
+        self.setDecimals(12)  # the stored value; what is shown is format_value's
+        lo, hi = field.get("min"), field.get("max")
+        self.setRange(-1e15 if lo is None else float(lo), 1e15 if hi is None else float(hi))
+        self.setButtonSymbols(QAbstractSpinBox.NoButtons)
+        self.setKeyboardTracking(False)  # one change when Enter is pressed or focus leaves, not per key
+        self.setAlignment(Qt.AlignRight | Qt.AlignVCenter)
+
+    def typed(self, v: float):
+        return int(round(v)) if self.field["type"] == "int" else v
+
+    def textFromValue(self, v: float) -> str:
+        return format_value(self.typed(v), self.field)
+
+    def valueFromText(self, text: str) -> float:
+        v = parse_value(text, self.field)
+        return self.value() if v is None else v
+
+    def validate(self, text: str, pos: int):
+        v = parse_value(text, self.field)
+        if v is None or not self.minimum() <= v <= self.maximum():
+            return QValidator.Intermediate, text, pos
+        return QValidator.Acceptable, text, pos
+
+    def fixup(self, text: str) -> str:
+        return self.textFromValue(self.value())  # an unreadable or out-of-range entry goes back to the value
+
+
 class FieldEditor(QWidget):
-    """One field: a slider + value label, a combo, a checkbox or a text box, by its metadata."""
+    """One field: a slider + editable value box, a combo, a checkbox or a text box, by its metadata."""
     changed = Signal()
+    MAX_STOPS = 5000  # a wider range (a seed) gets the box alone: a slider stop per pixel cannot be aimed
 
     def __init__(self, field: dict, parent=None):
         super().__init__(parent)
@@ -46,7 +120,7 @@ class FieldEditor(QWidget):
         t, lo, hi = field["type"], field.get("min"), field.get("max")
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        self.slider = self.combo = self.check = self.spin = self.line = None
+        self.slider = self.combo = self.check = self.box = self.line = None
         if field.get("choices") is not None:
             self.combo = QComboBox()
             for c in field["choices"]:
@@ -57,23 +131,23 @@ class FieldEditor(QWidget):
             self.check = QCheckBox()
             self.check.toggled.connect(self.changed)
             lay.addWidget(self.check, 1)
-        elif t in ("int", "float") and lo is not None and hi is not None:
-            # a float slider runs over step indices: value = min + i * step
-            self.step = field.get("step") or (1 if t == "int" else (hi - lo) / 100)
-            self.slider = QSlider(Qt.Horizontal)
-            self.slider.setRange(0, round((hi - lo) / self.step))
-            self.slider.setPageStep(1)
-            self.slider.valueChanged.connect(self._slid)
-            self.value_label = QLabel()
-            self.value_label.setMinimumWidth(64)
-            self.value_label.setAlignment(Qt.AlignRight | Qt.AlignVCenter)
-            lay.addWidget(self.slider, 1)
-            lay.addWidget(self.value_label)
-        elif t == "int":
-            self.spin = QSpinBox()
-            self.spin.setRange(int(lo if lo is not None else -2**31), int(hi if hi is not None else 2**31 - 1))
-            self.spin.valueChanged.connect(self.changed)
-            lay.addWidget(self.spin, 1)
+        elif t in ("int", "float"):
+            bounded = lo is not None and hi is not None
+            self.step = field.get("step") or (1 if t == "int" or not bounded else (hi - lo) / 100)
+            self.box = ValueBox(field)
+            self.box.valueChanged.connect(self._typed)
+            self.stops = self._stops(lo, hi) if bounded else []
+            if self.stops:
+                self.slider = QSlider(Qt.Horizontal)
+                self.slider.setRange(0, len(self.stops) - 1)
+                self.slider.setPageStep(1)
+                self.slider.valueChanged.connect(self._slid)
+                # one width for every box, so the sliders line up (a longer unit is in the row's label)
+                self.box.setFixedWidth(self.box.fontMetrics().horizontalAdvance("5000 sequences") + 12)
+                lay.addWidget(self.slider, 1)
+                lay.addWidget(self.box)
+            else:
+                lay.addWidget(self.box, 1)
         else:
             self.line = QLineEdit()
             self.line.textChanged.connect(self.changed)
@@ -85,10 +159,30 @@ class FieldEditor(QWidget):
                 browse.setToolTip("Pick a text file")
                 browse.clicked.connect(self._pick)
                 lay.addWidget(browse)
-        for w in (self, self.slider, self.combo, self.check, self.spin, self.line):
+        for w in (self, self.slider, self.combo, self.check, self.box, self.line):
             if w is not None:
                 w.setToolTip(field.get("help") or "")
         self.set_value(field["default"])
+
+    def _stops(self, lo: float, hi: float) -> list[float]:
+        """The values the slider's positions stand for: min + i * step, or on a log scale ~24 per decade of two
+        significant digits (2e-4, 2.2e-4, 2.4e-4 … for a learning rate), a whole number of steps for an int."""
+        if self.field.get("scale") != "log":
+            n = round((hi - lo) / self.step)
+            return [] if n > self.MAX_STOPS else [_clean(lo + i * self.step) for i in range(n + 1)]
+        n = max(1, round(24 * math.log10(hi / lo)))
+        stops = []
+        for i in range(n + 1):
+            v = lo * (hi / lo) ** (i / n)
+            v = float(f"{v:.2g}")  # two significant digits: stops read as round numbers
+            if self.field["type"] == "int":  # whole steps (a window of 16-token blocks); a float keeps its digits
+                v = _clean(min(hi, max(lo, lo + round((v - lo) / self.step) * self.step)))
+            if not stops or v > stops[-1]:
+                stops.append(v)
+        return stops
+
+    def _nearest_stop(self, v: float) -> int:
+        return min(range(len(self.stops)), key=lambda i: abs(self.stops[i] - v))
 
     def _pick(self) -> None:
         f, _ = QFileDialog.getOpenFileName(self, "Calibration text", self.line.text(),
@@ -96,8 +190,17 @@ class FieldEditor(QWidget):
         if f:
             self.line.setText(f)
 
-    def _slid(self) -> None:
-        self.value_label.setText(format_value(self.value(), self.field))
+    def _slid(self, i: int) -> None:
+        self.box.blockSignals(True)
+        self.box.setValue(self.stops[i])
+        self.box.blockSignals(False)
+        self.changed.emit()
+
+    def _typed(self, v: float) -> None:
+        if self.slider is not None:  # the slider goes to the nearest stop; the box keeps what was typed
+            self.slider.blockSignals(True)
+            self.slider.setValue(self._nearest_stop(v))
+            self.slider.blockSignals(False)
         self.changed.emit()
 
     def value(self):
@@ -106,11 +209,9 @@ class FieldEditor(QWidget):
             return self.combo.currentData()
         if self.check is not None:
             return self.check.isChecked()
-        if self.slider is not None:
-            v = self.field["min"] + self.slider.value() * self.step
-            return int(round(v)) if t == "int" else round(v, _decimals(self.step) + 2)
-        if self.spin is not None:
-            return self.spin.value()
+        if self.box is not None:
+            v = self.box.value()
+            return int(round(v)) if t == "int" else round(v, _decimals(self.step) + 6)
         return self.line.text()
 
     def set_value(self, v) -> None:
@@ -122,11 +223,11 @@ class FieldEditor(QWidget):
                 self.combo.setCurrentIndex(i)
         elif self.check is not None:
             self.check.setChecked(bool(v))
-        elif self.slider is not None:
-            self.slider.setValue(round((float(v) - self.field["min"]) / self.step))
-            self._slid()
-        elif self.spin is not None:
-            self.spin.setValue(int(v))
+        elif self.box is not None:
+            self.box.blockSignals(True)
+            self.box.setValue(float(v))  # as given: a recipe's 0.33 stays 0.33 between the 5 % stops
+            self.box.blockSignals(False)
+            self._typed(self.box.value())
         else:
             self.line.setText(str(v))
 
@@ -175,7 +276,7 @@ class TechniqueGroup(QGroupBox):
             form = self.body.layout()
             for f in self.technique.fields():
                 ed = FieldEditor(f)
-                label = QLabel(f["name"].replace("_", " "))
+                label = QLabel(row_label(f))
                 label.setToolTip(f.get("help") or "")
                 form.addRow(label, ed)
                 ed.changed.connect(self.changed)
