@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpin
 from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
+from core.evaluate import text_digest
 from core.jobs.events import shown_eta
 from core.jobs.spec import JobSpec
 from core.lab import KINDS as LAB_KINDS
@@ -111,7 +112,8 @@ class MainWindow(QMainWindow):
 
         self.eval_panel.set_settings(eval_settings or self.store.get("eval", {}))
         self.model_panel.add_models(list(models.BUNDLED) + self.store.get("recent", [])
-                                    + sorted({r["model"] for r in self.ledger.rows(kinds=("eval",))}))
+                                    + sorted({r["model"] for r in self.ledger.rows(kinds=("eval",))
+                                              if r["status"] == "done"}))  # not a typo's failed run
         self._update_eval_key()
         self.set_model(model or self.store.get("model") or models.DEFAULT_MODEL)
         self.set_teaching(self.store.get("teach", False) if teach is None else teach)
@@ -408,8 +410,12 @@ class MainWindow(QMainWindow):
         self.ensure_baseline()
 
     def _update_eval_key(self) -> bool:
+        """The eval settings' key, or None and the reason said, for settings no job could run with (a text file
+        that cannot be read, fewer tokens than one window): checked here, not by a baseline job that fails."""
         try:
-            self.eval_key = self.eval_panel.settings().key()
+            s = self.eval_panel.settings().check()
+            text_digest(s.text_path())
+            self.eval_key = s.key()
             return True
         except SqueezeError as e:
             self.eval_key = None

@@ -118,7 +118,7 @@ def test_baseline_then_run_a_recipe_then_plot_and_table_agree(qtbot, open_window
     bits.slider.setFocus()
     for _ in range(4):
         qtbot.keyClick(bits.slider, Qt.Key_Right)
-    assert bits.value() == 8 and bits.value_label.text() == "8 bits"
+    assert bits.value() == 8 and bits.box.text() == "8 bits"
     groups = rtn.editors["group_size"].combo
     groups.setCurrentIndex(groups.findText("per-channel"))
     import re
@@ -203,12 +203,30 @@ def test_invalid_recipe_shows_its_message_and_runs_nothing(qtbot, open_window):
     assert "Tick a technique" in w.message.text() and not w.client.running
 
 
+def test_eval_settings_no_job_could_use_are_said_at_once_and_queue_nothing(qtbot, open_window, tmp_path):
+    w = open_window()  # the baseline is measured automatically: a bad setting must not start (and fail) one
+    wait_idle(qtbot, w)
+    rows = len(w.ledger.rows())
+    w.eval_panel.max_tokens.setValue(100)  # less than one window of context 128
+    assert "less than one window" in w.message.text() and not w.client.running and not w.queue
+    w.techniques.groups["rtn"].setChecked(True)
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert "less than one window" in w.message.text() and not w.client.running and not w.queue
+    w.eval_panel.max_tokens.setValue(512)
+    w.eval_panel.text.setText(str(tmp_path / "gone.txt"))
+    w.eval_panel.text.editingFinished.emit()
+    assert "gone.txt" in w.message.text() and not w.client.running and not w.queue
+    qtbot.mouseClick(w.run_button, Qt.LeftButton)
+    assert "gone.txt" in w.message.text() and not w.client.running and not w.queue
+    assert len(w.ledger.rows()) == rows  # no failed row left behind
+
+
 def test_recipe_files_round_trip_through_the_panel(qtbot, open_window, tmp_path):
     w = open_window(auto_baseline=False)
     prune = w.techniques.groups["magnitude_prune"]
     prune.setChecked(True)
     prune.editors["sparsity"].slider.setValue(prune.editors["sparsity"].slider.value() + 3)  # 0.5 -> 0.65
-    assert prune.editors["sparsity"].value_label.text() == "65 %"
+    assert prune.editors["sparsity"].box.text() == "65 %"
     w.techniques.groups["rtn"].setChecked(True)
     f = tmp_path / "r.yaml"
     w.save_recipe(str(f))
@@ -484,13 +502,52 @@ def test_slider_values_read_as_numbers_with_short_units(qtbot):
     shown = {}
     for t in all_techniques():
         for name, ed in panel.groups[t.name].editors.items():
-            if getattr(ed, "value_label", None) is not None:
-                shown[(t.name, name)] = ed.value_label.text()
+            if ed.slider is not None:
+                shown[(t.name, name)] = ed.box.text()
     assert shown[("distill", "lr")] == "2.0e-4"  # was "0.00020 learning rate"
     assert shown[("distill", "temperature")] == "1.0" and shown[("distill", "hidden_mse")] == "0.0"
-    assert shown[("early_exit", "first_exit")] == "50 %" and shown[("gptq", "damping")] == "0.010 × mean diag"
-    # a value label is a number and at most a short unit: it sits in a 64-px column beside the slider
-    assert all(len(text) <= 18 for text in shown.values()), {k: v for k, v in shown.items() if len(v) > 18}
+    assert shown[("early_exit", "first_exit")] == "50 %" and shown[("gptq", "damping")] == "0.010"
+    # a value box is a number and at most a short unit: it sits in a narrow column beside the slider; a long
+    # unit is in the row's label
+    assert all(len(text) <= 14 for text in shown.values()), {k: v for k, v in shown.items() if len(v) > 14}
+    gptq = panel.groups["gptq"]
+    assert gptq.body.layout().labelForField(gptq.editors["damping"]).text() == "damping (× mean diag)"
+
+
+def test_a_value_between_slider_stops_is_kept_and_a_typed_value_moves_the_slider(qtbot):
+    from core.recipe import from_data
+    from gui.widgets.technique_panel import TechniquePanel
+    panel = TechniquePanel()
+    qtbot.addWidget(panel)
+    # a recipe written by hand (or by the CLI) with values between the 5 % / 16-token stops opens unchanged
+    steps = [{"technique": "sparsegpt", "sparsity": 0.33}, {"technique": "distill", "lr": 1.5e-5, "minutes": 7.25},
+             {"technique": "kv_quant", "residual": 17}]
+    assert panel.set_recipe(from_data({"steps": steps})) == []
+    got = {s["technique"]: s for s in panel.recipe_data()["steps"]}
+    assert got["sparsegpt"]["sparsity"] == 0.33 and got["distill"]["lr"] == 1.5e-5
+    assert got["distill"]["minutes"] == 7.25 and got["kv_quant"]["residual"] == 17
+    sparsity = panel.groups["sparsegpt"].editors["sparsity"]
+    assert sparsity.box.text() == "33 %" and sparsity.stops[sparsity.slider.value()] == 0.35  # nearest stop
+    # typing a percentage sets the value and moves the slider; an unreadable entry changes nothing
+    sparsity.box.lineEdit().setText("42 %")
+    sparsity.box.interpretText()
+    assert sparsity.value() == 0.42 and sparsity.stops[sparsity.slider.value()] == 0.4
+    sparsity.box.lineEdit().setText("lots")
+    sparsity.box.interpretText()
+    assert sparsity.value() == 0.42
+    sparsity.slider.setValue(sparsity.slider.value() + 1)  # the slider snaps back onto its stops
+    assert sparsity.value() == 0.45
+    # a learning rate over three decades: the default sits mid-track (a linear track put it at 2 %), stops are round
+    lr = panel.groups["distill"].editors["lr"]
+    lr.set_value(2e-4)
+    assert 0.35 < lr.slider.value() / lr.slider.maximum() < 0.5
+    assert {1e-5, 1e-4, 2e-4, 5.1e-4, 1e-3, 1e-2} <= set(lr.stops)
+    # a seed has no slider (two billion stops cannot be aimed at): its box takes any value
+    seed = panel.groups["distill"].editors["seed"]
+    assert seed.slider is None
+    seed.box.lineEdit().setText("123456789")
+    seed.box.interpretText()
+    assert seed.value() == 123456789
 
 
 def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_window):
