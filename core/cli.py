@@ -55,7 +55,8 @@ def _eval_settings(a) -> dict:
         v = getattr(a, k, None)
         if v is not None:
             d[k] = str(Path(v).expanduser().resolve()) if k == "text" else v
-    EvalSettings(**d).check()
+    from .evaluate import text_digest
+    text_digest(EvalSettings(**d).check().text_path())  # a missing text: said now, not by a failed job
     return d
 
 
@@ -66,6 +67,12 @@ def _recipe(a) -> dict:
 
 def _run(spec, quiet: bool):
     from .jobs.client import run_inline
+    from .jobs.run import check_export_folder
+    from .models import resolve
+    # what the job would fail on at once is said before it starts: a typo leaves no failed run in the ledger
+    resolve(spec.model, convert=False)
+    if spec.kind == "export":
+        check_export_folder(Path(spec.export["out"]))
     rec = run_inline(spec, _Progress(quiet))
     if rec.outcome != "done":
         kind, msg = rec.error or ("cancelled", "cancelled")
@@ -189,11 +196,14 @@ def cmd_runs(a) -> int:
         ids, folders = ledger.forget(run_id)
         rows_gone.update(ids)
         freed += folders
-    if asked:
+    if asked or a.clear_failed:
         print(f"deleted {len(rows_gone)} run(s) and {len(freed)} saved folder(s)", file=sys.stderr)
     rows = ledger.rows(a.model)
     if a.json:
         _print_json(rows)
+    elif not rows:  # a silent empty answer reads like a broken command
+        print("no runs" + (f" of {a.model}" if a.model else "") + " in the ledger"
+              + ("; `squeeze runs` lists every model's" if a.model else ""), file=sys.stderr)
     else:
         for r in rows:
             res = r["result"] or {}
@@ -411,7 +421,11 @@ def _terminated(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     import signal
-    a = parser().parse_args(argv)
+    p = parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `squeeze`: what it can do, not "arguments required"
+        p.print_help()
+        return 0
+    a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         return a.fn(a)

@@ -111,7 +111,8 @@ def check_folder(d: Path, allow_pickle: bool = False) -> None:
         pickles = list(d.glob("*.bin")) + list(d.glob("*.pt")) + list(d.glob("*.pth"))
         if pickles and not allow_pickle:
             raise ModelError(f"{d} holds only pickle checkpoints ({pickles[0].name}), which can run code when "
-                             f"loaded; convert it to safetensors, or allow pickle explicitly (--allow-pickle)")
+                             f"loaded, so Squeeze Studio does not open them; convert it to safetensors once, in a Python "
+                             f"you trust: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
         if not pickles:
             raise ModelError(f"{d} has a config.json but no .safetensors weights")
     for w in weights:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -176,7 +177,10 @@ def main(argv=None) -> int:
         import json
 
         from core import about
-        print(json.dumps(about.info(), indent=2))
+        try:
+            print(json.dumps(about.info(), indent=2), flush=True)
+        except BrokenPipeError:  # `squeeze-studio --info | head`: the reader left; no traceback for that
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         shot = check_png(args.screenshot) if args.screenshot else None

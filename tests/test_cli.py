@@ -56,6 +56,29 @@ def test_bundled_recipes_are_listed_with_what_they_measured_and_run_by_name(tiny
     assert row["recipe"]["steps"] == steps
 
 
+def test_bare_squeeze_shows_its_commands_and_an_empty_answer_says_so(home):
+    p = squeeze()
+    assert "usage: squeeze" in p.stdout and "techniques" in p.stdout
+    p = squeeze("runs", "--model", "bundled:nosuch")
+    assert p.stdout == "" and "no runs of bundled:nosuch in the ledger" in p.stderr
+    assert "deleted 0 run(s)" in squeeze("runs", "--clear-failed").stderr
+
+
+def test_a_typo_in_the_model_the_text_or_the_export_folder_leaves_no_run_in_the_ledger(tiny_model, tmp_path, home):
+    # each was a failed run in `squeeze runs`, and its model a junk entry in the GUI's model list
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    for argv, words in ((["eval", tmp_path / "nope"], "does not exist"),
+                        (["eval", "bundled:smollm2-13"], "did you mean 'bundled:smollm2-135m'"),
+                        (["eval", tiny_model, "--text", tmp_path / "gone.txt"], "gone.txt"),
+                        (["export", tiny_model, "--out", used], "not empty")):
+        p = squeeze(*argv, check=False)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert json.loads(squeeze("runs", "--json").stdout) == []
+    assert (used / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, words", [
     (["eval", "/no/such/folder"], "does not exist"),
     (["eval", "{tmp}"], "not a model folder"),

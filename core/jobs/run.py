@@ -207,7 +207,7 @@ def export_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
     settings = spec.eval_settings()
     ev.read_text(settings.text_path())
     out = Path(opts.get("out") or paths.workspace_dir() / "exports" / spec.job_id).expanduser()
-    _check_writable(out)
+    check_export_folder(out)
     src = opts.get("variant_dir")
     if src and Path(src, "squeeze.json").is_file():
         em.progress("load", 0.0, src)
@@ -292,7 +292,8 @@ def compare_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
     return res
 
 
-def _check_writable(out: Path) -> None:
+def check_export_folder(out: Path) -> None:
+    """Refuses a folder an export cannot write into whole (a file, read-only, or holding something else)."""
     from ..errors import ExportError
     probe = out
     while not probe.exists():
