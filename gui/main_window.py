@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import html
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -377,10 +378,11 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ messages
 
-    def say(self, text: str, error: bool = False) -> None:
-        """One line in the run bar (errors in red): expected errors never open a dialog."""
+    def say(self, text: str, error: bool = False, details: str | None = None) -> None:
+        """One line in the run bar (errors in red): expected errors never open a dialog. `details`: the
+        tooltip, where the line is a summary of something longer."""
         self.message.setText(text.strip().splitlines()[0] if text.strip() else "")
-        self.message.setToolTip(text)
+        self.message.setToolTip(details or text)
         style = ERROR_STYLE if error else INFO_STYLE
         if self.message.styleSheet() != style:  # re-styling re-polishes the label: ~7 ms on a slow CPU
             self.message.setStyleSheet(style)
@@ -463,7 +465,14 @@ class MainWindow(QMainWindow):
             self.say(str(e), error=True)
             return
         if shipped:
-            self.say(f"Loaded “{shipped.name}”: {shipped.description}" + "".join(f" ({n})" for n in notes))
+            # the measured figures in the run bar, the whole description in its tooltip: all of it took 7 lines
+            measured = re.search(r"perplexity .*?(?=\.\s|\.?$)", shipped.description)
+            notes_text = "".join(f" ({n})" for n in notes)
+            self.say(f"Loaded “{shipped.name}”" + (f": {measured.group(0)}." if measured else ".") + notes_text,
+                     details=f"{shipped.name}: {shipped.description}{notes_text}")
+            first = next((g for g in self.techniques.groups.values() if g.isChecked()), None)
+            if first is not None:  # its sliders in view, not wherever the settings were scrolled
+                self.left_scroll.ensureWidgetVisible(first)
         else:
             self.say("; ".join(notes) if notes else f"Opened {Path(path).name}.")
 

@@ -15,6 +15,7 @@ import pytest
 from PySide6.QtCore import QPointF, Qt, QUrl
 
 from core.ledger import Ledger
+from core.results import COLUMNS
 from gui.main_window import MainWindow
 
 JOB_MS = 90_000  # a tiny job takes ~3 s; generous for a loaded CI machine
@@ -341,6 +342,9 @@ def test_killing_the_worker_marks_the_run_failed_and_the_app_goes_on(qtbot, open
     wait_idle(qtbot, w)
     rows = {r["id"]: r for r in w.table.results.rows}
     assert rows[killed]["status"] == "failed" and "died" in rows[killed]["error"]
+    row = [r["id"] for r in w.table.results.rows].index(killed)  # the reason beside the recipe, not off-screen
+    recipe_cell = w.table.results.index(row, [c.key for c in COLUMNS].index("label")).data()
+    assert recipe_cell.startswith("magnitude_prune") and "died" in recipe_cell
     assert rows[base_id]["status"] == "done"  # earlier rows kept
     assert "died" in w.message.text() and w.run_button.isEnabled()
     assert "failed: " in w.logs.toPlainText() and "died" in w.logs.toPlainText()  # kept after the next message

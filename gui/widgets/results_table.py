@@ -38,11 +38,18 @@ class ResultsModel(QAbstractTableModel):
     def set_rows(self, rows: list[dict], eval_key: str | None = None) -> None:
         self.beginResetModel()
         self.rows, self.eval_key = list(rows), eval_key
-        self._cells = [[cell(r, c) for c in COLUMNS] for r in self.rows]
+        self._cells = [[self._text(r, c) for c in COLUMNS] for r in self.rows]
         self._colours = [[self._colour(r, c) for c in COLUMNS] for r in self.rows]
         self._tips = ["\n".join([r.get("error") or r["label"], *r.get("ran", [])])
                       + ("" if self.comparable(r) else "\n(other eval settings: not on the plot)") for r in self.rows]
         self.endResetModel()
+
+    @staticmethod
+    def _text(row: dict, col) -> str:
+        if col.key == "label" and row.get("error") and row["status"] != "done":
+            # a failed row's numbers are blank and its note column is off-screen: say why beside the recipe
+            return f"{row['label']} — {row['error']}"
+        return cell(row, col)
 
     def comparable(self, row: dict) -> bool:
         """Measured under the current eval settings (those are the plot's)."""

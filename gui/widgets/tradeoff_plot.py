@@ -78,6 +78,7 @@ class TradeoffPlot(QWidget):
             pi.addItem(item)
         pi.addItem(self.ring_text, ignoreBounds=True)
         self.empty_text = pg.TextItem("no measured runs yet", color="#888", anchor=(0.5, 0.5))
+        self.empty_text.setTextWidth(240)  # wrapped: a narrow plot cut the longer hint at both sides
         self.empty_text.setPos(0.5, 0.5)
         pi.addItem(self.empty_text, ignoreBounds=True)
         lay.addWidget(self.view, 1)
