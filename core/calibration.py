@@ -153,15 +153,9 @@ def _out(y):
 
 
 @torch.no_grad()
-def _walk(model, ids: torch.Tensor, ctx, sequential: bool, batch: int = 8):
-    """Yields (i, {linear name in layer: Stat}) for each decoder layer, in order.
-
-    Not sequential: one pass per layer gathers its Linear inputs and moves the hidden states on.
-    Sequential: the caller changes layer i after it is yielded; the hidden states then go
-    through the changed layer, so layer i + 1 is calibrated on what the compressed model feeds it.
-    """
-    layers = decoder_layers(model)
-    # 1. the inputs of layer 0 (and the kwargs every layer gets: position embeddings, mask)
+def layer0_inputs(model, ids: torch.Tensor, batch: int = 8) -> tuple[list, list]:
+    """The first decoder layer's input per batch of `ids`, (batch, seq, hidden) each, and the keyword arguments
+    every layer gets (position embeddings, mask); the model stops there."""
     hidden, kwargs = [], []
 
     def catch(_mod, args, kw):
@@ -169,7 +163,7 @@ def _walk(model, ids: torch.Tensor, ctx, sequential: bool, batch: int = 8):
         kwargs.append({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values")})
         raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for b in range(0, len(ids), batch):
             try:
@@ -178,7 +172,20 @@ def _walk(model, ids: torch.Tensor, ctx, sequential: bool, batch: int = 8):
                 pass
     finally:
         handle.remove()
-    # 2. layer by layer: gather the Linear inputs, then move the hidden states on
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def _walk(model, ids: torch.Tensor, ctx, sequential: bool, batch: int = 8):
+    """Yields (i, {linear name in layer: Stat}) for each decoder layer, in order.
+
+    Not sequential: one pass per layer gathers its Linear inputs and moves the hidden states on.
+    Sequential: the caller changes layer i after it is yielded; the hidden states then go
+    through the changed layer, so layer i + 1 is calibrated on what the compressed model feeds it.
+    """
+    layers = decoder_layers(model)
+    hidden, kwargs = layer0_inputs(model, ids, batch)
+    # layer by layer: gather the Linear inputs, then move the hidden states on
     for i, layer in enumerate(layers):
         ctx.check_cancel()
         stats, alias, seen = {}, {}, {}

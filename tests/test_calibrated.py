@@ -211,6 +211,41 @@ def test_calibrated_pruning_keeps_layer_outputs_better_than_magnitude(tiny_model
     assert total["w"] < 1.1 * total["m"]  # a random model has no outlier inputs for Wanda to spare
 
 
+@pytest.mark.parametrize("name,pattern", [("sparsegpt", "unstructured"), ("wanda", "2:4")])
+def test_reconstruction_brings_the_pruned_stream_closer_to_the_unpruned_one_with_the_same_zeros(
+        tiny_model, tiny_eval, home, name, pattern):
+    from core.calibration import _out, decoder_layers, layer0_inputs, samples, text_path
+    values = {"sparsity": 0.5, "pattern": pattern, "nonuniform": 0.0, **FAST}
+    plain, ctx, _ = apply(tiny_model, name, values)
+    rebuilt, _, info = apply(tiny_model, name, {**values, "reconstruct": 4}, StepContext(state_key=ctx.state_key))
+    fp = models.load(tiny_model)[0]
+    before, after = info["reconstruction_error"]
+    assert after < 0.9 * before
+    for (n, w0), w1 in zip(decoder_weights(plain).items(), decoder_weights(rebuilt).values()):
+        assert torch.equal(w0 == 0, w1 == 0), n  # the mask is the one-shot step's: only kept weights moved
+        assert not torch.equal(w0, w1), n
+
+    def last_hidden(model, ids):  # (batch, seq, hidden) after the last decoder layer
+        hidden, kwargs = layer0_inputs(model, ids)
+        with torch.no_grad():
+            for layer in decoder_layers(model):
+                hidden = [_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        return torch.cat(hidden)
+
+    # on windows neither fit used, the pruned model's last hidden state is nearer the unpruned one's
+    ids = samples(ctx.tokenizer, text_path(""), 4, FAST["seq_len"], seed=7)
+    target = last_hidden(fp, ids)
+    err = {k: float(((last_hidden(m, ids) - target) ** 2).mean()) for k, m in (("plain", plain), ("rebuilt", rebuilt))}
+    assert err["rebuilt"] < 0.9 * err["plain"], err
+    # it saves, reloads and keeps the pattern
+    r = run(tiny_model, tiny_eval, (name, {**values, "reconstruct": 2}))
+    model, _ = load_variant(r["variant_dir"])
+    for wname, w in decoder_weights(model).items():
+        assert float((w == 0).float().mean()) >= 0.5, wname
+        if pattern == "2:4":
+            assert int((w.reshape(w.shape[0], -1, 4) == 0).sum(-1).min()) >= 2
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_then_gptq_keeps_the_zeros(tiny_model, tiny_eval, home, pattern):
     r = run(tiny_model, tiny_eval, ("sparsegpt", {"sparsity": 0.5, "pattern": pattern, "nonuniform": 0.0, **FAST}),

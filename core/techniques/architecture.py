@@ -630,14 +630,10 @@ def low_rank(model, cfg: LowRank, ctx: StepContext) -> dict:
         after += a.numel() + b.numel()
 
     if cfg.sequential and cfg.activation_aware:
-        outer = ctx._progress
-        ctx._progress = lambda f, note="", eta_s=None: outer(start + (1 - start) * f, note, eta_s)
-        try:  # each layer whitened by what the already-factored layers before it produce
+        with ctx.part(start, 1.0):  # each layer whitened by what the already-factored layers before it produce
             calibration.each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text,
                                    lambda _i, lins, _st: [factor(n, lin, st, False) for n, (lin, st) in lins.items()],
                                    sequential=True)
-        finally:
-            ctx._progress = outer
     else:
         for k, (name, lin) in enumerate(linears.items()):
             ctx.check_cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -198,6 +199,16 @@ class StepContext:
         """Calls the `progress(fraction, note, eta_s)` given at construction. `eta_s`: a step that times
         itself (a training loop) says how long it has left, else None."""
         self._progress(max(0.0, min(1.0, fraction)), note, eta_s)
+
+    @contextmanager
+    def part(self, start: float, end: float):
+        """Within it, progress 0..1 of a sub-task shows as start..end of this step."""
+        outer = self._progress
+        self._progress = lambda f, note="", eta_s=None: outer(start + (end - start) * f, note, eta_s)
+        try:
+            yield self
+        finally:
+            self._progress = outer
 
     def check_cancel(self) -> None:
         if self._cancelled():

@@ -2,6 +2,7 @@
 update), unstructured or N:M. N:M weights are stored compactly (kept values + positions)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from .base import StepContext, knob
@@ -35,6 +36,13 @@ def nonuniform_knob():
                      "in every Linear. The overall sparsity stays as set.")
 
 
+def reconstruct_knob():
+    return knob(0, min=0, max=32, step=1, unit="epochs",
+                help="After the masks are chosen, train each decoder layer's kept weights (the zeros stay zero) "
+                     "so its output on the calibration windows reaches the unpruned model's at that depth: this "
+                     "many passes per layer; 0 = off. Needs a copy of the model in memory and costs minutes.")
+
+
 class _Nonuniform:
     """Wanda's and SparseGPT's shared rule for when the nonuniform plan (and its backward pass) runs."""
 
@@ -54,6 +62,7 @@ class Wanda(_Nonuniform):
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
     calib_text: str = text_knob()
+    reconstruct: int = reconstruct_knob()
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class SparseGPT(_Nonuniform):
     seq_len: int = seq_len_knob()
     sequential: bool = sequential_knob()
     calib_text: str = text_knob()
+    reconstruct: int = reconstruct_knob()
 
 
 def wanda_mask(W, norm, sparsity: float, pattern):
@@ -197,8 +207,18 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
             if pattern is not None:  # compact storage: kept values + their positions
                 ctx.packed[f"{name}.weight"] = NMTensor(m.weight, pattern[1] - pattern[0], pattern[1])
 
-    each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
+    teacher = copy.deepcopy(model) if cfg.reconstruct else None  # the unpruned model, for the reconstruction
+    with ctx.part(0.0, 0.5 if teacher is not None else 1.0):
+        each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
     info = {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
+    if teacher is not None:
+        from ..calibration import samples, text_path
+        from .reconstruct import reconstruct
+        # windows other than those the masks were chosen on: the layers fit the text, not those windows
+        ids = samples(ctx.tokenizer, text_path(cfg.calib_text), cfg.samples, cfg.seq_len, seed=1)
+        with ctx.part(0.5, 1.0):
+            info.update(reconstruct(model, teacher, ids, ctx, cfg.reconstruct))
+        del teacher
     if plan:
         info["sparsity_range"] = [round(min(plan.values()), 4), round(max(plan.values()), 4)]
     return info
