@@ -59,6 +59,11 @@ ROWS = [
     ("sgpt50-gptq4", "sparsegpt 50 % → gptq 4-bit g64 sym", 1.55,
      [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT}, {"technique": "gptq", **G4, **GPTQ}],
      "magnitude 50 % → rtn 4-bit g64 sym", [{"technique": "magnitude_prune", "sparsity": 0.5}, {"technique": "rtn", **G4}]),
+    # one-shot still: block-wise reconstruction after the mask (each layer's kept weights trained toward the
+    # unpruned model's hidden state at its depth), no distill
+    ("sgpt50-rec", "sparsegpt 50 % unstructured + reconstruct 8", 1.40,
+     [{"technique": "sparsegpt", "sparsity": 0.5, "nonuniform": 0.5, **SGPT, "reconstruct": 8}],
+     "magnitude 50 %", [{"technique": "magnitude_prune", "sparsity": 0.5}]),
     ("wanda50-distill", "wanda 50 % unstructured → distill", 1.60,
      [{"technique": "wanda", "sparsity": 0.5, "nonuniform": 0.5}, {"technique": "distill", **HEAL}],
      "magnitude 50 %", [{"technique": "magnitude_prune", "sparsity": 0.5}]),
