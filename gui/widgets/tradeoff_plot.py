@@ -22,7 +22,9 @@ class PlainLogAxis(pg.AxisItem):
     """A log axis labelled 30, 100, 300 rather than 3·10¹."""
 
     def logTickStrings(self, values, scale, spacing):
-        return [f"{10 ** v:.4g}" for v in values]
+        # many ticks in a short axis (20, 30 … 90, 100) ran into one block: then only 1, 2, 5 × 10^n are labelled
+        crowded = len(values) > 6
+        return [f"{10 ** v:.4g}" if not crowded or f"{10 ** v:.0e}"[0] in "125" else "" for v in values]
 
 
 class TradeoffPlot(QWidget):
