@@ -55,8 +55,7 @@ def _eval_settings(a) -> dict:
         v = getattr(a, k, None)
         if v is not None:
             d[k] = str(Path(v).expanduser().resolve()) if k == "text" else v
-    from .evaluate import text_digest
-    text_digest(EvalSettings(**d).check().text_path())  # a missing text: said now, not by a failed job
+    EvalSettings(**d).check()
     return d
 
 

@@ -47,12 +47,14 @@ class EvalSettings:
         return asdict(self)
 
     def check(self) -> "EvalSettings":
-        """One line for settings no evaluation can run with, before any model loads."""
+        """One line for settings no evaluation can run with, before any model loads (or a job starts, which
+        would leave a failed run): numbers out of range, a text file that cannot be read."""
         for k in ("max_tokens", "context", "prompt_tokens", "new_tokens", "repeats"):
             least = 2 if k == "context" else 1  # a window scores its tokens after the first
             if getattr(self, k) < least:
                 raise DataError(f"{k.replace('_', ' ')} must be at least {least}; got {getattr(self, k)}")
         check_window(self.max_tokens, self.context)
+        text_digest(self.text_path())
         return self
 
 

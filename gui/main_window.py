@@ -21,7 +21,6 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpin
 from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
-from core.evaluate import text_digest
 from core.jobs.events import shown_eta
 from core.jobs.spec import JobSpec
 from core.lab import KINDS as LAB_KINDS
@@ -415,9 +414,7 @@ class MainWindow(QMainWindow):
         """The eval settings' key, or None and the reason said, for settings no job could run with (a text file
         that cannot be read, fewer tokens than one window): checked here, not by a baseline job that fails."""
         try:
-            s = self.eval_panel.settings().check()
-            text_digest(s.text_path())
-            self.eval_key = s.key()
+            self.eval_key = self.eval_panel.settings().check().key()
             return True
         except SqueezeError as e:
             self.eval_key = None

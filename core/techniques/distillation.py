@@ -189,17 +189,20 @@ def layer_map(n_student: int, n_teacher: int, origin: list[int] | None = None) -
     return [(j, round(j * n_teacher / n_student)) for j in range(1, n_student + 1)]
 
 
-def _hidden_loss(s_hidden, t_hidden, pairs):
-    """Mean over the pairs of the MSE between hidden states, each token's pair divided by the teacher state's
-    RMS: every consumer of the residual stream normalizes it per token first (RMSNorm), and unscaled the loss
-    is all the attention-sink tokens' massive activations (hundreds, against ~1 elsewhere)."""
+def relative_mse(s, t):
+    """MSE between hidden states (B, S, H), each token's pair divided by the target state's RMS: every consumer
+    of the residual stream normalizes it per token first (RMSNorm), and unscaled the loss is all the
+    attention-sink tokens' massive activations (hundreds, against ~1 elsewhere)."""
     import torch
-    out = []
-    for j, k in pairs:
-        t = t_hidden[k].float()                                   # (B, S, H)
-        inv = t.pow(2).mean(-1, keepdim=True).add_(1e-6).rsqrt_()  # (B, S, 1)
-        out.append(torch.nn.functional.mse_loss(s_hidden[j].float() * inv, t * inv))
-    return torch.stack(out).mean()
+    t = t.float()
+    inv = t.pow(2).mean(-1, keepdim=True).add_(1e-6).rsqrt_()  # (B, S, 1)
+    return torch.nn.functional.mse_loss(s.float() * inv, t * inv)
+
+
+def _hidden_loss(s_hidden, t_hidden, pairs):
+    """Mean over the (student, teacher) layer pairs of their relative_mse."""
+    import torch
+    return torch.stack([relative_mse(s_hidden[j], t_hidden[k]) for j, k in pairs]).mean()
 
 
 def _trainable(model):

@@ -11,16 +11,11 @@ import torch
 
 from ..calibration import _out, decoder_layers, layer0_inputs
 from .base import StepContext
-
-
-def _loss(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    # each token's squared error relative to the target's size: the attention-sink tokens' states are hundreds of
-    # times larger and would otherwise be the whole loss (as in distill's hidden-state term)
-    return (((y - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp_min(1e-6)).mean()
+from .distillation import relative_mse  # each token's error relative to its size, as distill's hidden-state term
 
 
 def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: int, lr: float = 3e-4,
-                batch: int = 4, share: tuple[float, float] = (0.0, 1.0)) -> dict:
+                batch: int = 4) -> dict:
     """Trains every decoder layer of `student` in turn (Adam, `epochs` passes over the (n, seq) windows `ids`);
     only its Linear weights move and their zeros stay zero. Returns the mean relative error before and after."""
     hidden, kwargs = layer0_inputs(student, ids, batch)  # the embedding is shared: the teacher's are the same
@@ -42,11 +37,11 @@ def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: i
         gen = torch.Generator().manual_seed(i)
         try:
             with torch.no_grad():
-                first = sum(float(_loss(_out(ls(x, **kw)), t)) for x, kw, t in zip(xs, kwargs, xt)) / len(xs)
+                first = sum(float(relative_mse(_out(ls(x, **kw)), t)) for x, kw, t in zip(xs, kwargs, xt)) / len(xs)
             for _ in range(epochs):
                 for b in torch.randperm(len(xs), generator=gen).tolist():
                     with torch.enable_grad():
-                        loss = _loss(_out(ls(xs[b], **kwargs[b])), xt[b])
+                        loss = relative_mse(_out(ls(xs[b], **kwargs[b])), xt[b])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     with torch.no_grad():
@@ -62,9 +57,8 @@ def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: i
                 p.requires_grad_(was)
         with torch.no_grad():
             xs = [_out(ls(x, **kw)) for x, kw in zip(xs, kwargs)]
-            last = sum(float(_loss(y, t)) for y, t in zip(xs, xt)) / len(xs)
+            last = sum(float(relative_mse(y, t)) for y, t in zip(xs, xt)) / len(xs)
         before, after = before + first, after + last
-        ctx.progress(share[0] + (share[1] - share[0]) * (i + 1) / len(s_layers),
-                     f"reconstruction: layer {i + 1}/{len(s_layers)}")
+        ctx.progress((i + 1) / len(s_layers), f"reconstruction: layer {i + 1}/{len(s_layers)}")
     n = max(1, len(s_layers))
     return {"reconstruction_error": [round(before / n, 5), round(after / n, 5)]}
