@@ -208,15 +208,17 @@ def test_eval_settings_no_job_could_use_are_said_at_once_and_queue_nothing(qtbot
     w = open_window()  # the baseline is measured automatically: a bad setting must not start (and fail) one
     wait_idle(qtbot, w)
     rows = len(w.ledger.rows())
-    w.eval_panel.max_tokens.setValue(100)  # less than one window of context 128
-    assert "less than one window" in w.message.text() and not w.client.running and not w.queue
+    w.eval_panel.max_tokens.setValue(100)  # less than one window of context 128 (applied after a short pause)
+    qtbot.waitUntil(lambda: "less than one window" in w.message.text(), timeout=5_000)
+    assert not w.client.running and not w.queue
     w.techniques.groups["rtn"].setChecked(True)
     qtbot.mouseClick(w.run_button, Qt.LeftButton)
     assert "less than one window" in w.message.text() and not w.client.running and not w.queue
     w.eval_panel.max_tokens.setValue(512)
     w.eval_panel.text.setText(str(tmp_path / "gone.txt"))
     w.eval_panel.text.editingFinished.emit()
-    assert "gone.txt" in w.message.text() and not w.client.running and not w.queue
+    qtbot.waitUntil(lambda: "gone.txt" in w.message.text(), timeout=5_000)
+    assert not w.client.running and not w.queue
     qtbot.mouseClick(w.run_button, Qt.LeftButton)
     assert "gone.txt" in w.message.text() and not w.client.running and not w.queue
     assert len(w.ledger.rows()) == rows  # no failed row left behind
