@@ -44,13 +44,10 @@ def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: i
                         loss = relative_mse(_out(ls(xs[b], **kwargs[b])), xt[b])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    with torch.no_grad():
+                    with torch.no_grad():  # a pruned weight's gradient, so its Adam moments and step, stay 0
                         for w, m in zip(weights, masks):
                             w.grad.mul_(m)
                     opt.step()
-                    with torch.no_grad():
-                        for w, m in zip(weights, masks):
-                            w.mul_(m)  # Adam's momentum must not revive a pruned weight
                 ctx.check_cancel()
         finally:
             for p, was in zip(ls.parameters(), trainable):
