@@ -270,15 +270,17 @@ class MainWindow(QMainWindow):
         table_box = QWidget()
         tl = QVBoxLayout(table_box)
         tl.setContentsMargins(0, 0, 0, 0)
-        self.results_title = QLabel("<b>Results</b>")
-        # a long model name is cut, not a reason for the window to grow
+        self.results_title = QLabel()  # "— model": a long name is cut, not a reason for the window to grow
         self.results_title.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         head = QHBoxLayout()
+        head.addWidget(QLabel("<b>Results</b>"))  # always whole, at any font size
         head.addWidget(self.results_title, 1)
         head.addWidget(QLabel("recommend for"))
         self.target_kind = QComboBox()
         for kind, (what, _, unit, is_max) in TARGETS.items():
             self.target_kind.addItem(f"{what} {'≤' if is_max else '≥'} ({unit})", kind)
+        self.target_kind.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.target_kind.setMinimumContentsLength(12)  # the Results title keeps its room at larger fonts
         self.target_value = QDoubleSpinBox()
         self.target_value.setRange(0.0, 1e6)
         self.target_value.setDecimals(2)
@@ -393,7 +395,7 @@ class MainWindow(QMainWindow):
             return
         self.model, self.model_ok = model_id, False
         self.model_panel.show_model(model_id)
-        self.results_title.setText(f"<b>Results</b> — {self.model_panel.combo.currentText()}")
+        self.results_title.setText(f"— {self.model_panel.combo.currentText()}")
         self.results_title.setToolTip(self.model_panel.combo.currentText())  # the title is cut in a narrow window
         self.table.clearSelection()
         self.refresh()

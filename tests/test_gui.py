@@ -847,12 +847,19 @@ def test_double_clicking_a_run_loads_its_recipe_to_tweak(qtbot, open_window, tin
 
 
 def test_the_window_fits_a_1024_pixel_screen_and_teaching_mode_a_1280_one(qtbot, open_window):
+    from PySide6.QtWidgets import QScrollArea
     w = open_window(auto_baseline=False)
     assert w.minimumSizeHint().width() <= 1024
     w.set_teaching(True)
     w.teach.fonts.setChecked(True)  # the projector set-up: dock and larger fonts
     qtbot.wait(50)
     assert w.minimumSizeHint().width() <= 1280
+    size = w.size()
+    w.resize(1280, 720)  # a lecture-hall projector: nothing needs a sideways scroll to be read
+    qtbot.wait(50)
+    for scroll in (w.left_scroll, w.export_panel.findChild(QScrollArea)):
+        assert scroll.widget().minimumSizeHint().width() <= scroll.viewport().width()
+    w.resize(size)
     w.teach.fonts.setChecked(False)
     w.set_teaching(False)
 

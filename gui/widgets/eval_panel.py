@@ -34,6 +34,7 @@ class EvalPanel(QGroupBox):
         super().__init__("Evaluation", parent)
         form = QFormLayout(self)
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)  # narrow (larger fonts): a row goes under its label
         self.text = QLineEdit()
         self.text.setPlaceholderText("shipped WikiText-2 slice")
         self.text.setToolTip("Plain-text file whose perplexity is measured; empty = the shipped slice")

@@ -44,6 +44,7 @@ class ExportPanel(QGroupBox):
         scroll = QScrollArea()  # the verified numbers run taller than the panel on a small screen
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the body narrows to fit; never a sideways scroll
         outer.addWidget(scroll)
         body = QWidget()
         scroll.setWidget(body)
@@ -73,7 +74,11 @@ class ExportPanel(QGroupBox):
         browse = QToolButton()
         browse.setText("…")
         browse.clicked.connect(self._pick)
+        for combo in (self.quantize, self.graph, self.opset):  # their longest item must not set the panel's width
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
         form = QFormLayout()
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         form.addRow("target", self.quantize)
         form.addRow("graph", self.graph)
         form.addRow("opset", self.opset)

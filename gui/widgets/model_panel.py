@@ -54,9 +54,9 @@ class ModelPanel(QGroupBox):
         row.addStretch(1)
         lay.addLayout(row)
         grid = QGridLayout()
-        grid.setHorizontalSpacing(12)
+        grid.setHorizontalSpacing(8)  # two pairs on a line must fit the left panel at projector fonts
         self.fact_labels = {}
-        for i, (key, text) in enumerate((("params", "parameters"), ("size", "size on disk"),
+        for i, (key, text) in enumerate((("params", "parameters"), ("size", "on disk"),
                                          ("layers", "layers"), ("dtype", "dtype"))):
             name = QLabel(text)
             name.setStyleSheet("color: palette(mid);")
