@@ -40,6 +40,8 @@ def _step_ram(step: dict, model_bytes: float, s: dict) -> float:
     if name in CALIBRATED:              # one decoder layer at a time: its inputs and the widest Hessian
         acts = step.get("samples", 64) * step.get("seq_len", 512) * h * 4
         calib = acts + max(h, inter) ** 2 * 4 + 0.05 * model_bytes
+        if step.get("reconstruct"):  # the unpruned teacher, and its hidden states beside the student's
+            calib += model_bytes + acts
         if not _loss_gradients(step):
             return calib
         tokens = 2 * step.get("seq_len", 512)  # calibration.grad_moments: backward over 2 windows at a time
@@ -133,7 +135,13 @@ def _step_seconds(step: dict, mparams: float) -> float:
         seconds = cfg.steps * cfg.batch_size * cfg.seq_len / 1024 * 0.08 * mparams
         return min(seconds, cfg.minutes * 60) if cfg.minutes > 0 else seconds
     if name in CALIBRATED:
-        return 1.2 * mparams * (2 if step.get("sequential") else 1) * step.get("samples", 64) / 64
+        seconds = 1.2 * mparams * (2 if step.get("sequential") else 1) * step.get("samples", 64) / 64
+        if step.get("reconstruct"):
+            # every layer's forward + backward per pass over the windows: measured 89 s a pass over
+            # 32 x 512 tokens for SmolLM2-135M on 2 cores (bench/RESULTS.md, sgpt-rec-b vs sgpt-rec16)
+            cfg = _config(step)
+            seconds += cfg.reconstruct * cfg.samples * cfg.seq_len / 1024 * 0.041 * mparams
+        return seconds
     return 0.05 * mparams
 
 
