@@ -135,14 +135,23 @@ def _step_seconds(step: dict, mparams: float) -> float:
         seconds = cfg.steps * cfg.batch_size * cfg.seq_len / 1024 * 0.08 * mparams
         return min(seconds, cfg.minutes * 60) if cfg.minutes > 0 else seconds
     if name in CALIBRATED:
-        seconds = 1.2 * mparams * (2 if step.get("sequential") else 1) * step.get("samples", 64) / 64
+        seconds = calibration_seconds(step.get("samples", 64), bool(step.get("sequential")), mparams)
         if step.get("reconstruct"):
-            # every layer's forward + backward per pass over the windows: measured 89 s a pass over
-            # 32 x 512 tokens for SmolLM2-135M on 2 cores (bench/RESULTS.md, sgpt-rec-b vs sgpt-rec16)
             cfg = _config(step)
-            seconds += cfg.reconstruct * cfg.samples * cfg.seq_len / 1024 * 0.041 * mparams
+            seconds += reconstruct_seconds(cfg.reconstruct, cfg.samples, cfg.seq_len, mparams)
         return seconds
     return 0.05 * mparams
+
+
+def calibration_seconds(samples: int, sequential: bool, mparams: float) -> float:
+    """A calibrated step's statistics and solve (a sequential one runs every layer twice)."""
+    return 1.2 * mparams * (2 if sequential else 1) * samples / 64
+
+
+def reconstruct_seconds(epochs: int, samples: int, seq_len: int, mparams: float) -> float:
+    """sparsegpt / wanda `reconstruct`: every layer's forward + backward per pass over the windows; measured
+    89 s a pass over 32 x 512 tokens for SmolLM2-135M on 2 cores (bench/RESULTS.md, sgpt-rec-b vs sgpt-rec16)."""
+    return epochs * samples * seq_len / 1024 * 0.041 * mparams
 
 
 def signature(steps: list[dict], kind: str) -> str:

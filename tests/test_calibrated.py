@@ -217,7 +217,14 @@ def test_reconstruction_brings_the_pruned_stream_closer_to_the_unpruned_one_with
     from core.calibration import _out, decoder_layers, layer0_inputs, samples, text_path
     values = {"sparsity": 0.5, "pattern": pattern, "nonuniform": 0.0, **FAST}
     plain, ctx, _ = apply(tiny_model, name, values)
-    rebuilt, _, info = apply(tiny_model, name, {**values, "reconstruct": 4}, StepContext(state_key=ctx.state_key))
+    seen = []  # (fraction, note, eta_s): what the progress bar shows
+    rebuilt, _, info = apply(tiny_model, name, {**values, "reconstruct": 4},
+                             StepContext(state_key=ctx.state_key, progress=lambda *e: seen.append(e)))
+    fractions = [f for f, _, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    layers = [(f, eta) for f, note, eta in seen if note.startswith("reconstruction")]
+    # each layer trained says what the rest will take: the ETA shown is the step's own
+    assert len(layers) == 2 and all(eta is not None for _, eta in layers) and layers[-1][1] == 0
     fp = models.load(tiny_model)[0]
     before, after = info["reconstruction_error"]
     assert after < 0.9 * before

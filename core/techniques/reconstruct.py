@@ -7,6 +7,8 @@ corrects what the layers before it lost. Written here because no kept library do
 decoder layer (llm-compressor and SparseML ship one-shot SparseGPT / Wanda only)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..calibration import _out, decoder_layers, layer0_inputs
@@ -22,6 +24,7 @@ def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: i
     xs, xt = list(hidden), [h.clone() for h in hidden]
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
     before = after = 0.0
+    t0 = time.monotonic()
     for i, (ls, lt) in enumerate(zip(s_layers, t_layers)):
         ctx.check_cancel()
         with torch.no_grad():
@@ -56,6 +59,7 @@ def reconstruct(student, teacher, ids: torch.Tensor, ctx: StepContext, epochs: i
             xs = [_out(ls(x, **kw)) for x, kw in zip(xs, kwargs)]
             last = sum(float(relative_mse(y, t)) for y, t in zip(xs, xt)) / len(xs)
         before, after = before + first, after + last
-        ctx.progress((i + 1) / len(s_layers), f"reconstruction: layer {i + 1}/{len(s_layers)}")
+        left = (time.monotonic() - t0) / (i + 1) * (len(s_layers) - i - 1)  # every layer costs the same
+        ctx.progress((i + 1) / len(s_layers), f"reconstruction: layer {i + 1}/{len(s_layers)}", left)
     n = max(1, len(s_layers))
     return {"reconstruction_error": [round(before / n, 5), round(after / n, 5)]}

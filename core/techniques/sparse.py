@@ -208,7 +208,12 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
                 ctx.packed[f"{name}.weight"] = NMTensor(m.weight, pattern[1] - pattern[0], pattern[1])
 
     teacher = copy.deepcopy(model) if cfg.reconstruct else None  # the unpruned model, for the reconstruction
-    with ctx.part(0.0, 0.5 if teacher is not None else 1.0):
+    split = 1.0
+    if teacher is not None:  # the progress bar's share of each phase: their expected times (preflight's model)
+        from ..preflight import calibration_seconds, reconstruct_seconds
+        prune = calibration_seconds(cfg.samples, cfg.sequential, 1.0)
+        split = prune / (prune + reconstruct_seconds(cfg.reconstruct, cfg.samples, cfg.seq_len, 1.0))
+    with ctx.part(0.0, split):
         each_layer(model, ctx, cfg.samples, cfg.seq_len, cfg.calib_text, per_layer, cfg.sequential)
     info = {"sparsity": zeros / max(total, 1), "pattern": cfg.pattern, "output_error": err}
     if teacher is not None:
@@ -216,7 +221,7 @@ def _prune(model, ctx: StepContext, cfg, solve_one) -> dict:
         from .reconstruct import reconstruct
         # windows other than those the masks were chosen on: the layers fit the text, not those windows
         ids = samples(ctx.tokenizer, text_path(cfg.calib_text), cfg.samples, cfg.seq_len, seed=1)
-        with ctx.part(0.5, 1.0):
+        with ctx.part(split, 1.0):
             info.update(reconstruct(model, teacher, ids, ctx, cfg.reconstruct))
         del teacher
     if plan:
