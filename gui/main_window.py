@@ -43,7 +43,7 @@ from .widgets.plotting import font_plot
 from .widgets.tradeoff_plot import TradeoffPlot
 from .worker_client import WorkerClient
 
-ERROR_STYLE, INFO_STYLE = "color: #c62828;", "color: palette(text);"
+ERROR_STYLE, INFO_STYLE = "color: #c62828;", ""  # info: no style of its own, so it follows the theme
 
 
 class Store:
@@ -649,6 +649,10 @@ class MainWindow(QMainWindow):
         self.dark = theme.apply(QApplication.instance(), self.theme)
         for view in (self.plot, self.weight_view, self.sensitivity_view, self.compare_view):
             view.set_dark(self.dark)
+        for wdg in self.findChildren(QWidget):  # a "palette(...)" colour is resolved when its style is set
+            if "palette(" in (sheet := wdg.styleSheet()):
+                wdg.setStyleSheet("")
+                wdg.setStyleSheet(sheet)
         self.theme_actions[self.theme].setChecked(True)
         self.store.set("theme", self.theme)
 

@@ -633,8 +633,16 @@ def test_theme_override_and_window_settings_persist_across_restarts(qtbot, open_
     from PySide6.QtGui import QPalette
     from PySide6.QtWidgets import QApplication
     w = open_window(auto_baseline=False)
+
+    def ink(label):  # the colour its text is drawn in
+        return label.palette().color(label.foregroundRole()).lightness()
+
+    w.theme_actions["light"].trigger()
+    w.say("Loaded the recipe.")
     w.theme_actions["dark"].trigger()
+    qtbot.wait(20)  # the new palette reaches the widgets as events
     assert w.dark and QApplication.instance().palette().color(QPalette.Window).lightness() < 80
+    assert ink(w.message) > 150 and ink(w.recipe_label) > 150  # light text on the dark window, not black
     for view in (w.plot.view, w.weight_view.hist, w.sensitivity_view.plot):  # every plot follows the theme
         assert view.backgroundBrush().color().lightness() < 80
     w.resize(1333, 888)
@@ -643,8 +651,11 @@ def test_theme_override_and_window_settings_persist_across_restarts(qtbot, open_
     assert w2.theme == "dark" and w2.theme_actions["dark"].isChecked()
     assert w2.store.q.value("geometry") == w.saveGeometry()  # (offscreen clamps sizes to its screen)
     assert w2.model == tiny_model
+    w2.say("Loaded the recipe.")
     w2.theme_actions["light"].trigger()
+    qtbot.wait(20)
     assert not w2.dark and QApplication.instance().palette().color(QPalette.Window).lightness() > 180
+    assert ink(w2.message) < 100 and ink(w2.recipe_label) < 100
 
 
 def test_dropping_a_model_folder_on_the_window_opens_it(qtbot, open_window, tiny_model, tmp_path):
