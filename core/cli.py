@@ -66,7 +66,7 @@ def _recipe(a) -> dict:
 
 def _run(spec, quiet: bool):
     from .jobs.client import run_inline
-    from .jobs.run import check_export_folder
+    from .export.folder import check_export_folder
     from .models import resolve
     # what the job would fail on at once is said before it starts: a typo leaves no failed run in the ledger
     resolve(spec.model, convert=False)
@@ -366,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
                     help="fused: onnxruntime's fused attention and norm ops, fastest in onnxruntime (Llama "
                          "models; others fall back to portable); portable: standard ONNX ops only (optimum-onnx), "
                          "for other runtimes")
-    sp.add_argument("--out", required=True, help="output folder (new or empty)")
+    sp.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export's (replaced; its ledger row is marked so)")
     common(sp)
     fresh(sp)
     sp.set_defaults(fn=cmd_export)

@@ -34,7 +34,7 @@ MIGRATIONS = [
     """,
 ]
 
-STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
+STATUSES = ("running", "done", "failed", "cancelled", "interrupted", "replaced")  # replaced: an export overwritten
 
 
 class Ledger:
@@ -88,6 +88,14 @@ class Ledger:
         assert status in STATUSES
         self._exec("UPDATE runs SET status=?, result=COALESCE(?, result), error=?, finished=? WHERE id=?",
                    (status, json.dumps(result) if result is not None else None, error, time.time(), run_id))
+
+    def replace_exports(self, path: str, by: str) -> None:
+        """Earlier finished exports whose model file `path` the export `by` has just overwritten: their numbers
+        no longer describe the file there. The rows stay (status "replaced"), so nothing measured is lost."""
+        for r in self.rows(kinds=("export",), status="done"):
+            if r["id"] != by and (r.get("result") or {}).get("path") == path:
+                self._exec("UPDATE runs SET status='replaced', error=? WHERE id=?",
+                           (f"replaced by a later export into the same folder (run {by})", r["id"]))
 
     def rows(self, model: str | None = None, kinds: tuple[str, ...] | None = None,
              status: str | None = None) -> list[dict]:

@@ -173,7 +173,8 @@ class Column:
 
 
 COLUMNS = [
-    Column("status", "status", str, "done, running, failed, cancelled or interrupted", False),
+    Column("status", "status", str, "done, running, failed, cancelled, interrupted, or replaced (an export "
+           "overwritten by a later one into the same folder)", False),
     Column("label", "recipe", str, "the recipe's steps", False),
     Column("ppl", "ppl", fmt_ppl, "perplexity on the eval text (lower is better)"),
     Column("delta_ppl_pct", "Δ ppl", fmt_pct, "perplexity change vs the baseline (same model and eval settings)"),

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QDockWidget, QDoubleSpin
 from core import models, paths, preflight, reuse
 from core import recipe as recipes
 from core.errors import PreflightError, SqueezeError
+from core.export.folder import check_export_folder
 from core.jobs.events import shown_eta
 from core.jobs.spec import JobSpec
 from core.lab import KINDS as LAB_KINDS
@@ -592,8 +593,16 @@ class MainWindow(QMainWindow):
             self.say("Wait for the running job to finish.", error=True)
             return None
         spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"], kind="export", parent_id=row["id"])
-        # by default a folder of its own (run, target, this export): a second export never writes into the first's
-        out = out or str(paths.workspace_dir() / "exports" / f"{row['id']}-{quantize or 'fp32'}-{spec.job_id}")
+        # by default a folder of its own (run, target, this export): a second export never writes into the first's;
+        # a relative name goes there too, not into whatever folder the app was started from
+        exports = paths.workspace_dir() / "exports"
+        target = exports / Path(out).expanduser() if out else exports / f"{row['id']}-{quantize or 'fp32'}-{spec.job_id}"
+        try:
+            check_export_folder(target)  # a file, read-only or foreign folder: said now, no failed row
+        except SqueezeError as e:
+            self.say(str(e), error=True)
+            return None
+        out = str(target)
         spec.export = {"out": out, "quantize": quantize, "opset": opset, "graph": graph, "variant_dir": row["variant_dir"]}
         self.queue.append(spec)
         self._next()

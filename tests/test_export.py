@@ -495,11 +495,16 @@ def test_write_errors_and_exporter_crashes_leave_nothing(tiny_model, tiny_eval, 
 
 def test_exporting_again_into_an_earlier_export_replaces_it(tiny_model, tiny_eval, home, tmp_path):
     out = tmp_path / "again"
-    assert export(tiny_model, out, tiny_eval).outcome == "done"
+    first = export(tiny_model, out, tiny_eval)
+    assert first.outcome == "done"
     (out / "model.onnx").write_bytes(b"stale")
     rec = export(tiny_model, out, tiny_eval)
     assert rec.outcome == "done" and rec.result["ok"]
     assert (out / "model.onnx").stat().st_size == rec.result["size_bytes"] > 1000 and leftovers(out) == []
+    # the first export's numbers no longer describe the file there: its row says so, and is kept
+    old, new = rec.ledger.get(first.spec.job_id), rec.ledger.get(rec.spec.job_id)
+    assert old["status"] == "replaced" and rec.spec.job_id in old["error"] and old["result"]["ppl_onnx"]
+    assert new["status"] == "done"
 
 
 def test_cli_export_prints_one_json_object(tiny_model, short_text, home, tmp_path):

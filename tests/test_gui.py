@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QPointF, Qt, QUrl
 
+from core import paths
 from core.ledger import Ledger
 from core.results import COLUMNS
 from gui.main_window import MainWindow
@@ -368,6 +369,13 @@ def test_export_the_selected_run_and_show_the_verified_numbers(qtbot, open_windo
     base = rows_by_label(w)["baseline"]
     w.table.select_id(base["id"])
     assert w.export_panel.button.isEnabled()
+    (tmp_path / "a-file").write_text("x")  # a folder it cannot write into: said at once, no job, no failed row
+    assert w.export_selected(out=str(tmp_path / "a-file" / "sub")) is None
+    assert "is a file" in w.message.text() and not w.queue and not w.client.running
+    start, w._next = w._next, lambda: None  # queued, not started: a relative name lands under the workspace's
+    spec = w.export_selected(out="for-the-pi")  # exports, not in the folder the app was started from
+    w._next = start
+    assert w.queue.pop() is spec and Path(spec.export["out"]) == paths.workspace_dir() / "exports" / "for-the-pi"
     w.export_panel.quantize.setCurrentIndex(w.export_panel.quantize.findData("int4"))
     assert "MB" in w.export_panel.estimate.text() and "estimate" in w.export_panel.estimate.text()
     out = tmp_path / "onnx"

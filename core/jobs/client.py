@@ -31,6 +31,8 @@ class Recorder:
         if t == "result":
             self.outcome, self.result = "done", e["payload"]
             self.ledger.finish(self.spec.job_id, "done", result=e["payload"])
+            if self.spec.kind == "export" and e["payload"].get("path"):
+                self.ledger.replace_exports(e["payload"]["path"], self.spec.job_id)
         elif t == "error":
             self.outcome, self.error = "failed", (e["kind"], e["message"])
             self.ledger.finish(self.spec.job_id, "failed", error=e["message"])

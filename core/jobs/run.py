@@ -17,6 +17,7 @@ from ..techniques.base import StepContext
 from ..variant import count_params, load_variant, read_manifest, save_variant
 from .events import Emitter
 from .spec import JobSpec
+from ..export.folder import check_export_folder
 
 EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
 EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
@@ -291,19 +292,3 @@ def compare_job(spec: JobSpec, em: Emitter, cancelled) -> dict:
     res["labels"] = {s: (c.get(s) or {}).get("label") for s in ("reference", "variant")}
     return res
 
-
-def check_export_folder(out: Path) -> None:
-    """Refuses a folder an export cannot write into whole (a file, read-only, or holding something else)."""
-    from ..errors import ExportError
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    import os
-    if probe.exists() and not probe.is_dir():
-        raise ExportError(f"cannot export to {out}: {probe} is a file; pick a folder")
-    if not os.access(probe, os.W_OK):
-        raise ExportError(f"cannot export to {out}: {probe} is not writable; pick another folder")
-    if out.exists() and any(out.iterdir()) and not (out / "model.onnx").exists():
-        raise ExportError(f"cannot export to {out}: the folder is not empty; pick an empty or new folder")

@@ -70,7 +70,8 @@ class ExportPanel(QGroupBox):
             self.graph.setItemData(i, GRAPH_TIPS[value], Qt.ToolTipRole)
         self.out = QLineEdit()
         self.out.setPlaceholderText("default: workspace/exports/…")
-        self.out.setToolTip("An empty or new folder for model.onnx")
+        self.out.setToolTip("A new or empty folder for model.onnx (a name alone goes under workspace/exports), "
+                            "or an earlier export's folder: the new export replaces it and its row is marked replaced")
         browse = QToolButton()
         browse.setText("…")
         browse.clicked.connect(self._pick)
