@@ -968,6 +968,12 @@ class MainWindow(QMainWindow):
             self.say("Select an interrupted, failed or cancelled run to run it again.", error=True)
             return None
         spec = JobSpec(row["model"], recipe=row["recipe"], eval=row["eval"] or self.eval_panel.settings().to_dict())
+        key = spec.eval_key()
+        if (self.auto_baseline and not self.ledger.baseline(spec.model, key)
+                and not any(_is_baseline(s) and s.model == spec.model and s.eval_key() == key
+                            for s in [self.current, *self.queue] if s)):
+            # its own eval settings may not be today's: their baseline first, or it has no Δ ppl, no × smaller
+            self.queue.append(JobSpec(spec.model, eval=spec.eval))
         self.queue.append(spec)
         self._next()
         return spec

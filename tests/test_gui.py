@@ -682,16 +682,22 @@ def test_dropping_a_model_folder_on_the_window_opens_it(qtbot, open_window, tiny
 
 def test_a_run_left_running_by_a_gone_app_shows_as_interrupted_and_reruns(qtbot, open_window, tiny_model, tiny_eval):
     from core.jobs.spec import JobSpec
-    spec = JobSpec(tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]}, eval=tiny_eval)
+    other = dict(tiny_eval, max_tokens=256)  # measured under other eval settings than the window's now
+    spec = JobSpec(tiny_model, recipe={"steps": [{"technique": "rtn", "bits": 8, "group_size": 0}]}, eval=other)
     Ledger().start(spec, pid=2**22 + 12345)  # a worker pid that no longer exists: the app crashed mid-run
-    w = open_window(auto_baseline=False)
-    rows = {r["id"]: r for r in w.table.results.rows}
+    w = open_window()
+    wait_baseline(qtbot, w)
+    rows = {r["id"]: r for r in Ledger().rows()}
     assert rows[spec.job_id]["status"] == "interrupted"
     w.table.select_id(spec.job_id)
     qtbot.mouseClick(w.rerun_button, Qt.LeftButton)
     wait_idle(qtbot, w)
-    again = [r for r in w.table.results.rows if r["label"] == rows[spec.job_id]["label"] and r["status"] == "done"]
-    assert len(again) == 1 and again[0]["ppl"] > 1
+    again = [r for r in Ledger().rows() if r["label"] == rows[spec.job_id]["label"] and r["status"] == "done"]
+    assert len(again) == 1 and again[0]["result"]["ppl"] > 1
+    # its own settings' baseline was measured with it, so it is compared with something
+    assert Ledger().baseline(tiny_model, spec.eval_key()) is not None
+    qtbot.waitUntil(lambda: w.table.selected_id() == again[0]["id"])  # the new run is the one selected
+    assert not w.rerun_button.isEnabled()
 
 
 def test_teaching_mode_explains_the_ticked_technique_and_the_lab_ticks_itself(qtbot, open_window):
