@@ -585,6 +585,23 @@ def test_side_by_side_generates_both_and_colours_the_variant_by_kl(qtbot, open_w
     assert all(row["kind"] != "compare" or row["status"] == "done" for row in Ledger().rows())
 
 
+def test_side_by_side_lists_the_unchanged_model_once_and_tells_repeated_recipes_apart(qtbot):
+    from gui.widgets.compare_view import CompareView
+    cv = CompareView()
+    qtbot.addWidget(cv)
+
+    def row(i, label, baseline, key):
+        return {"id": f"{i}abcdef0", "label": label, "baseline": baseline, "status": "done", "model": "m",
+                "variant_dir": None if baseline else f"/v/{i}", "eval_key": key}
+
+    cv.set_rows([row(1, "baseline", True, "a"), row(2, "rtn bits=4", False, "a"),
+                 row(3, "baseline", True, "b"), row(4, "rtn bits=4", False, "b")])  # two eval settings
+    names = [cv.reference.itemText(k) for k in range(cv.reference.count())]
+    assert names.count("baseline") == 1 and cv.reference.currentData() == "3abcdef0"  # the newest baseline
+    assert len(set(names)) == len(names) == 3 and "rtn bits=4 · run 4abcde" in names
+    assert cv.variant.currentData() == "4abcdef0"
+
+
 def test_recommend_selects_the_run_to_ship_and_says_why_and_the_study_exports(qtbot, open_window, tmp_path):
     w = window_with_run(qtbot, open_window, [{"technique": "rtn", "bits": 8, "group_size": 0}])
     rows = rows_by_label(w)

@@ -86,8 +86,16 @@ class CompareView(QWidget):
     def set_rows(self, rows: list[dict]) -> None:
         """Finished runs that have a model to load: the baseline and saved variants."""
         keep = [r for r in rows if r["status"] == "done" and not r.get("export") and (r["baseline"] or r["variant_dir"])]
+        # a baseline measured under other eval settings is the same model: listed once (the newest)
+        newest = {r["model"]: r["id"] for r in keep if r["baseline"]}
+        keep = [r for r in keep if not r["baseline"] or newest[r["model"]] == r["id"]]
         base = {r["id"] for r in keep if r["baseline"]}
-        listed = [(r["id"], r["label"]) for r in keep]
+        seen: dict[str, int] = {}
+        for r in keep:
+            seen[r["label"]] = seen.get(r["label"], 0) + 1
+        # the same recipe run twice: each entry says which run it is
+        names = {r["id"]: r["label"] if seen[r["label"]] == 1 else f"{r['label']} · run {r['id'][:6]}" for r in keep}
+        listed = [(r["id"], names[r["id"]]) for r in keep]
         if listed == getattr(self, "_listed", None):  # e.g. a job started: the boxes stay as they are
             return
         self._listed = listed
@@ -96,7 +104,7 @@ class CompareView(QWidget):
             box.blockSignals(True)
             box.clear()
             for r in keep:
-                box.addItem(r["label"], r["id"])
+                box.addItem(names[r["id"]], r["id"])
             i = box.findData(current)
             if i < 0 or (not want_base and current in base):  # the variant: the newest variant by default
                 order = range(len(keep)) if want_base else reversed(range(len(keep)))
