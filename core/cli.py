@@ -16,8 +16,10 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _fail(msg: str, code: int = 2) -> int:
+def _fail(msg: str, code: int = 2, as_json: bool = False) -> int:
     sys.stderr.write(f"squeeze: error: {msg}\n")
+    if as_json:  # a script reading stdout gets its one object either way
+        _print_json({"error": msg, "exit_code": code})
     return code
 
 
@@ -426,14 +428,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    as_json = bool(getattr(a, "json", False))
     try:
         return a.fn(a)
     except SqueezeError as e:
-        return _fail(str(e))
+        return _fail(str(e), as_json=as_json)
     except Terminated:
-        return _fail("terminated", 143)
+        return _fail("terminated", 143, as_json)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", 130, as_json)
     except BrokenPipeError:  # `squeeze techniques | head`: the reader left; no traceback for that
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -75,6 +75,8 @@ def test_a_typo_in_the_model_the_text_or_the_export_folder_leaves_no_run_in_the_
                         (["export", tiny_model, "--out", used], "not empty")):
         p = squeeze(*argv, check=False)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+        p = squeeze(*argv, "--json", check=False)  # a script reading stdout still gets its one object
+        assert p.returncode == 2 and words in json.loads(p.stdout)["error"], p.stdout
     assert json.loads(squeeze("runs", "--json").stdout) == []
     assert (used / "notes.txt").read_text() == "mine"
 
