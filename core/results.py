@@ -144,6 +144,8 @@ def fmt_duration(seconds) -> str:
     if seconds is None:
         return ""
     s = int(round(seconds))
+    if s < 1:
+        return "under a second"
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 

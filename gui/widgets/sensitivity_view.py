@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, Q
 
 from core.errors import SqueezeError
 from core.mixed_precision import allocate, size_range, summary
+from core.results import fmt_duration
 from core.sensitivity import module_path
 from gui.widgets.plotting import lean_axes, theme_plot
 
@@ -132,7 +133,7 @@ class SensitivityView(QWidget):
             self.hint.setText(f"Most sensitive: layer {worst[0]} {r['modules'][worst[1]]} "
                               f"(+{d[worst]:.2f} %). Click a cell to keep that Linear out of the recipe. "
                               f"Base perplexity {r['base_ppl']:.3g} on {r['tokens']:,} tokens, "
-                              f"{r.get('precision', 'fp32')}, scanned in {r['seconds']:.0f} s.")
+                              f"{r.get('precision', 'fp32')}, scanned in {fmt_duration(r['seconds'])}.")
 
     # -- mixed precision ---------------------------------------------------------------------------
     def _mixed_enabled(self, on: bool) -> None:
