@@ -758,6 +758,8 @@ def test_weight_view_shows_histograms_codes_and_per_layer_bits(qtbot, open_windo
     # the plots draw this layer: its before/after histograms and one bar per integer code
     assert list(wv.before.yData) == lay["before"] and list(wv.after.yData) == lay["after"]
     assert list(wv.code_bars.opts["height"]) == lay["codes"] and sum(lay["codes"]) > 0
+    # per Linear: bits on the left scale (3 bits fill it), zeros % on a 0-100 scale of their own
+    assert wv.per_layer.getPlotItem().vb.viewRange()[1][1] < 5 and wv.zeros_box.viewRange()[1] == [0, 100]
     # each refresh re-reads only the table's rows (a weight view's result is ~0.6 MB on SmolLM2: ~30 ms to parse
     # on the GUI thread); the exported ledger still has every job
     assert {r["kind"] for r in w.runs} == {"eval"}

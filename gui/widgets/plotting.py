@@ -5,14 +5,15 @@ import pyqtgraph as pg
 from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import QApplication, QGraphicsItem
 
-WIDEST_TICK = "-00.000"  # the widest tick label the views show (counts, MB, perplexity, weight values)
+WIDEST_TICK = "-00.000"
+SIDES = ("left", "bottom", "right")  # the right axis shows only where a view has a second scale  # the widest tick label the views show (counts, MB, perplexity, weight values)
 
 
 def lean_axes(plot: pg.PlotItem, text: str = "#333", line: str = "#888") -> pg.PlotItem:
     """Major ticks only, each axis cached as a pixmap until its ticks change, no context menu: a
     full tick grid cost ~15-25 ms per repaint, enough to stall the event loop on a slow 2-core CPU."""
     plot.setMenuEnabled(False)
-    for side in ("left", "bottom"):
+    for side in SIDES:
         axis = plot.getAxis(side)
         axis.setTextPen(text)
         axis.setPen(line)
@@ -40,7 +41,7 @@ def theme_plot(widget: pg.PlotWidget, dark: bool) -> None:
     background, text, line = PLOT_COLOURS[dark]
     widget.setBackground(background)
     pi = widget.getPlotItem()
-    for side in ("left", "bottom"):
+    for side in SIDES:
         axis = pi.getAxis(side)
         axis.setTextPen(text)
         axis.setPen(line)
@@ -54,7 +55,7 @@ def theme_plot(widget: pg.PlotWidget, dark: bool) -> None:
 def font_plot(widget: pg.PlotWidget, font) -> None:
     """Ticks, axis titles and the title in `font` (teaching mode's larger fonts reach the plots too)."""
     pi = widget.getPlotItem()
-    for side in ("left", "bottom"):
+    for side in SIDES:
         axis = pi.getAxis(side)
         axis.setStyle(tickFont=font)
         fixed_text_space(axis, font)

@@ -41,9 +41,10 @@ class WeightView(QWidget):
         # auto-range repainting each plot a second time, cost ~60 ms of GUI thread on a slow CPU)
         self.hist = pg.PlotWidget(background="w", title="weights: before (grey) / after (blue)")
         self.codes = pg.PlotWidget(background="w", title="integer codes used")
-        self.per_layer = pg.PlotWidget(background="w", title="per Linear: bits per weight (blue), zeros % (orange)")
+        self.per_layer = pg.PlotWidget(background="w", title="per Linear: bits per weight (blue, left), zeros % "
+                                                             "(orange, right)")
         for p, x, y in ((self.hist, "weight value", "count"), (self.codes, "code", "count"),
-                        (self.per_layer, "decoder layer", "bits  ·  %")):
+                        (self.per_layer, "decoder layer", "bits per weight")):
             lean_axes(p.getPlotItem())
             p.setLabel("bottom", x)
             p.setLabel("left", y)
@@ -54,9 +55,21 @@ class WeightView(QWidget):
         self.bit_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush="#1e88e5")
         self.sparsity_bars = pg.BarGraphItem(x=[], height=[], width=0.4, brush="#fb8c00")
         for plot, items in ((self.hist, (self.before, self.after)), (self.codes, (self.code_bars,)),
-                            (self.per_layer, (self.bit_bars, self.sparsity_bars))):
+                            (self.per_layer, (self.bit_bars,))):
             for item in items:
                 plot.addItem(item)
+        # zeros % on a scale of its own (right axis): beside 14-83 % the bits (2-8) were slivers on one axis
+        pi = self.per_layer.getPlotItem()
+        self.zeros_box = pg.ViewBox(enableMenu=False)
+        self.zeros_box.disableAutoRange()
+        pi.showAxis("right")
+        pi.scene().addItem(self.zeros_box)
+        pi.getAxis("right").linkToView(self.zeros_box)
+        pi.getAxis("right").setLabel("zeros %")
+        self.zeros_box.setXLink(pi)
+        pi.vb.sigResized.connect(lambda: self.zeros_box.setGeometry(pi.vb.sceneBoundingRect()))
+        self.zeros_box.addItem(self.sparsity_bars)
+        lean_axes(pi)
         plots.addWidget(self.hist, 3)
         plots.addWidget(self.codes, 2)
         lay.addLayout(plots, 3)
@@ -104,8 +117,8 @@ class WeightView(QWidget):
         self.bit_bars.setOpts(x=x - 0.2, height=bits)
         self.sparsity_bars.setOpts(x=x + 0.2, height=sparsity)
         self.per_layer.getAxis("bottom").setTicks([block_ticks([lay["name"] for lay in layers])])
-        self.per_layer.setRange(xRange=(-0.6, len(layers) - 0.4), yRange=(0, max(bits + sparsity + [1]) * 1.05),
-                                padding=0)
+        self.per_layer.setRange(xRange=(-0.6, len(layers) - 0.4), yRange=(0, max(bits + [1]) * 1.05), padding=0)
+        self.zeros_box.setRange(yRange=(0, 100), padding=0)
 
     def _show_layer(self, *_) -> None:
         if not self.result or self.layer.currentIndex() < 0:
