@@ -8,7 +8,7 @@ import html
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QApplication, QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
+from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
                                QTextBrowser, QVBoxLayout, QWidget)
 
 # KL (nats) -> background: agreement is white, a different distribution deep red
@@ -31,13 +31,20 @@ class CompareView(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         lay = QVBoxLayout(self)
-        form = QFormLayout()
+        # three short lines of controls, so the two outputs keep their height on a short (projector) screen
         self.reference = QComboBox()
         self.variant = QComboBox()
         self.reference.setToolTip("The model the variant is compared with (usually the baseline)")
         self.variant.setToolTip("The compressed model whose tokens are coloured")
-        form.addRow("reference", self.reference)
-        form.addRow("variant", self.variant)
+        for box in (self.reference, self.variant):  # a long recipe label must not set the view's width
+            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(6)
+        pick = QHBoxLayout()
+        pick.addWidget(QLabel("reference"))
+        pick.addWidget(self.reference, 1)
+        pick.addWidget(QLabel("vs variant"))
+        pick.addWidget(self.variant, 1)
+        lay.addLayout(pick)
         row = QHBoxLayout()
         self.prompt = QLineEdit("The capital of France is")
         self.prompt.setPlaceholderText("a prompt both models continue")
@@ -48,12 +55,14 @@ class CompareView(QWidget):
         self.button = QPushButton("Generate both")
         self.button.clicked.connect(self._clicked)
         self.prompt.returnPressed.connect(self._clicked)
-        form.addRow("prompt", self.prompt)
-        row.addWidget(self.new_tokens)
-        row.addWidget(self.button)
-        row.addStretch(1)
-        form.addRow("generate", row)
-        lay.addLayout(form)
+        row.addWidget(QLabel("prompt"))
+        row.addWidget(self.prompt, 1)
+        lay.addLayout(row)
+        go = QHBoxLayout()
+        go.addWidget(self.new_tokens)
+        go.addWidget(self.button)
+        go.addStretch(1)
+        lay.addLayout(go)
         outs = QHBoxLayout()
         self.ref_out = QTextBrowser()
         self.var_out = QTextBrowser()
@@ -63,11 +72,11 @@ class CompareView(QWidget):
         self.ref_out.anchorClicked.connect(lambda url: self.show_top(int(url.toString().split(":")[1])))
         outs.addWidget(self.ref_out)
         outs.addWidget(self.var_out)
-        lay.addLayout(outs, 2)
+        lay.addLayout(outs, 1)
         self.top = QLabel("Click a token to see both models' top-5 next tokens there.")
         self.top.setWordWrap(True)
         self.top.setTextFormat(Qt.RichText)
-        lay.addWidget(self.top, 1)
+        lay.addWidget(self.top)
         # the swatches carry their own text colour: the palette's (light in the dark theme) is unreadable on them
         legend = " ".join(f"<span style='background:{c};color:black'>&nbsp;&lt;{lim:g}&nbsp;</span>"
                           if lim != float("inf") else f"<span style='background:{c};color:white'>&nbsp;more&nbsp;</span>"
