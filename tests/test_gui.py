@@ -903,6 +903,11 @@ def test_the_window_fits_a_1024_pixel_screen_and_teaching_mode_a_1280_one(qtbot,
     qtbot.wait(50)
     for scroll in (w.left_scroll, w.export_panel.findChild(QScrollArea)):
         assert scroll.widget().minimumSizeHint().width() <= scroll.viewport().width()
+    for view in (w.sensitivity_view, w.weight_view):  # their plots scroll up and down, never sideways
+        w.views.setCurrentWidget(view)
+        qtbot.wait(20)
+        scroll = view.findChild(QScrollArea)
+        assert scroll.widget().minimumSizeHint().width() <= scroll.viewport().width(), type(view).__name__
     w.resize(size)
     w.teach.fonts.setChecked(False)
     w.set_teaching(False)

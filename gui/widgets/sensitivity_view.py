@@ -11,13 +11,14 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QSlider, QSpinBox,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QSlider,
+                               QSpinBox, QWidget)
 
 from core.errors import SqueezeError
 from core.mixed_precision import allocate, size_range, summary
 from core.results import fmt_duration
 from core.sensitivity import module_path
+from gui.widgets.layout import scrolling_body
 from gui.widgets.plotting import lean_axes, theme_plot
 
 SETTINGS = {"rtn": ("bits", 2, 8, 1, 4, 0), "magnitude_prune": ("sparsity", 0.05, 0.95, 0.05, 0.5, 2)}
@@ -33,7 +34,7 @@ class SensitivityView(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        lay = QVBoxLayout(self)
+        lay = scrolling_body(self)
         top = QHBoxLayout()
         self.technique = QComboBox()
         for name in SETTINGS:
@@ -48,16 +49,23 @@ class SensitivityView(QWidget):
         self.button = QPushButton("Scan every layer")
         self.button.clicked.connect(lambda: self.scan.emit(self.technique.currentData(), self.setting.value(),
                                                            self.tokens.value()))
-        for w in (QLabel("technique"), self.technique, QLabel("setting"), self.setting):
+        # short rows: one long row set the whole window's minimum width (the view scrolls up and down instead)
+        for w in (QLabel("technique"), self.technique):
             top.addWidget(w)
         top.addStretch(1)
         lay.addLayout(top)
-        second = QHBoxLayout()  # two rows: one row set the whole window's minimum width
-        second.addWidget(self.tokens)
-        second.addWidget(self.button)
+        second = QHBoxLayout()
+        for w in (QLabel("setting"), self.setting, QLabel("on"), self.tokens):
+            second.addWidget(w)
         second.addStretch(1)
         lay.addLayout(second)
+        third = QHBoxLayout()
+        third.addWidget(self.button)
+        third.addStretch(1)
+        lay.addLayout(third)
         self.plot = pg.PlotWidget(background="w")
+        self.plot.setMinimumHeight(150)  # a map of 30 layers stays readable; a short pane scrolls instead
+        self.plot.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Ignored)  # (its size hint would make it scroll)
         lean_axes(self.plot.getPlotItem())
         self.plot.getPlotItem().hideAxis("left")  # shown with the first map (empty, they read ±0.5)
         self.plot.getPlotItem().hideAxis("bottom")
@@ -87,10 +95,14 @@ class SensitivityView(QWidget):
         self.mixed_button.setToolTip("Put this allocation in the recipe (rtn, the most sensitive Linears at 8 bits) "
                                      "and run it")
         self.mixed_button.clicked.connect(self._mixed_clicked)
-        for w in (QLabel("size budget"), self.budget_slider, self.budget, self.mixed_button):
+        for w in (QLabel("size budget"), self.budget_slider, self.budget):
             mp.addWidget(w)
         mp.setStretch(1, 1)
         lay.addLayout(mp)
+        go = QHBoxLayout()
+        go.addWidget(self.mixed_button)
+        go.addStretch(1)
+        lay.addLayout(go)
         self.proposal = QLabel("")
         self.proposal.setWordWrap(True)
         lay.addWidget(self.proposal)

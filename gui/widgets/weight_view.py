@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
 from core.weights import bin_edges
+from gui.widgets.layout import scrolling_body
 from gui.widgets.plotting import lean_axes, theme_plot
 
 
@@ -23,7 +24,7 @@ class WeightView(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        lay = QVBoxLayout(self)
+        lay = scrolling_body(self)
         top = QHBoxLayout()
         top.addWidget(QLabel("run"))
         self.run = QComboBox()
@@ -31,11 +32,16 @@ class WeightView(QWidget):
         self.button = QPushButton("Load weights")
         self.button.clicked.connect(lambda: self.run.currentData() and self.load.emit(self.run.currentData()))
         top.addWidget(self.button)
-        top.addWidget(QLabel("layer"))
+        lay.addLayout(top)
+        pick = QHBoxLayout()  # its own row: beside the run it set the window's minimum width at projector fonts
+        pick.addWidget(QLabel("layer"))
         self.layer = QComboBox()
         self.layer.currentIndexChanged.connect(self._show_layer)
-        top.addWidget(self.layer, 1)
-        lay.addLayout(top)
+        pick.addWidget(self.layer, 1)
+        lay.addLayout(pick)
+        for box in (self.run, self.layer):  # a long recipe or module name must not set the view's width
+            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            box.setMinimumContentsLength(12)
         plots = QHBoxLayout()
         # the plot items are made once and given new data (adding and removing items, and pyqtgraph's
         # auto-range repainting each plot a second time, cost ~60 ms of GUI thread on a slow CPU)
@@ -70,6 +76,9 @@ class WeightView(QWidget):
         pi.vb.sigResized.connect(lambda: self.zeros_box.setGeometry(pi.vb.sceneBoundingRect()))
         self.zeros_box.addItem(self.sparsity_bars)
         lean_axes(pi)
+        for p, height in ((self.hist, 150), (self.codes, 150), (self.per_layer, 130)):
+            p.setMinimumHeight(height)  # a short pane scrolls instead of cutting titles and piling up ticks
+            p.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Ignored)  # (their 576-line size hint made it scroll)
         plots.addWidget(self.hist, 3)
         plots.addWidget(self.codes, 2)
         lay.addLayout(plots, 3)
