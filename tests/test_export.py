@@ -87,6 +87,12 @@ def test_generate_py_runs_the_export_without_torch_and_matches_the_app(fp32_expo
     assert app.returncode == 0, app.stderr
     assert r.stdout == app.stdout  # the app's greedy continuation, token for token
     assert cli  # imported: the command is the engine's
+    # a wrong path or a damaged file: one line saying what to pass, not onnxruntime's traceback
+    (out.parent / "broken.onnx").write_bytes(b"not onnx")
+    for model, words in ((out / "nope.onnx", "no model file at"), (out.parent / "broken.onnx", "cannot load")):
+        bad = subprocess.run([sys.executable, str(out / "generate.py"), "x", "--model", str(model)],
+                             capture_output=True, text=True, timeout=120, cwd=out)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_every_export_reports_its_roofline_and_generation_parity(fp32_export, home):

@@ -245,8 +245,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    tok = Tokenizer.from_file(a.tokenizer)
-    lm = CausalLM(a.model)
+    for what, path in (("model", a.model), ("tokenizer", a.tokenizer)):  # one line, not onnxruntime's traceback
+        if not Path(path).is_file():
+            ap.error(f"no {what} file at {path}; pass --{what} or run this script from its export folder")
+    if a.new_tokens < 1:
+        ap.error(f"--new-tokens must be at least 1; got {a.new_tokens}")
+    try:
+        tok = Tokenizer.from_file(a.tokenizer)
+        lm = CausalLM(a.model)
+    except Exception as e:  # a damaged or foreign file
+        ap.error(f"cannot load {a.model} / {a.tokenizer}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     eos = None
     if (here / "config.json").is_file():  # stop at end-of-text, as the app does
         eos = json.loads((here / "config.json").read_text()).get("eos_token_id")
