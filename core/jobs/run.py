@@ -11,13 +11,13 @@ from typing import Callable
 from .. import evaluate as ev
 from .. import models, paths
 from ..errors import Cancelled, DataError, SqueezeError
+from ..export.folder import check_export_folder
 from ..recipe import Recipe, from_data
 from ..reuse import code_stamp, link_copy, saved_prefix, stamp_manifest, state_key
 from ..techniques.base import StepContext
 from ..variant import count_params, load_variant, read_manifest, save_variant
 from .events import Emitter
 from .spec import JobSpec
-from ..export.folder import check_export_folder
 
 EVAL_WEIGHTS = {"load": 0.05, "apply": 0.15, "save": 0.05, "evaluate": 0.75}
 EXPORT_WEIGHTS = {"load": 0.05, "apply": 0.05, "save": 0.05, "evaluate": 0.25, "export": 0.3, "verify": 0.3}
