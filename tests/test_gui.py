@@ -803,7 +803,9 @@ def test_self_test_opens_the_window_runs_one_job_through_the_worker_and_exits_0(
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["self_test"] == "ok" and out["ppl"] > 1 and out["size_bytes"] > 0
     assert out["window"] == "offscreen 1280x800"
-    assert [row["status"] for row in Ledger(home / "data" / "ledger.sqlite").rows()] == ["done"]
+    # a check of the install, not a run: a lecturer who self-tests each lab PC hands out a clean table and lab
+    assert Ledger(home / "data" / "ledger.sqlite").rows() == []
+    assert not any((home / "workspace" / "variants").glob("*/squeeze.json"))
 
 
 def test_clicking_a_sensitivity_cell_keeps_that_linear_out_of_the_recipe(qtbot, open_window):
