@@ -233,8 +233,13 @@ def cmd_sensitivity(a) -> int:
     from .recipe import SUFFIXES
     from .sensitivity import check_setting
     # every option checked before a scan of minutes starts, not after it
+    if a.setting is None:
+        a.setting = 4.0 if a.technique == "rtn" else 0.5
     if a.budget_mb is not None and not a.budget_mb > 0:
         raise SqueezeError(f"--budget-mb must be a size in MB above 0; got {a.budget_mb:g}")
+    if a.budget_mb is not None and not a.load:
+        from .mixed_precision import check_scan_for_budget
+        check_scan_for_budget(a.technique, a.setting)
     if a.recipe_out:
         if a.budget_mb is None:
             raise SqueezeError("--recipe-out writes the mixed-precision recipe of a size budget: add --budget-mb")
@@ -394,8 +399,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sensitivity", help="Δ perplexity per layer × module; --budget-mb: a mixed-precision recipe")
     sp.add_argument("model", help=MODEL_HELP + " (ignored with --load)")
     sp.add_argument("--technique", choices=["rtn", "magnitude_prune"], default="rtn")
-    sp.add_argument("--setting", type=float, default=4, help="bits (rtn) or sparsity (magnitude_prune)")
-    sp.add_argument("--group-size", type=int, default=64)
+    sp.add_argument("--setting", type=float, default=None,
+                    help="bits (rtn; default 4) or sparsity (magnitude_prune; default 0.5)")
+    sp.add_argument("--group-size", type=int, default=64, help="rtn's group size (default 64)")
     sp.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="matmuls of the scan: bf16 is ~2x faster where the CPU has it (auto), fp32 exact")
     sp.add_argument("--save", metavar="SCAN.json", help="keep the scan")

@@ -37,20 +37,26 @@ def size_range(scan: dict) -> tuple[float, float]:
     return low, high
 
 
+def check_scan_for_budget(technique: str, setting: float) -> None:
+    """What allocate() needs of a scan, said before a scan of minutes runs."""
+    if technique != "rtn":
+        raise SqueezeError("mixed precision needs a sensitivity scan of rtn (bits); this one scanned "
+                           f"{technique}: scan again with rtn")
+    if int(setting) >= HIGH_BITS:
+        raise SqueezeError(f"the scan used {int(setting)} bits: scan at fewer bits (e.g. 4) to allocate 8 bits where "
+                           "it matters")
+
+
 def allocate(scan: dict, budget_mb: float) -> dict:
     """-> {bits, group_size, upgrade (module paths at 8 bits), size_mb, low_mb, high_mb,
     est_delta_pct (sum of the scan's Δ left at the low width: a first-order estimate), recipe}."""
-    if scan.get("technique") != "rtn":
-        raise SqueezeError("mixed precision needs a sensitivity scan of rtn (bits); this one scanned "
-                           f"{scan.get('technique')}: scan again with rtn")
+    check_scan_for_budget(scan.get("technique"), scan["setting"])
     bits, g = int(scan["setting"]), int(scan.get("group_size", 64))
-    if bits >= HIGH_BITS:
-        raise SqueezeError(f"the scan used {bits} bits: scan at fewer bits (e.g. 4) to allocate 8 bits where it matters")
     low, high = size_range(scan)
     budget = budget_mb * 1e6
     if budget < low:
-        raise SqueezeError(f"{budget_mb:,.1f} MB is below the smallest this model reaches with every Linear at "
-                           f"{bits} bits ({low / 1e6:,.1f} MB): raise the budget, or scan at fewer bits")
+        raise SqueezeError(f"{budget_mb:,.4g} MB is below the smallest this model reaches with every Linear at "
+                           f"{bits} bits ({low / 1e6:,.4g} MB): raise the budget, or scan at fewer bits")
     items = []
     for i, m, delta, shape in _cells(scan):
         extra = linear_bytes(shape, HIGH_BITS, g) - linear_bytes(shape, bits, g)

@@ -99,6 +99,8 @@ def test_a_typo_in_the_model_the_text_or_the_export_folder_leaves_no_run_in_the_
     (["sensitivity", "{tiny}", "--setting", "99"], "a whole number from 2 to 8"),
     (["sensitivity", "{tiny}", "--load", "{tmp}/broken.json"], "cannot read the scan"),
     (["sensitivity", "{tiny}", "--budget-mb", "5", "--recipe-out", "{tmp}/mp.txt"], "must end in .yaml"),
+    (["sensitivity", "{tiny}", "--technique", "magnitude_prune", "--budget-mb", "5"], "scan again with rtn"),
+    (["sensitivity", "{tiny}", "--setting", "8", "--budget-mb", "5"], "scan at fewer bits"),
 ])
 def test_bad_input_gives_one_line_and_no_traceback(args, words, tiny_model, tmp_path, home):
     import shutil
@@ -126,11 +128,14 @@ def test_bad_input_gives_one_line_and_no_traceback(args, words, tiny_model, tmp_
         argv.append(a)
     p = squeeze(*argv, "--json", check=False)
     assert p.returncode == 2
-    assert p.stdout == ""
+    assert words in json.loads(p.stdout)["error"]  # with --json, the one object on stdout says it too
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("squeeze: error:")]
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not list((home / "workspace").glob("variants/*"))
+    if args[0] == "sensitivity":  # refused before a scan of minutes, not after it
+        from core.ledger import Ledger
+        assert not [r for r in Ledger(home / "data" / "ledger.sqlite").rows() if r["kind"] == "sensitivity"]
 
 
 def test_a_report_or_a_ledger_that_cannot_be_written_or_read_gets_one_line(tmp_path, home):
