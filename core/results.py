@@ -3,6 +3,7 @@ settings (Δ% perplexity, × smaller, × faster decode), the trade-off points an
 front. Plain Python, no Qt: the GUI's table and plot and any CLI report share it."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,9 +34,18 @@ def table_rows(runs: list[dict]) -> list[dict]:
     base = baselines(runs)
     out = []
     exports: dict[str, list[dict]] = {}
+    # `squeeze export` records no parent: its row goes under the latest finished run of the same model and
+    # recipe (the variant it rebuilt or reused), or stands alone when there is none
+    same = {_recipe_key(r): r["id"] for r in sorted(runs, key=lambda r: r.get("created") or 0)
+            if r.get("kind") == "eval" and r.get("status") == "done"}
+    alone = []
     for r in runs:
-        if r.get("kind") == "export" and r.get("parent_id"):
-            exports.setdefault(r["parent_id"], []).append(r)
+        if r.get("kind") == "export":
+            parent = r.get("parent_id") or same.get(_recipe_key(r))
+            if parent:
+                exports.setdefault(parent, []).append(r)
+            else:
+                alone.append(r)
     for r in runs:
         if r.get("kind") != "eval":
             continue
@@ -73,7 +83,18 @@ def table_rows(runs: list[dict]) -> list[dict]:
             "created": r.get("created"),
         })
         out += [export_row(x, out[-1], bres) for x in exports.get(r["id"], [])]
+    for x in alone:
+        settings = (x.get("settings") or {}).get("eval") or {}
+        recipe = x.get("recipe") or EMPTY_RECIPE
+        parent = {"id": None, "model": x["model"], "recipe": recipe, "eval": settings, "eval_key": x.get("eval_key"),
+                  "variant_dir": None, "label": x.get("label") or "baseline", "params": None, "nonzero_params": None}
+        bres = (base.get((x["model"], x.get("eval_key"))) or {}).get("result") or {}
+        out.append(export_row(x, parent, bres))
     return out
+
+
+def _recipe_key(r: dict) -> tuple:
+    return r.get("model"), json.dumps(r.get("recipe") or EMPTY_RECIPE, sort_keys=True)
 
 
 def what_ran(result: dict) -> list[str]:

@@ -44,7 +44,18 @@ def test_latest_finished_baseline_wins_and_failed_runs_stay_visible():
     assert rows["q"]["delta_ppl_pct"] == pytest.approx(50.0)
     assert rows["crashed"]["status"] == "failed" and rows["crashed"]["error"] == "boom"
     assert rows["crashed"]["ppl"] is None and rows["crashed"]["delta_ppl_pct"] is None
-    assert "export" not in rows  # exports are shown with their parent run
+    # `squeeze export` records no parent: its row goes under the latest finished run of that recipe
+    order = [r["id"] for r in results.table_rows(runs)]
+    assert rows["export"]["parent_id"] == "q" and order.index("export") == order.index("q") + 1
+    assert rows["export"]["label"].startswith("↳ ONNX fp32 · q") and rows["export"]["ppl"] == 30.0
+
+
+def test_an_export_of_a_recipe_never_evaluated_has_a_row_of_its_own():
+    runs = [run("base", ppl=20.0, size_bytes=400, created=1),
+            run("cli-export", RTN4, kind="export", ppl_onnx=21.0, size_bytes_onnx=100, created=2)]
+    rows = {r["id"]: r for r in results.table_rows(runs)}
+    assert rows["cli-export"]["export"] and rows["cli-export"]["parent_id"] is None
+    assert rows["cli-export"]["delta_ppl_pct"] == pytest.approx(5.0)  # against its settings' baseline
 
 
 def test_pareto_front_lower_x_is_better():
