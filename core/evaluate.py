@@ -54,7 +54,10 @@ class EvalSettings:
             if getattr(self, k) < least:
                 raise DataError(f"{k.replace('_', ' ')} must be at least {least}; got {getattr(self, k)}")
         check_window(self.max_tokens, self.context)
-        text_digest(self.text_path())
+        p = self.text_path()
+        text_digest(p)
+        if not read_text(p).strip():  # (not UTF-8, a folder: read_text says so)
+            raise DataError(f"the text file {p} is empty; pick a text with at least {self.context} tokens")
         return self
 
 
