@@ -435,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
     as_json = bool(getattr(a, "json", False))
+    model = getattr(a, "model", None)
+    if model and not model.startswith("bundled:") and Path(model).expanduser().exists():
+        # one spelling per folder: `./tiny/` and its absolute path are one model (runs, reuse, baselines)
+        a.model = str(Path(model).expanduser().resolve())
     try:
         return a.fn(a)
     except SqueezeError as e:

@@ -205,3 +205,13 @@ def test_runs_says_under_a_run_when_its_distill_budget_ran_fewer_steps_than_aske
     lines = squeeze("runs").stdout.splitlines()
     i = next(k for k, t in enumerate(lines) if t.startswith(spec.job_id))
     assert lines[i + 1].strip() == "distill ran 220 of its 1000 steps: its 14-minute budget held no more"
+
+
+def test_a_model_folder_is_one_model_however_its_path_is_typed(tiny_model, short_text, home):
+    import os
+    relative = os.path.relpath(tiny_model, ROOT) + "/"  # as tab completion writes it, from the working folder
+    squeeze("eval", relative, "--text", short_text, "--max-tokens", "256", "--context", "128",
+            "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1")
+    rows = json.loads(squeeze("runs", "--model", tiny_model, "--json").stdout)
+    assert [r["model"] for r in rows] == [str(Path(tiny_model).resolve())]
+    assert json.loads(squeeze("runs", "--model", relative, "--json").stdout) == rows
