@@ -88,8 +88,8 @@ def cmd_models(a) -> int:
         _print_json(ms)
     else:
         for m in ms:
-            size = f"{m['size_bytes'] / 1e6:.0f} MB" if m["size_bytes"] else "?"
-            params = f"{m['params'] / 1e6:.1f} M params" if m["params"] else ""
+            size = f"{m['size_bytes'] / 1e6:.0f} MB" if m["size_bytes"] else ""
+            params = f"{m['params'] / 1e6:.1f} M params" if m["params"] else "converted on first use"
             print(f"{m['id']:32} {m['source']:8} {params:16} {size}")
     return 0
 

@@ -269,8 +269,8 @@ def info(model_id: str, convert: bool = True) -> ModelInfo:
 def known_models() -> list[ModelInfo]:
     out = []
     for mid in BUNDLED:
-        try:
-            out.append(info(mid, convert=True))
+        try:  # a listing never converts (~40 s and 0.5 GB on a fresh install); the first job does, once
+            out.append(info(mid, convert=False))
         except ModelError:
             out.append(ModelInfo(mid, "bundled", None, None, None, None, None, name=BUNDLED[mid]["name"]))
     try:

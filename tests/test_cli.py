@@ -215,3 +215,14 @@ def test_a_model_folder_is_one_model_however_its_path_is_typed(tiny_model, short
     rows = json.loads(squeeze("runs", "--model", tiny_model, "--json").stdout)
     assert [r["model"] for r in rows] == [str(Path(tiny_model).resolve())]
     assert json.loads(squeeze("runs", "--model", relative, "--json").stdout) == rows
+
+
+def test_listing_models_on_a_fresh_install_converts_nothing(tmp_path):
+    import os
+    fresh = tmp_path / "fresh-home"
+    p = subprocess.run([*SQUEEZE, "models", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=dict(os.environ, SQUEEZE_HOME=str(fresh)))
+    assert p.returncode == 0, p.stderr
+    bundled = {m["id"]: m for m in json.loads(p.stdout)}["bundled:smollm2-135m"]
+    assert bundled["params"] is None  # known once the first job has converted it
+    assert not any((fresh / "cache").rglob("*.safetensors"))  # (a conversion: ~40 s and 0.5 GB)
