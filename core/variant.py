@@ -78,6 +78,8 @@ def _write(model, tokenizer, packed, runtime, out: Path, tmp: Path, meta: dict, 
         theoretical += qt.theoretical_bytes(int(torch.count_nonzero(w)))
         layout[name] = qt.meta()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    from .paths import UMASK
+    os.chmod(tmp / "model.safetensors", 0o666 & ~UMASK)  # safetensors writes 0600; a lab shares its variants
     model.config.save_pretrained(tmp)
     from .techniques.architecture import write_variant_files
     write_variant_files(model.config, tmp)  # explicit head_dim; low_rank's modeling file

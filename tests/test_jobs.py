@@ -211,6 +211,8 @@ def test_deleting_a_run_removes_its_row_its_exports_and_their_saved_folders_and_
     rec = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [{"technique": "rtn", "bits": 4}]}))
     variant = Path(rec.result["variant_dir"])
     assert rec.outcome == "done" and variant.is_dir()
+    mode = lambda name: (variant / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # readable as the umask allows, like its neighbours
 
     def export(folder: Path, parent: str) -> JobSpec:
         folder.mkdir(parents=True, exist_ok=True)
