@@ -158,12 +158,21 @@ def cmd_generate(a) -> int:
     from .variant import MANIFEST, load_variant
     if a.new_tokens < 1:
         raise SqueezeError(f"--new-tokens must be at least 1; got {a.new_tokens}")
+    if not a.prompt.strip():
+        raise SqueezeError("the prompt is empty: give the text to continue")
+    if Path(a.model, "model.onnx").is_file() and not Path(a.model, MANIFEST).is_file():
+        raise SqueezeError(f"{a.model} is an ONNX export: run its own generate.py "
+                           f"(python {Path(a.model) / 'generate.py'} \"{a.prompt}\")")
     if Path(a.model, MANIFEST).is_file():
         model, tok = load_variant(Path(a.model))
     else:
         from .models import load
         model, tok, _ = load(a.model)
     ids = tok(a.prompt)["input_ids"]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and len(ids) + a.new_tokens > positions:
+        raise SqueezeError(f"the prompt's {len(ids)} tokens and --new-tokens {a.new_tokens} exceed the model's "
+                           f"{positions} positions: generate fewer tokens")
     new = greedy(model, ids, a.new_tokens, eos=tok.eos_token_id)
     text = a.prompt + tok.decode(new, skip_special_tokens=True)  # as tokenizers does in generate.py
     if a.json:

@@ -96,6 +96,8 @@ def test_a_typo_in_the_model_the_text_or_the_export_folder_leaves_no_run_in_the_
     (["eval", "{notok}"], "has no tokenizer"),
     (["eval", "{tiny}", "--new-tokens", "100000"], "exceed the model's"),
     (["eval", "{tiny}", "--max-tokens", "64", "--context", "128"], "less than one window of context 128"),
+    (["generate", "{tiny}", " "], "the prompt is empty"),
+    (["generate", "{tiny}", "Hello", "--new-tokens", "100000"], "exceed the model's"),
     (["sensitivity", "{tiny}", "--setting", "99"], "a whole number from 2 to 8"),
     (["sensitivity", "{tiny}", "--load", "{tmp}/broken.json"], "cannot read the scan"),
     (["sensitivity", "{tiny}", "--budget-mb", "5", "--recipe-out", "{tmp}/mp.txt"], "must end in .yaml"),
