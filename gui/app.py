@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         if not args.screenshot and "QApplication" in locals() and QApplication.instance() is not None:
             # started from an icon, there is no terminal to read the line above
             QMessageBox.critical(None, APP_NAME, f"Squeeze Studio cannot start:\n\n{e}")
-        return 1
+        return 2  # bad input (a model, a file name), as the CLI says it
 
 
 if __name__ == "__main__":

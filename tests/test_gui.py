@@ -454,10 +454,10 @@ def test_the_gui_process_never_imports_torch(home):
 
 def test_screenshot_errors_exit_non_zero_with_one_line(home, tmp_path):
     r = _studio("--screenshot", str(tmp_path / "no-such-dir" / "shot.png"), env_home=home)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
     r = _studio("--model", str(tmp_path / "missing"), "--screenshot", str(tmp_path / "x.png"), env_home=home)
-    assert r.returncode != 0 and not (tmp_path / "x.png").exists()
+    assert r.returncode == 2 and not (tmp_path / "x.png").exists()
     assert len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
     r = _studio("--version", env_home=home)
     assert r.returncode == 0 and r.stdout.startswith("squeeze-studio ")
