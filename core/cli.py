@@ -217,8 +217,18 @@ def cmd_runs(a) -> int:
     else:
         for r in rows:
             res = r["result"] or {}
-            ppl = f"ppl {res['ppl']:.2f}" if "ppl" in res else (r["error"] or "")
-            print(f"{r['id']}  {r['status']:11} {r['model']:24} {r['label'][:50]:50} {ppl}")
+            label, status = r["label"], r["status"]
+            if r["kind"] == "export":  # what was exported, and whether it passed its verification
+                q = ((r.get("settings") or {}).get("export") or {}).get("quantize") or "fp32"
+                label = f"ONNX {q} of {label}"
+                if status == "done" and not res.get("ok", True):
+                    status = "failed check"
+            elif r["kind"] != "eval":
+                label = f"{r['kind']}: {label}"
+            ppl = (f"ppl {res['ppl']:.2f}" if "ppl" in res else f"ppl {res['ppl_onnx']:.2f} (onnx)"
+                   if "ppl_onnx" in res else "")
+            why = r["error"] or (res.get("failure") if status == "failed check" else None)
+            print(f"{r['id']}  {status:12} {r['model']:24} {label[:50]:50} {ppl}" + (f"  {why}" if why else ""))
             for line in what_ran(res):
                 print(f"{'':14}{line}")
     return 0

@@ -228,3 +228,13 @@ def test_listing_models_on_a_fresh_install_converts_nothing(tmp_path):
     bundled = {m["id"]: m for m in json.loads(p.stdout)}["bundled:smollm2-135m"]
     assert bundled["params"] is None  # known once the first job has converted it
     assert not any((fresh / "cache").rglob("*.safetensors"))  # (a conversion: ~40 s and 0.5 GB)
+
+
+def test_runs_names_an_export_and_a_failed_check(home):
+    from core.jobs.spec import JobSpec
+    from core.ledger import Ledger
+    spec = JobSpec("m", kind="export", export={"out": "/x", "quantize": "int8"})
+    Ledger().start(spec)
+    Ledger().finish(spec.job_id, "done", result={"ppl_onnx": 30.0, "ok": False, "failure": "size 0.4x fp32"})
+    line = next(ln for ln in squeeze("runs").stdout.splitlines() if ln.startswith(spec.job_id))
+    assert "failed check" in line and "ONNX int8 of baseline" in line and "size 0.4x fp32" in line
