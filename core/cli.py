@@ -240,7 +240,11 @@ def cmd_report(a) -> int:
     if not runs:
         raise SqueezeError("the ledger has no runs" + (f" of {a.model}" if a.model else "") + "; run something first")
     out = write(Path(a.out).expanduser(), runs)
-    print(f"wrote {out} ({len(runs)} ledger rows)")
+    if out.suffix.lower() == ".json":
+        print(f"wrote {out} ({len(runs)} ledger rows)")
+    else:  # the table: one row per evaluated run and export (sensitivity scans, side by sides are not in it)
+        from .results import table_rows
+        print(f"wrote {out} ({len(table_rows(runs))} runs and exports)")
     return 0
 
 

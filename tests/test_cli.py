@@ -91,6 +91,7 @@ def test_a_typo_in_the_model_the_text_or_the_export_folder_leaves_no_run_in_the_
     (["eval", "{pickled}"], "pickle"),
     (["recipe", "{tmp}/broken.json"], "not valid JSON"),
     (["eval", "{tiny}", "--recipe", "bundled:gptq-4bt"], "did you mean 'bundled:gptq-4bit'"),
+    (["recipe", "bundled:nope"], "no bundled recipe 'bundled:nope' (`squeeze"),  # no far-fetched "did you mean"
     (["recipe"], "--list for the bundled recipes"),
     (["recipe", "{tmp}/typo.yaml"], "not valid YAML at line 3, column 4"),
     (["eval", "{notok}"], "has no tokenizer"),

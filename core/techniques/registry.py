@@ -26,8 +26,13 @@ def technique(config: type, *, name: str, family: str, packs: bool = False, need
 
 
 def nearest(name: str, names: list[str]) -> str | None:
-    hit = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return hit[0] if hit else None
+    """The closest of `names`, compared without a "bundled:" prefix (shared, it made "bundled:nope" look like
+    "bundled:kv-int8")."""
+    def bare(s: str) -> str:
+        return s.removeprefix("bundled:")
+    by = {bare(n): n for n in names}
+    hit = difflib.get_close_matches(bare(name), list(by), n=1, cutoff=0.5)
+    return by[hit[0]] if hit else None
 
 
 def _load():
