@@ -62,16 +62,18 @@ def allocate(scan: dict, budget_mb: float) -> dict:
         extra = linear_bytes(shape, HIGH_BITS, g) - linear_bytes(shape, bits, g)
         items.append((delta / extra, i, m, delta, extra))
     items.sort(reverse=True)
-    size, upgrade, left = low, [], 0.0
+    size, upgrade, left, harmless = low, [], 0.0, 0
     for gain, i, m, delta, extra in items:
         if delta > 0 and size + extra <= budget:
             upgrade.append(module_path(i, m))
             size += extra
         else:
             left += max(delta, 0.0)
+            harmless += delta <= 0
     steps = [{"technique": "rtn", "bits": bits, "group_size": g, "symmetric": True,
               "upgrade_8bit": ", ".join(upgrade)}]
-    return {"bits": bits, "group_size": g, "upgrade": upgrade, "linears": len(items), "size_mb": size / 1e6,
+    return {"bits": bits, "group_size": g, "upgrade": upgrade, "linears": len(items), "harmless": harmless,
+            "size_mb": size / 1e6,
             "low_mb": low / 1e6, "high_mb": high / 1e6, "est_delta_pct": left, "recipe": {"steps": steps}}
 
 
@@ -82,4 +84,6 @@ def _mb(v: float) -> str:
 def summary(a: dict) -> str:
     return (f"{len(a['upgrade'])} of {a['linears']} Linears at {HIGH_BITS} bits, the rest at {a['bits']}: "
             f"≈ {_mb(a['size_mb'])} (all at {a['bits']} bits: {_mb(a['low_mb'])}, all at {HIGH_BITS}: "
-            f"{_mb(a['high_mb'])}); the scan predicts ≈ +{a['est_delta_pct']:.2f} % perplexity")
+            f"{_mb(a['high_mb'])}); the scan predicts ≈ +{a['est_delta_pct']:.2f} % perplexity"
+            + (f"; {a['harmless']} Linears stay at {a['bits']} bits whatever the budget: the scan measured no "
+               "perplexity cost for them" if a.get("harmless") else ""))

@@ -83,6 +83,12 @@ def test_mixed_precision_for_a_budget_fits_it_and_beats_uniform_low_bits(tiny_mo
             assert all(v <= cells[u][0] for u in alloc["upgrade"] if cells[u][1] == shape)
     with pytest.raises(SqueezeError, match="raise the budget"):
         allocate(r, low / 1e6 * 0.9)
+    # a budget for everything: the Linears the scan found harmless stay low, and the summary says why
+    from core.mixed_precision import summary
+    everything = allocate(r, high / 1e6 * 1.01)
+    harmless = sum(v <= 0 for v, _ in cells.values())
+    assert len(everything["upgrade"]) == 14 - harmless and everything["harmless"] == harmless
+    assert (f"{harmless} Linears stay at 2 bits" in summary(everything)) == (harmless > 0)
     # measured on the saved variants: the mixed one is bigger by about the predicted bytes and better
     uni = run_inline(JobSpec(model=tiny_model, eval=tiny_eval, recipe={"steps": [
         {"technique": "rtn", "bits": 2, "group_size": 64}]}))
