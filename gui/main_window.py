@@ -40,6 +40,7 @@ from .widgets.loss_curve import LossCurve
 from .widgets.model_panel import ModelPanel
 from .widgets.results_table import ResultsTable
 from .widgets.technique_panel import TechniquePanel
+from .widgets.layout import narrow
 from .widgets.plotting import font_plot
 from .widgets.tradeoff_plot import TradeoffPlot
 from .worker_client import WorkerClient
@@ -280,8 +281,7 @@ class MainWindow(QMainWindow):
         self.target_kind = QComboBox()
         for kind, (what, _, unit, is_max) in TARGETS.items():
             self.target_kind.addItem(f"{what} {'≤' if is_max else '≥'} ({unit})", kind)
-        self.target_kind.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.target_kind.setMinimumContentsLength(12)  # the Results title keeps its room at larger fonts
+        narrow(self.target_kind, chars=12)  # the Results title keeps its room at larger fonts
         self.target_value = QDoubleSpinBox()
         self.target_value.setRange(0.0, 1e6)
         self.target_value.setDecimals(2)

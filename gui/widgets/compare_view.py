@@ -11,6 +11,8 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
                                QTextBrowser, QVBoxLayout, QWidget)
 
+from gui.widgets.layout import narrow
+
 # KL (nats) -> background: agreement is white, a different distribution deep red
 KL_STEPS = ((0.01, "#ffffff"), (0.05, "#fff3e0"), (0.2, "#ffcc80"), (0.5, "#ff8a65"), (1.0, "#e57373"),
             (float("inf"), "#c62828"))
@@ -36,9 +38,7 @@ class CompareView(QWidget):
         self.variant = QComboBox()
         self.reference.setToolTip("The model the variant is compared with (usually the baseline)")
         self.variant.setToolTip("The compressed model whose tokens are coloured")
-        for box in (self.reference, self.variant):  # a long recipe label must not set the view's width
-            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-            box.setMinimumContentsLength(6)
+        narrow(self.reference, self.variant, chars=6)  # a long recipe label must not set the view's width
         pick = QHBoxLayout()
         pick.addWidget(QLabel("reference"))
         pick.addWidget(self.reference, 1)

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QFrame, QGro
 from core.evaluate import EvalSettings
 from core.export.estimate import estimate
 from core.results import fmt_duration, fmt_mb, fmt_pct, fmt_ppl, fmt_rate
+from gui.widgets.layout import narrow
 
 QUANTIZE = (("fp32 (lossless)", None), ("int8 (weight-only)", "int8"), ("int4 (the variant's codes)", "int4"))
 QUANTIZE_TIPS = {
@@ -75,9 +76,7 @@ class ExportPanel(QGroupBox):
         browse = QToolButton()
         browse.setText("…")
         browse.clicked.connect(self._pick)
-        for combo in (self.quantize, self.graph, self.opset):  # their longest item must not set the panel's width
-            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-            combo.setMinimumContentsLength(8)
+        narrow(self.quantize, self.graph, self.opset, chars=8)  # their longest item must not set the panel's width
         form = QFormLayout()
         form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         form.addRow("target", self.quantize)

@@ -1,9 +1,17 @@
-"""A view whose content scrolls up and down when its pane is short (a projector's 720 lines with larger fonts)
-instead of squeezing its plots to a sliver."""
+"""Layout that holds at a projector's 1280x720 with larger fonts: a view whose content scrolls up and down when
+its pane is short instead of squeezing its plots to a sliver, and combo boxes that do not size their panel by
+their longest item."""
 from __future__ import annotations
 
 from PySide6.QtCore import QSize, Qt
-from PySide6.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
+
+
+def narrow(*boxes: QComboBox, chars: int) -> None:
+    """Each box as wide as `chars` characters at least, not as its longest item (the rest is elided)."""
+    for box in boxes:
+        box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(chars)
 
 
 class _VerticalScroll(QScrollArea):

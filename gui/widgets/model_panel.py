@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QGridLayout, QGroupBox, Q
 from core import models
 from core.errors import SqueezeError
 from core.results import fmt_count, fmt_mb
+from gui.widgets.layout import narrow
 
 
 def display_name(model_id: str) -> str:
@@ -38,8 +39,7 @@ class ModelPanel(QGroupBox):
         self.info = None
         lay = QVBoxLayout(self)
         self.combo = QComboBox()
-        self.combo.setMinimumContentsLength(20)
-        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        narrow(self.combo, chars=20)
         self.combo.activated.connect(self._activated)
         lay.addWidget(self.combo)
         row = QHBoxLayout()

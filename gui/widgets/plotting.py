@@ -5,8 +5,8 @@ import pyqtgraph as pg
 from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import QApplication, QGraphicsItem
 
-WIDEST_TICK = "-00.000"
-SIDES = ("left", "bottom", "right")  # the right axis shows only where a view has a second scale  # the widest tick label the views show (counts, MB, perplexity, weight values)
+WIDEST_TICK = "-00.000"  # the widest tick label the views show (counts, MB, perplexity, weight values)
+SIDES = ("left", "bottom", "right")  # the right axis shows only where a view has a second scale
 
 
 def lean_axes(plot: pg.PlotItem, text: str = "#333", line: str = "#888") -> pg.PlotItem:

@@ -10,8 +10,7 @@ from core.results import COLUMNS, cell
 
 MAX_TEXT_COLUMN = 340  # px
 STATUS_COLOURS = {"failed": QColor("#c62828"), "failed check": QColor("#c62828"), "cancelled": QColor("#8d6e63"),
-                  "interrupted": QColor("#ef6c00"),
-                  "replaced": QColor("#8d8d8d"), "running": QColor("#1565c0")}
+                  "interrupted": QColor("#ef6c00"), "replaced": QColor("#8d8d8d"), "running": QColor("#1565c0")}
 
 
 # Roles as plain ints: PySide6 resolves `Qt.DisplayRole` through a slow attribute lookup, and data()

@@ -10,7 +10,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
 from core.weights import bin_edges
-from gui.widgets.layout import scrolling_body
+from gui.widgets.layout import narrow, scrolling_body
 from gui.widgets.plotting import lean_axes, theme_plot
 
 
@@ -39,9 +39,7 @@ class WeightView(QWidget):
         self.layer.currentIndexChanged.connect(self._show_layer)
         pick.addWidget(self.layer, 1)
         lay.addLayout(pick)
-        for box in (self.run, self.layer):  # a long recipe or module name must not set the view's width
-            box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-            box.setMinimumContentsLength(12)
+        narrow(self.run, self.layer, chars=12)  # a long recipe or module name must not set the view's width
         plots = QHBoxLayout()
         # the plot items are made once and given new data (adding and removing items, and pyqtgraph's
         # auto-range repainting each plot a second time, cost ~60 ms of GUI thread on a slow CPU)
