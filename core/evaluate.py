@@ -55,8 +55,7 @@ class EvalSettings:
                 raise DataError(f"{k.replace('_', ' ')} must be at least {least}; got {getattr(self, k)}")
         check_window(self.max_tokens, self.context)
         p = self.text_path()
-        text_digest(p)
-        if not read_text(p).strip():  # (not UTF-8, a folder: read_text says so)
+        if not read_text(p).strip():  # (missing, unreadable, not UTF-8, a folder: read_text says which)
             raise DataError(f"the text file {p} is empty; pick a text with at least {self.context} tokens")
         return self
 
